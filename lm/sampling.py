@@ -46,7 +46,7 @@ def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     -> (B,) int64. Rows with temperature 0 take the argmax and ignore their uniform.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     greedy = temperature <= 0
     out = logits.argmax(axis=1)
     if greedy.all():

@@ -138,7 +138,8 @@ class SentencePieceTokenizer:
     def __init__(self, model_proto: bytes) -> None:
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self._pieces = [self.sp.id_to_piece(i).replace("\u2581", " ") for i in range(self.sp.get_piece_size())]
+        self._pieces = [self.sp.id_to_piece(i).replace("\u2581", " ")
+                        for i in range(self.sp.get_piece_size())]
 
     @classmethod
     def train(cls, sentences: Iterable[str], vocab_size: int = 4000, model_type: str = "unigram",

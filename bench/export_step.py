@@ -1,0 +1,146 @@
+"""One decode step and prompt prefill: onnxruntime (exported bundle) vs eager torch on the same weights.
+
+2-layer GRU, hidden 256, 80-symbol vocabulary, one thread each. Calls are interleaved (ORT, torch,
+ORT, ...) in the same process and the medians of many repetitions compared, so machine load affects
+both sides alike. Writes bench/results/export_step.json.
+
+    python -m bench.export_step [--reps 2000] [--cell gru]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from lm.export import export_lm
+from lm.model import RNNLM, ModelConfig
+from lm.tokenizers import CharTokenizer
+from lm.vocab import Vocab
+from serving.runtime import LMRuntime
+
+RESULTS = Path(__file__).resolve().parent / "results" / "export_step.json"
+
+
+def interleaved(a: tuple[str, Callable[[], object]], b: tuple[str, Callable[[], object]], reps: int,
+                warmup: int = 20) -> dict[str, float]:
+    """Median wall time in microseconds of two functions called alternately (a, b, a, b, ...).
+
+    Each call follows a call of the other one, so both pay the same cache eviction (the two hold
+    separate copies of the weights, 3 MB each for the default model: more than this CPU's 2 MB L2).
+    """
+    for _, fn in (a, b):
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {a[0]: [], b[0]: []}
+    for _ in range(reps):
+        for name, fn in (a, b):
+            start = time.perf_counter_ns()
+            fn()
+            times[name].append((time.perf_counter_ns() - start) / 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def alone(fn: Callable[[], object], reps: int, warmup: int = 20) -> float:
+    """Median wall time in microseconds of back-to-back calls (warm caches, as in a busy server)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return statistics.median(times)
+
+
+def build(cell: str, vocab: int, hidden: int, layers: int, out: Path) -> tuple[RNNLM, LMRuntime]:
+    torch.manual_seed(0)
+    symbols = [chr(c) for c in range(32, 32 + vocab - 1)]
+    tokenizer = CharTokenizer(Vocab(["<unk>", *symbols]))
+    model = RNNLM(ModelConfig(vocab_size=vocab, cell=cell, layers=layers, embed=hidden, hidden=hidden)).eval()
+    return model, LMRuntime.load(export_lm(model, tokenizer, out), threads=1)
+
+
+def step_case(model: RNNLM, runtime: LMRuntime, batch: int, reps: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, runtime.vocab_size, (batch, 1), dtype=np.int64)
+    state = [rng.standard_normal(s.shape).astype(np.float32) for s in runtime.init_state(batch)]
+    feed = {"tokens": tokens, **dict(zip(runtime.state_names, state, strict=True))}
+    t_tokens, t_state = torch.from_numpy(tokens), tuple(torch.from_numpy(s) for s in state)
+
+    def torch_step() -> None:
+        with torch.inference_mode():
+            model(t_tokens, t_state)
+
+    ort_step = lambda: runtime.step(tokens, state)  # noqa: E731
+    medians = interleaved(("ort_step_us", ort_step), ("torch_eager_us", torch_step), reps)
+    warm = {"ort_step_alone_us": alone(ort_step, reps),
+            "ort_session_run_alone_us": alone(lambda: runtime.session.run(None, feed), reps),
+            "torch_eager_alone_us": alone(torch_step, reps)}
+    return {"batch": batch, "reps": reps, **{k: round(v, 1) for k, v in (medians | warm).items()},
+            "ratio_ort_to_torch_interleaved": round(medians["ort_step_us"] / medians["torch_eager_us"], 3),
+            "ratio_ort_to_torch_alone": round(warm["ort_step_alone_us"] / warm["torch_eager_alone_us"], 3),
+            "ort_tokens_per_s": round(batch / medians["ort_step_us"] * 1e6)}
+
+
+def prefill_case(model: RNNLM, runtime: LMRuntime, length: int, reps: int) -> dict:
+    ids = np.random.default_rng(1).integers(0, runtime.vocab_size, length).tolist()
+    single = [np.array([[i]], dtype=np.int64) for i in ids]
+
+    def stepwise() -> None:
+        state = runtime.init_state(1)
+        for token in single:
+            _, state = runtime.step(token, state)
+
+    def torch_prefill() -> None:
+        with torch.inference_mode():
+            model(torch.tensor([ids]))
+
+    one_call = ("ort_one_call_us", lambda: runtime.prefill(ids))
+    medians = interleaved(one_call, ("ort_single_steps_us", stepwise), reps, warmup=2)
+    medians |= {"torch_one_call_us": interleaved(one_call, ("torch", torch_prefill), reps, warmup=2)["torch"]}
+    ratio_steps = medians["ort_single_steps_us"] / medians["ort_one_call_us"]
+    ratio_torch = medians["ort_one_call_us"] / medians["torch_one_call_us"]
+    return {"tokens": length, "reps": reps, **{k: round(v, 1) for k, v in medians.items()},
+            "speedup_one_call_vs_steps": round(ratio_steps, 2),
+            "ratio_ort_one_call_to_torch": round(ratio_torch, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn_tanh", "rnn_relu"])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=80)
+    parser.add_argument("--reps", type=int, default=2000, help="repetitions of the batch-1 step")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, runtime = build(args.cell, args.vocab, args.hidden, args.layers, Path(tmp) / "bundle")
+        result = {
+            "model": {"cell": args.cell, "layers": args.layers, "hidden": args.hidden, "embed": args.hidden,
+                      "vocab": args.vocab},
+            "threads": {"torch": torch.get_num_threads(), "ort_intra_op": 1},
+            "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
+                         "python": platform.python_version()},
+            "step": [step_case(model, runtime, 1, args.reps),
+                     step_case(model, runtime, 64, max(50, args.reps // 8))],
+            "prefill": prefill_case(model, runtime, 512, max(5, args.reps // 200)),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Training metrics: one JSON line per record, and a PNG of loss and perplexity against step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Appends records to a JSON-lines file, flushing each one so a crash loses at most the last line.
+
+    Records carry ``split`` ("train"|"valid"), ``step``, ``epoch``, ``loss``, ``ppl``, ``tokens_per_s``
+    and anything else the caller adds. Opening an existing file appends (a resumed run continues it).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: TextIO = self.path.open("a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a torn last line (a crash mid-write) is ignored."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in records
+              if r.get("split") == split and key in r and r[key] is not None and math.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_metrics(jsonl_path: str | Path, png_path: str | Path, title: str = "") -> Path:
+    """Draws loss and perplexity (log scale) of the train and valid splits against step into a PNG.
+
+    Uses the Agg canvas directly, so no display and no global matplotlib backend switch are needed.
+    The PNG is written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(jsonl_path)
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    for column, (key, label) in enumerate([("loss", "loss (nats/token)"), ("ppl", "perplexity")]):
+        axes = figure.add_subplot(1, 2, column + 1)
+        for split, style in (("train", "-"), ("valid", "o-")):
+            steps, values = _series(records, split, key)
+            if steps:
+                axes.plot(steps, values, style, label=split, markersize=3)
+        if key == "ppl" and any(_series(records, s, key)[1] for s in ("train", "valid")):
+            axes.set_yscale("log")
+        axes.set_xlabel("step")
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    png_path = Path(png_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png")
+        os.replace(tmp, png_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return png_path

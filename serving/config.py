@@ -1,0 +1,89 @@
+"""Server configuration: defaults here, overridden by a TOML file (``--config``), then by CLI flags.
+
+Every field may appear in the TOML file at top level, e.g. ``max_streams = 128``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AUTH_ENV = "RNNLAB_AUTH_TOKEN"
+
+
+class ConfigError(Exception):
+    """A one-line, user-facing configuration error."""
+
+
+@dataclass
+class ServerConfig:
+    models: str = "bundles"            # directory holding one bundle per subdirectory (or a bundle itself)
+    host: str = "127.0.0.1"           # "0.0.0.0" / "[::]" to listen on every interface
+    port: int = 50151                 # 0 picks a free port (printed on stdout)
+    metrics_port: int | None = None   # Prometheus /metrics over HTTP; None disables, 0 picks a free port
+    ort_threads: int = 1              # onnxruntime intra-op threads per model
+    batching: bool = True             # False: one stream per ORT call (max_batch 1), for comparison
+    max_batch: int = 256              # streams per batched decode step; more wait in the queue
+    prefill_chunk: int = 256          # prompt tokens read per step, so prefill never stalls decoding long
+    max_prompt_chars: int = 32_768
+    max_prompt_tokens: int = 8_192
+    max_tokens: int = 4_096           # cap on max_tokens per call
+    default_max_tokens: int = 256     # when a call leaves max_tokens 0
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+    max_streams: int = 512            # concurrent generations over all models
+    max_sessions: int = 100_000
+    max_session_bytes: int = 512 * 2**20
+    session_ttl_s: float = 3600.0
+    evict_idle_sessions: bool = True  # evict least recently used idle sessions when the store is full
+    max_message_bytes: int = 4 * 2**20
+    grace_s: float = 10.0             # SIGTERM: seconds in-flight calls may take to finish
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no auth (env adds one)
+    state_key: str | None = None      # HMAC key for state tokens; else $RNNLAB_STATE_KEY, else random
+    log_level: str = "INFO"
+
+    def validate(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be given together")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+        for name in ("max_batch", "prefill_chunk", "max_prompt_chars", "max_prompt_tokens", "max_tokens", "default_max_tokens",
+                     "max_streams", "max_sessions", "max_session_bytes", "max_message_bytes", "ort_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in 0..65535, not {self.port}")
+        return self
+
+    @property
+    def batch_limit(self) -> int:
+        return self.max_batch if self.batching else 1
+
+    def bearer_tokens(self) -> list[str]:
+        env = os.environ.get(AUTH_ENV)
+        return [*self.auth_tokens, env] if env else list(self.auth_tokens)
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> ServerConfig:
+    """Defaults, then the TOML file, then every override that is not None."""
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerConfig(**values).validate()  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,235 @@
+"""Running an exported language-model bundle with onnxruntime alone (no torch).
+
+The step graph maps (tokens (B, T) int64, h (L, B, H) [, c (L, B, H)]) to (logits (B, T, V), h' [, c']).
+Inputs are validated here, before ``InferenceSession.run``, so bad ids or states raise a ValueError that
+names the tensor instead of failing inside onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lm.sampling import SamplingParams, StopMatcher, sample_one
+from lm.tokenizers import load_tokenizer
+from serving.bundle import BundleError, Manifest, load_manifest
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
+               "tensor(bool)": "bool"}
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """One intra-op thread by default (the server runs one batched call at a time per model)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def open_session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({exc})") from None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} {value.shape}"
+    return type(value).__name__
+
+
+def _check_session_tensor(kind: str, arg: ort.NodeArg, shape: Sequence[int | str], dtype: str,
+                          path: Path) -> None:
+    """The graph's declared tensor agrees with the manifest (symbolic axes may have any name)."""
+    got_dtype = _ORT_DTYPES.get(arg.type, arg.type)
+    if got_dtype != dtype:
+        raise BundleError(f"{path}: {kind} {arg.name!r} has dtype {got_dtype}, manifest says {dtype}")
+    got = list(arg.shape)
+    ok = len(got) == len(shape) and all(
+        isinstance(want, str) or got_dim == want for got_dim, want in zip(got, shape, strict=True))
+    if not ok:
+        raise BundleError(f"{path}: {kind} {arg.name!r} has shape {got}, manifest says {list(shape)}")
+
+
+class LMRuntime:
+    """A loaded LM bundle: tokenizer + one ORT session over the step graph.
+
+    ``step`` is the batched primitive the server uses; ``prefill``/``generate``/``perplexity`` are the
+    single-stream conveniences behind ``rnnlab-lm generate BUNDLE`` and the tests.
+    """
+
+    def __init__(self, manifest: Manifest, session: ort.InferenceSession, threads: int = 1) -> None:
+        self.manifest = manifest
+        self.session = session
+        self.threads = threads
+        self.tokenizer = load_tokenizer(manifest.file(str(manifest.tokenizer)))
+        arch = manifest.architecture
+        self.vocab_size = int(arch["vocab_size"])
+        self.layers = int(arch["layers"])
+        self.hidden = int(arch["hidden"])
+        self.state_names: tuple[str, ...] = manifest.state_names
+        self._state_outputs = [s.output or f"{s.name}_out" for s in manifest.state]
+        self._output_names = ["logits", *self._state_outputs]
+        self._eos = manifest.special_ids.get("<eos>")
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, threads: int = 1) -> LMRuntime:
+        """Verifies the bundle (checksums, version, graph tensors against the manifest) and opens it."""
+        manifest = load_manifest(bundle_dir)
+        if manifest.kind != "lm":
+            raise BundleError(f"{manifest.path}: a {manifest.kind!r} bundle, not a language model")
+        arch = manifest.architecture
+        for key in ("vocab_size", "layers", "hidden"):
+            if not isinstance(arch.get(key), int) or arch[key] < 1:
+                raise BundleError(f"{manifest.path / 'manifest.json'}: architecture.{key} missing or invalid")
+        if not manifest.state:
+            raise BundleError(f"{manifest.path / 'manifest.json'}: no state tensors listed")
+        graph = manifest.graph("step")
+        session = open_session(graph, threads)
+        runtime = cls(manifest, session, threads)
+        runtime._check_graph(graph)
+        if runtime.tokenizer.vocab_size != runtime.vocab_size:
+            raise BundleError(f"{manifest.file(str(manifest.tokenizer))}: tokenizer has "
+                              f"{runtime.tokenizer.vocab_size} tokens, the model {runtime.vocab_size}")
+        return runtime
+
+    def _check_graph(self, path: Path) -> None:
+        inputs = {a.name: a for a in self.session.get_inputs()}
+        outputs = {a.name: a for a in self.session.get_outputs()}
+        want_in = {"tokens": (("batch", "time"), "int64")}
+        want_out = {"logits": (("batch", "time", self.vocab_size), "float32")}
+        for spec, out_name in zip(self.manifest.state, self._state_outputs, strict=True):
+            if spec.concrete_shape(batch=1) != (self.layers, 1, self.hidden) or spec.dtype != "float32":
+                raise BundleError(f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
+                                  f"{list(spec.shape)} {spec.dtype} is not "
+                                  f"[{self.layers}, batch, {self.hidden}] float32")
+            want_in[spec.name] = (spec.shape, spec.dtype)
+            want_out[out_name] = (spec.shape, spec.dtype)
+        for kind, have, want in (("input", inputs, want_in), ("output", outputs, want_out)):
+            if set(have) != set(want):
+                raise BundleError(f"{path}: graph {kind}s {sorted(have)} differ from "
+                                  f"the manifest's {sorted(want)}")
+            for name, (shape, dtype) in want.items():
+                _check_session_tensor(kind, have[name], shape, dtype, path)
+
+    # -- the batched primitive -------------------------------------------------------------------
+
+    def init_state(self, batch: int) -> list[np.ndarray]:
+        """Zero state: one float32 (L, B, H) array per state tensor."""
+        return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in self.state_names]
+
+    def validate(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> None:
+        """Raises ValueError naming the tensor when tokens (B, T) or the state do not fit the graph."""
+        if not isinstance(tokens, np.ndarray) or tokens.dtype != np.int64 or tokens.ndim != 2:
+            raise ValueError(f"tokens must be a (batch, time) int64 array, got {_describe(tokens)}")
+        batch, time = tokens.shape
+        if batch < 1 or time < 1:
+            raise ValueError(f"tokens must have batch and time >= 1, got shape {tokens.shape}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"tokens: id {bad} out of range [0, {self.vocab_size})")
+        if len(state) != len(self.state_names):
+            raise ValueError(f"state: expected {len(self.state_names)} tensors {self.state_names}, "
+                             f"got {len(state)}")
+        want = (self.layers, batch, self.hidden)
+        for name, value in zip(self.state_names, state, strict=True):
+            if not isinstance(value, np.ndarray) or value.dtype != np.float32 or value.shape != want:
+                raise ValueError(f"state {name!r}: expected float32 {want}, got {_describe(value)}")
+
+    def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """tokens: (B, T) int64, state: list of (L, B, H) float32 -> (logits (B, T, V) float32, new state)."""
+        self.validate(tokens, state)
+        feed = {"tokens": tokens, **dict(zip(self.state_names, state, strict=True))}
+        logits, *new_state = self.session.run(self._output_names, feed)
+        return logits, new_state
+
+    # -- single-stream conveniences --------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def prefill(self, ids: Sequence[int], state: Sequence[np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Runs the whole prompt in one call over the time axis -> (last logits (V,), state for batch 1)."""
+        if len(ids) == 0:
+            raise ValueError("prompt: empty (no tokens to condition on)")
+        tokens = np.asarray(ids, dtype=np.int64)[None, :]
+        logits, new_state = self.step(tokens, self.init_state(1) if state is None else state)
+        return logits[0, -1], new_state
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
+                     ) -> Iterator[int]:
+        """Yields up to ``max_tokens`` sampled ids, stopping after <eos> if the vocabulary has one."""
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
+        if max_tokens == 0:
+            return
+        rng = params.generator()
+        logits, state = self.prefill(prompt_ids)
+        token = np.empty((1, 1), dtype=np.int64)
+        for k in range(max_tokens):
+            next_id = sample_one(logits, params, rng)
+            yield next_id
+            if next_id == self._eos or k == max_tokens - 1:
+                return
+            token[0, 0] = next_id
+            step_logits, state = self.step(token, state)
+            logits = step_logits[0, -1]
+
+    def generate(self, prompt: str, max_tokens: int, params: SamplingParams | None = None,
+                 stop: Sequence[str] = ()) -> Iterator[str]:
+        """Streams the text pieces of a continuation of ``prompt``.
+
+        Text that could begin a stop string is held back until it cannot; the stop string and anything
+        after it are never yielded.
+        """
+        params = params or SamplingParams()
+        matcher = StopMatcher(tuple(stop))
+        text, emitted = "", 0
+        for token_id in self.generate_ids(self.encode(prompt), max_tokens, params):
+            if token_id == self._eos:
+                break
+            text += self.tokenizer.piece(token_id, False)
+            cut = matcher.find(text, emitted)
+            if cut is not None:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = matcher.safe_length(text)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def perplexity(self, text: str, chunk: int = 256) -> dict:
+        """Perplexity of ``text`` under the model, predicting tokens 2..N with state carried across chunks.
+
+        -> {"perplexity", "nll" (mean per token, nats), "bits_per_char", "tokens"}.
+        """
+        ids = np.asarray(self.encode(text), dtype=np.int64)
+        if len(ids) < 2:
+            raise ValueError("text: needs at least two tokens to measure perplexity")
+        state = self.init_state(1)
+        total = 0.0
+        for start in range(0, len(ids) - 1, chunk):
+            inputs = ids[start:min(start + chunk, len(ids) - 1)]
+            targets = ids[start + 1:start + 1 + len(inputs)]
+            logits, state = self.step(inputs[None, :], state)
+            z = logits[0].astype(np.float64)
+            peak = z.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(z - peak).sum(axis=1)) + peak[:, 0]
+            total += float((log_norm - z[np.arange(len(targets)), targets]).sum())
+        count = len(ids) - 1
+        chars = max(1, len(self.tokenizer.decode(ids[1:].tolist())))
+        return {"perplexity": math.exp(total / count), "nll": total / count,
+                "bits_per_char": total / math.log(2) / chars, "tokens": count}
