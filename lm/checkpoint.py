@@ -21,6 +21,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+_PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
+_PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple, set)
+
+
+def _check_plain(obj: Any, where: str, path: str | Path) -> None:
+    """Refuses at save time what ``weights_only`` loading would refuse later (numpy values, objects).
+
+    Exact type checks, because numpy scalars subclass float and int but do not load.
+    """
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_LEAVES:
+        return
+    if type(obj) not in _PLAIN_CONTAINERS:
+        kind = f"{type(obj).__module__}.{type(obj).__name__}"
+        raise CheckpointError(f"{path}: cannot save {where} of type {kind}; "
+                              "checkpoints hold only tensors and plain Python data")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for key, value in items:
+        if isinstance(obj, dict):
+            _check_plain(key, f"a key of {where}", path)
+        _check_plain(value, f"{where}[{key!r}]", path)
+
+
 def _to_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -66,6 +89,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     kind = payload.get("kind")
     if kind not in KINDS:
         raise CheckpointError(f"{path}: payload kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    _check_plain(payload, "payload", path)
     body = _to_bytes({**payload, "format": FORMAT, "version": VERSION})
     envelope = {"format": FORMAT, "version": VERSION, "kind": kind,
                 "sha256": hashlib.sha256(body).hexdigest(),

@@ -64,6 +64,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     optim.add_argument("--clip", type=float, help="max global gradient norm (0 = off)")
     optim.add_argument("--lr-schedule", choices=LR_SCHEDULES)
     optim.add_argument("--warmup-steps", type=int)
+    optim.add_argument("--schedule-steps", type=int, help="cosine: length in steps (0 = all epochs)")
     run = p.add_argument_group("run control")
     run.add_argument("--epochs", type=int)
     run.add_argument("--max-minutes", type=float, help="time budget (0 = none); the run stays resumable")
@@ -71,6 +72,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--patience", type=int, help="early stopping after N validations without gain (0 = off)")
     run.add_argument("--min-delta", type=float)
     run.add_argument("--eval-every", type=int, help="validate every N steps too (0 = each epoch only)")
+    run.add_argument("--valid-streams", type=int,
+                     help="validate on N pieces of the valid text side by side (faster; 1 = exact)")
     run.add_argument("--checkpoint-every", type=int, help="save last.pt every N steps (0 = epoch ends only)")
     run.add_argument("--log-every", type=int, help="log train loss every N steps")
     run.add_argument("--seed", type=int)
@@ -135,8 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"vocab {trainer.model_config.vocab_size}) on {c.corpus} -> {args.out}", file=sys.stderr)
     try:
         result = trainer.fit()
-    except Exception:
-        if trainer.saved_step is None:
+    except BaseException:
+        if trainer.saved_step is None:  # nothing resumable yet: leave nothing behind
             remove_run_files(trainer.out, trainer.created_dir)
         raise
     print(f"{result.reason}: epoch {result.epoch}, step {result.step}, {result.elapsed_s / 60:.1f} min; "

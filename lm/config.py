@@ -62,6 +62,7 @@ class TrainConfig:
     clip: float = 1.0
     lr_schedule: str = "plateau"
     warmup_steps: int = 0
+    schedule_steps: int = 0  # cosine: steps from the top to the bottom (0 = epochs x steps per epoch)
     # run control
     epochs: int = 40
     max_minutes: float = 0.0
@@ -69,6 +70,7 @@ class TrainConfig:
     patience: int = 4
     min_delta: float = 0.0
     eval_every: int = 0
+    valid_streams: int = 1  # >1: validate on that many pieces of the valid text side by side (faster)
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0
@@ -82,12 +84,14 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}, "
                                   f"not {getattr(self, name)!r}")
-        positive = ("bptt", "batch_size", "layers", "embed", "hidden", "epochs", "min_freq", "vocab_size")
+        positive = ("bptt", "batch_size", "valid_streams", "layers", "embed", "hidden", "epochs", "min_freq",
+                    "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, not {getattr(self, name)}")
         non_negative = ("max_minutes", "max_steps", "patience", "eval_every", "checkpoint_every",
-                        "warmup_steps", "clip", "weight_decay", "momentum", "threads", "min_delta")
+                        "warmup_steps", "schedule_steps", "clip", "weight_decay", "momentum", "threads",
+                        "min_delta")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, not {getattr(self, name)}")

@@ -30,7 +30,12 @@ def split_text(text: str, fractions: tuple[float, float, float] = DEFAULT_SPLIT)
         raise ValueError(f"fractions must be three non-negative shares summing to 1, got {fractions}")
     n = len(text)
     first = int(n * fractions[0])
+    # an empty share stays empty despite float rounding of the cumulative sum
     second = int(n * (fractions[0] + fractions[1]))
+    if fractions[2] == 0:
+        second = n
+    elif fractions[1] == 0:
+        second = first
     return text[:first], text[first:second], text[second:]
 
 

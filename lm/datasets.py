@@ -147,6 +147,11 @@ def _fetch_download(dataset: Dataset) -> Path:
     target = cache_dir() / dataset.filename
     if target.is_file() and _sha256_file(target) == dataset.sha256:
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the cache folder {target.parent} ({exc.strerror}); "
+                           f"set {CACHE_ENV} to a writable folder") from None
     failures = []
     for source in _sources(dataset):
         try:
@@ -170,12 +175,15 @@ def _extract_member(dataset: Dataset, archive: Path) -> Path:
     try:
         with zipfile.ZipFile(archive) as zf, zf.open(dataset.member) as src, _atomic_target(target) as out:
             shutil.copyfileobj(src, out, _CHUNK)
+        with _atomic_target(marker) as out:
+            out.write(_sha256_file(target).encode("ascii") + b"\n")
     except KeyError:
         raise DatasetError(f"{archive}: archive has no member {dataset.member}") from None
     except zipfile.BadZipFile as exc:
         raise DatasetError(f"{archive}: broken archive ({exc})") from None
-    with _atomic_target(marker) as out:
-        out.write(_sha256_file(target).encode("ascii") + b"\n")
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise DatasetError(f"cannot extract {dataset.member} into {target.parent} ({reason})") from None
     return target
 
 

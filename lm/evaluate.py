@@ -36,26 +36,38 @@ class Evaluation:
         return asdict(self)
 
 
-def stream_nll(model: RNNLM, ids: Tensor, chunk: int = EVAL_CHUNK) -> tuple[float, int]:
-    """Total NLL (nats) of ids[1:] given the prefix before each, over one stream with state carried.
+def stream_nll(model: RNNLM, ids: Tensor, chunk: int = EVAL_CHUNK, streams: int = 1) -> tuple[float, int]:
+    """Total NLL (nats) of ids[1:], each token predicted from the tokens before it, state carried.
 
-    ids: (N,) int64 -> (sum of -log p(ids[t+1] | ids[:t+1]) for t < N-1, N-1). Runs in eval mode and
-    restores the model's previous mode.
+    ids: (N,) int64 -> (sum of -log p(ids[t+1] | ids[:t+1]) for t < N-1, N-1). With ``streams`` S > 1
+    the text is read as S consecutive pieces side by side (a batch of S, much faster on a CPU), each
+    piece but the first starting from a zero state: a close upper bound, used for validation during
+    training. S = 1 is the exact figure. Runs in eval mode and restores the model's previous mode.
     """
+    count = max(len(ids) - 1, 0)
+    rows = max(1, min(streams, count // chunk))
+    length = count // rows
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
-    state = None
     try:
         with torch.inference_mode():
-            for start in range(0, len(ids) - 1, chunk):
-                targets = ids[start + 1:start + chunk + 1]
-                inputs = ids[start:start + len(targets)]
-                logits, state = model(inputs[None, :], state)
-                total += F.cross_entropy(logits[0].double(), targets, reduction="sum")
+            inputs = ids[:rows * length].view(rows, length)
+            targets = ids[1:rows * length + 1].view(rows, length)
+            state = None
+            for start in range(0, length, chunk):
+                logits, state = model(inputs[:, start:start + chunk], state)
+                target = targets[:, start:start + chunk].flatten()
+                total += F.cross_entropy(logits.flatten(0, 1).double(), target, reduction="sum")
+            # The rest of the text continues the last piece.
+            state = tuple(s[:, -1:] for s in state) if state is not None else None
+            for start in range(rows * length, count, chunk):
+                end = min(start + chunk, count)
+                logits, state = model(ids[None, start:end], state)
+                total += F.cross_entropy(logits[0].double(), ids[start + 1:end + 1], reduction="sum")
     finally:
         model.train(was_training)
-    return float(total), max(len(ids) - 1, 0)
+    return float(total), count
 
 
 def predicted_characters(tokenizer: Tokenizer, text: str, ids: list[int]) -> int:

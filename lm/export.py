@@ -21,6 +21,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from lm.decode_graph import DECODE_CELLS, build_decode_graph
 from lm.model import RNNLM, ModelConfig
 from lm.tokenizers import Tokenizer, save_tokenizer
 from serving.bundle import publish_bundle, staging_dir, write_manifest
@@ -31,6 +32,8 @@ GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 PARITY_TOLERANCE = 1e-4
 PARITY_SHAPES = ((1, 1), (1, 7), (3, 1), (3, 33), (8, 7), (8, 33))
+DECODE_SHAPES = ((1, 1), (3, 1), (8, 1))
+DECODE_FILE = "decode.onnx"
 QUANTIZE_CHOICES = ("int8",)
 # A real prompt for the parity check; characters outside the vocabulary map to <unk>, which is fine.
 PARITY_TEXT = ("The Time Traveller (for so it will be convenient to speak of him) was expounding a "
@@ -109,8 +112,8 @@ def export_onnx(model: RNNLM, path: Path, opset: int = OPSET) -> None:
     onnx.checker.check_model(str(path))
 
 
-def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, seed: int = 0,
-                   ) -> list[tuple[str, Tensor, tuple[Tensor, ...]]]:
+def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tuple[int, int], ...],
+                   seed: int = 0) -> list[tuple[str, Tensor, tuple[Tensor, ...]]]:
     """(label, tokens (B, T), state) cases: random ids and states, and a real prompt from a zero state."""
     config = model.config
     gen = torch.Generator().manual_seed(seed)
@@ -119,7 +122,7 @@ def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, seed: int = 0,
         prompt = torch.randint(0, config.vocab_size, (64,), generator=gen).tolist()
     prompt_ids = torch.tensor(prompt, dtype=torch.int64)
     cases = []
-    for batch, time in PARITY_SHAPES:
+    for batch, time in shapes:
         tokens = torch.randint(0, config.vocab_size, (batch, time), generator=gen)
         state = tuple(0.5 * torch.randn(config.layers, batch, config.hidden, generator=gen)
                       for _ in config.state_names)
@@ -130,13 +133,14 @@ def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, seed: int = 0,
     return cases
 
 
-def check_parity(model: RNNLM, graph: Path, tokenizer: Tokenizer | None = None) -> ParityReport:
+def check_parity(model: RNNLM, graph: Path, tokenizer: Tokenizer | None = None,
+                 shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES) -> ParityReport:
     """Runs ``graph`` in onnxruntime and ``model`` in torch on the same inputs; max abs differences."""
     session = open_session(graph)
     names = list(model.config.state_names)
     worst_logits = worst_state = 0.0
     worst_case, worst = "", -1.0
-    cases = _parity_inputs(model, tokenizer)
+    cases = _parity_inputs(model, tokenizer, shapes)
     for label, tokens, state in cases:
         with torch.no_grad():
             logits, new_state = model(tokens, state)
@@ -152,6 +156,32 @@ def check_parity(model: RNNLM, graph: Path, tokenizer: Tokenizer | None = None) 
     return ParityReport(worst_logits, worst_state, worst_case, len(cases))
 
 
+def _checked(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tuple[int, int], ...],
+             what: str) -> ParityReport:
+    """Parity of an fp32 graph with torch, or ExportError with the measured differences."""
+    parity = check_parity(model, graph, tokenizer, shapes)
+    if not parity.worst <= PARITY_TOLERANCE:
+        raise ExportError(
+            f"onnxruntime and torch disagree on {what}: max abs difference {parity.max_abs_logits:.3g} on "
+            f"logits, {parity.max_abs_state:.3g} on the state (worst: {parity.worst_case}; tolerance "
+            f"{PARITY_TOLERANCE:g}); bundle not written")
+    return parity
+
+
+def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tuple[int, int], ...]) -> dict:
+    """Replaces the fp32 ``graph`` by its int8 version -> sizes and the int8 graph's distance from torch."""
+    fp32 = graph.with_name(graph.stem + ".fp32.onnx")
+    graph.rename(fp32)
+    quantize_int8(fp32, graph)
+    parity = check_parity(model, graph, tokenizer, shapes)
+    if not np.isfinite(parity.worst):
+        raise ExportError(f"the int8 {graph.name} produces non-finite outputs ({parity.worst_case})")
+    report = {"fp32_bytes": fp32.stat().st_size, "int8_bytes": graph.stat().st_size,
+              **{f"vs_torch_{k}": v for k, v in parity.to_dict().items()}}
+    fp32.unlink()
+    return report
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 quantisation of the weights (MatMul/Gemm, LSTM; ORT leaves GRU and RNN in fp32).
 
@@ -162,11 +192,16 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = dst.with_name(dst.stem + ".pre.onnx")
-    logging.getLogger("root").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
     pre.unlink()
 
 
@@ -178,13 +213,13 @@ def _architecture(config: ModelConfig, trained_impl: str) -> dict:
 
 def _manifest(model: RNNLM, tokenizer: Tokenizer, name: str, evaluation: dict | None,
               training_config: dict | None, parity: ParityReport, quantization: dict | None,
-              trained_impl: str) -> dict:
+              trained_impl: str, graphs: dict[str, str]) -> dict:
     config = model.config
     state = [{"name": n, "output": o, "shape": [config.layers, "batch", config.hidden], "dtype": "float32"}
              for n, o in zip(config.state_names, state_output_names(config), strict=True)]
     return {
         "kind": "lm", "name": name, "architecture": _architecture(config, trained_impl),
-        "graphs": {"step": GRAPH_FILE},
+        "graphs": graphs,
         "inputs": [{"name": "tokens", "shape": ["batch", "time"], "dtype": "int64"},
                    *({"name": s["name"], "shape": s["shape"], "dtype": s["dtype"]} for s in state)],
         "outputs": [{"name": "logits", "shape": ["batch", "time", config.vocab_size], "dtype": "float32"},
@@ -214,27 +249,23 @@ def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evalua
     with staging_dir(out_dir) as tmp:
         graph = tmp / GRAPH_FILE
         export_onnx(fused, graph)
-        parity = check_parity(fused, graph, tokenizer)
-        if not parity.worst <= PARITY_TOLERANCE:
-            raise ExportError(
-                f"onnxruntime and torch disagree: max abs difference {parity.max_abs_logits:.3g} on logits, "
-                f"{parity.max_abs_state:.3g} on the state (worst: {parity.worst_case}; tolerance "
-                f"{PARITY_TOLERANCE:g}); bundle not written")
+        parity = _checked(fused, graph, tokenizer, PARITY_SHAPES, "the step graph")
+        graphs = {"step": GRAPH_FILE}
         quantization = None
         if quantize == "int8":
-            fp32 = tmp / "fp32.onnx"
-            graph.rename(fp32)
-            quantize_int8(fp32, graph)
-            q_parity = check_parity(fused, graph, tokenizer)
-            if not np.isfinite(q_parity.worst):
-                raise ExportError(f"the int8 graph produces non-finite outputs ({q_parity.worst_case})")
             quantization = {"method": "onnxruntime quantize_dynamic, int8 weights, per channel",
-                            "fp32_bytes": fp32.stat().st_size, "int8_bytes": graph.stat().st_size,
-                            **{f"vs_torch_{k}": v for k, v in q_parity.to_dict().items()}}
-            fp32.unlink()
+                            "step": _quantized(fused, graph, tokenizer, PARITY_SHAPES)}
+            if fused.config.cell in DECODE_CELLS:
+                # ORT has no int8 GRU/RNN op: a MatMul-based T = 1 graph makes the decode step int8.
+                decode = tmp / DECODE_FILE
+                build_decode_graph(fused, decode)
+                quantization["decode_fp32_parity"] = _checked(
+                    fused, decode, tokenizer, DECODE_SHAPES, "the decode graph").to_dict()
+                quantization["decode"] = _quantized(fused, decode, tokenizer, DECODE_SHAPES)
+                graphs["decode"] = DECODE_FILE
         save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
         manifest = _manifest(fused, tokenizer, name or out_dir.name, evaluation, training_config, parity,
-                             quantization, model.config.impl)
+                             quantization, model.config.impl, graphs)
         write_manifest(tmp, manifest)
         return publish_bundle(tmp, out_dir)
 

@@ -79,8 +79,8 @@ def sequential_batches(ids: np.ndarray | torch.Tensor | list[int], batch_size: i
     batches, to resume an epoch in the middle.
     """
     stream = _as_stream(ids)
-    if not 0 <= offset < max(1, len(stream)):
-        raise ValueError(f"offset {offset} outside the stream of {len(stream)} tokens")
+    if offset < 0:
+        raise ValueError(f"offset must be non-negative, got {offset}")
     count = num_sequential_batches(len(stream), batch_size, bptt, offset, drop_last)
     length = sequential_row_length(len(stream), batch_size, offset)
     inputs = stream[offset: offset + batch_size * length].view(batch_size, length)

@@ -59,7 +59,7 @@ class Progress:
 
     def write(self, message: str) -> None:
         """Prints a line above the bar without breaking it."""
-        self.bar.write(message, file=self.bar.fp)
+        self.bar.write(message, file=getattr(self.bar, "fp", sys.stderr))  # a disabled bar has no fp
 
     def close(self) -> None:
         self.bar.close()

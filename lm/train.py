@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from lm.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from lm.config import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from lm.corpus import load_splits
+from lm.datasets import REGISTRY
 from lm.evaluate import stream_nll
 from lm.metrics import MetricsLog, plot_metrics, read_metrics
 from lm.model import RNNLM, State, detach_state
@@ -188,7 +190,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(corpus.train), config)
         self.schedule: LRSchedule = make_lr_scheduler(
             self.optimizer, config.lr_schedule, config.warmup_steps,
-            total_steps=max(config.epochs * self.steps_per_epoch, config.warmup_steps + 1))
+            total_steps=max(config.schedule_steps or config.epochs * self.steps_per_epoch,
+                            config.warmup_steps + 1))
         self.early = EarlyStopping(config.patience, config.min_delta) if config.patience else None
         self.position = Position()
         self.best_loss = math.inf
@@ -198,6 +201,7 @@ class Trainer:
         self._metrics: MetricsLog | None = None
         self._budget = TimeBudget(config.max_minutes or None)
         self.steps_since_validation = 0
+        self.validation_s = 0.0  # how long the last validation took
         self.saved_step: int | None = None
         self.created_dir = False
 
@@ -280,7 +284,8 @@ class Trainer:
     def _stop_reason(self) -> str:
         if self.stop.requested:
             return "interrupted"
-        if self._budget.exceeded():
+        # Stop early enough for the last validation to fit into the budget too.
+        if self._budget.remaining_s <= self.validation_s:
             return "time_budget"
         if self.config.max_steps and self.position.step >= self.config.max_steps:
             return "max_steps"
@@ -299,7 +304,8 @@ class Trainer:
         model.train()
         params = list(model.parameters())
         window_loss, window_steps, window_start = torch.zeros(()), 0, time.perf_counter()
-        bar = Progress(pos.batch + len(batches), desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
+        epoch_length = pos.batch + len(batches)
+        bar = Progress(epoch_length, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
                        initial=pos.batch, disable=None if cfg.progress else True)
         try:
             for x, y in batches:
@@ -326,8 +332,10 @@ class Trainer:
                     window_loss, window_steps, window_start = torch.zeros(()), 0, time.perf_counter()
                 if self.on_step:
                     self.on_step(self)
-                if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                    self.validate(scheduled=True)
+                # (the epoch's last batch is followed by the epoch-end validation anyway)
+                if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.batch < epoch_length:
+                    if self.validate(scheduled=True):
+                        return "early_stopping"
                     model.train()
                 if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
                     self.save("last")
@@ -345,8 +353,10 @@ class Trainer:
         stopping; an extra one at a stop request only updates best.pt, so resume stays exact.
         Returns True when early stopping says stop.
         """
-        nll, tokens = stream_nll(self.model, self.corpus.valid)
+        start = time.perf_counter()
+        nll, tokens = stream_nll(self.model, self.corpus.valid, streams=self.config.valid_streams)
         loss = nll / tokens
+        self.validation_s = time.perf_counter() - start
         self.steps_since_validation = 0
         self._log(split="valid", loss=loss)
         if loss < self.best_loss:
@@ -367,8 +377,8 @@ class Trainer:
         self.history.append(record)
         if self._metrics:
             self._metrics.write(**record)
-        if record["split"] == "valid" and self.config.progress:
-            print(f"step {pos.step} epoch {record['epoch']:.2f}: valid loss {record['loss']:.4f} "
+        if record["split"] == "valid":
+            tqdm.write(f"step {pos.step} epoch {record['epoch']:.2f}: valid loss {record['loss']:.4f} "
                   f"ppl {record['ppl']:.3f}", file=sys.stderr)
 
 
@@ -380,10 +390,13 @@ def write_json(path: Path, data: dict) -> None:
 def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> Trainer:
     """A trainer for a new run in ``out`` (which must not hold a run); the directory is created last."""
     out = Path(out)
-    if (out / "last.pt").exists() or (out / "config.json").exists():
+    if (out / "last.pt").exists():
         raise TrainError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out} exists and is not a directory")
+    if config.corpus not in REGISTRY and Path(config.corpus).is_file():
+        # eval and --resume may run from another directory
+        config = replace(config, corpus=str(Path(config.corpus).resolve()))
     corpus = prepare_corpus(config)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

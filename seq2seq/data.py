@@ -48,8 +48,7 @@ class DataConfig:
             raise ValueError(f"--src/--tgt must be en and fr in either order, not {self.src}->{self.tgt}")
         if self.max_words < 1:
             raise ValueError(f"max_words must be positive, not {self.max_words}")
-        if not (0 <= self.valid_fraction and 0 <= self.test_fraction and
-                self.valid_fraction + self.test_fraction < 1):
+        if min(self.valid_fraction, self.test_fraction) < 0 or self.valid_fraction + self.test_fraction >= 1:
             raise ValueError("valid_fraction and test_fraction must be >= 0 and sum to less than 1")
 
 

@@ -26,8 +26,10 @@ class TorchStepDecoder:
     def __init__(self, model: Seq2Seq) -> None:
         self.model = model
 
-    def step(self, prev: np.ndarray, state: Tensor, memory: tuple[Tensor, Tensor]) -> tuple[np.ndarray, Tensor]:
-        logits, state = self.model.decode_step(torch.from_numpy(prev), state, *memory)
+    def step(self, prev: np.ndarray, state: Tensor, memory: tuple[Tensor, Tensor]
+             ) -> tuple[np.ndarray, Tensor]:
+        with torch.inference_mode():
+            logits, state = self.model.decode_step(torch.from_numpy(prev), state, *memory)
         return logits.numpy(), state
 
     def select(self, state: Tensor, memory: tuple[Tensor, Tensor], rows: np.ndarray
@@ -67,8 +69,9 @@ def search(model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: 
     results: list[list[Hypothesis]] = [[] for _ in sources]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        for index, hyps in zip(chunk, search_batch(model, [sources[i] for i in chunk], params, bos, eos)):
-            results[index] = hyps
+        hyps = search_batch(model, [sources[i] for i in chunk], params, bos, eos)
+        for index, sentence_hyps in zip(chunk, hyps, strict=True):
+            results[index] = sentence_hyps
     model.train(was_training)
     return results
 
@@ -80,6 +83,8 @@ class Translation:
     n_best: list[tuple[str, float]]
     """(text, normalised score) best first; empty when the line failed."""
     error: str | None = None
+    warning: str | None = None
+    """Set when the line was translated despite a problem (characters never seen in training)."""
 
 
 class Translator:
@@ -94,29 +99,37 @@ class Translator:
         self.src_eos = src_tok.special_ids[EOS]
         self.unk = src_tok.special_ids["<unk>"]
 
-    def encode_source(self, text: str) -> list[int]:
-        """Normalised text -> ids + EOS; raises ValueError (a one-line message) for a bad line."""
+    def encode_source(self, text: str) -> tuple[list[int], str | None]:
+        """Text -> (normalised ids + EOS, warning or None); raises ValueError (one line) for a bad line."""
         if self.normalize_fn is not None:
             text = self.normalize_fn(text)
         if not text:
             raise ValueError("empty line")
+        pieces = self.src_tok.sp.encode(text, out_type=str)
         ids = self.src_tok.encode(text)
         if len(ids) > self.max_src_tokens:
             raise ValueError(f"too long: {len(ids)} tokens (limit {self.max_src_tokens})")
-        return [*ids, self.src_eos]
+        unknown = [piece for piece, i in zip(pieces, ids, strict=True) if i == self.unk]
+        warning = f"unknown to the model, translated as <unk>: {' '.join(unknown)!r}" if unknown else None
+        return [*ids, self.src_eos], warning
 
-    def translate(self, texts: list[str], params: SearchParams = SearchParams(), batch_size: int = 64,
+    def translate(self, texts: list[str], params: SearchParams | None = None, batch_size: int = 64,
                   ) -> list[Translation]:
-        """One Translation per input text, failures included (``error`` set, empty text)."""
+        """One Translation per text, failures included (``error`` set, empty text); greedy by default."""
+        params = params or SearchParams()
         results: list[Translation | None] = [None] * len(texts)
-        good, sources = [], []
+        good, sources, warnings = [], [], []
         for i, text in enumerate(texts):
             try:
-                sources.append(self.encode_source(text))
-                good.append(i)
+                ids, warning = self.encode_source(text)
             except ValueError as exc:
                 results[i] = Translation("", [], str(exc))
-        for i, hyps in zip(good, search(self.model, sources, params, self.bos, self.eos, batch_size)):
+                continue
+            good.append(i)
+            sources.append(ids)
+            warnings.append(warning)
+        found = search(self.model, sources, params, self.bos, self.eos, batch_size)
+        for i, hyps, warning in zip(good, found, warnings, strict=True):
             n_best = [(self.tgt_tok.decode(list(h.tokens)), h.normalized) for h in hyps]
-            results[i] = Translation(n_best[0][0], n_best)
+            results[i] = Translation(n_best[0][0], n_best, warning=warning)
         return results  # type: ignore[return-value]

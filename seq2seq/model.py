@@ -76,11 +76,14 @@ class AdditiveAttention(nn.Module):
         self.query = nn.Linear(query, dim)
         self.score = nn.Linear(dim, 1, bias=False)
 
+    def weights(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """query (B,H), keys (B,S,A), mask (B,S) bool -> weights (B,S), exactly 0 where mask is False."""
+        scores = self.score(torch.tanh(keys + self.query(query).unsqueeze(1))).squeeze(2)
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
+
     def forward(self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
         """query (B,H), keys (B,S,A), memory (B,S,C), mask (B,S) bool -> context (B,C)."""
-        scores = self.score(torch.tanh(keys + self.query(query).unsqueeze(1))).squeeze(2)
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
-        return torch.bmm(weights.unsqueeze(1), memory).squeeze(1)
+        return torch.bmm(self.weights(query, keys, mask).unsqueeze(1), memory).squeeze(1)
 
 
 class Seq2Seq(nn.Module):
@@ -134,40 +137,52 @@ class Seq2Seq(nn.Module):
         return enc_out, mask, state.contiguous()
 
     # --- decoder -------------------------------------------------------------------------------------
-    def _context(self, query: Tensor, enc_out: Tensor, mask: Tensor) -> Tensor:
-        """query (B,H) -> context (B,C)."""
-        memory = enc_out[:, :, : self.config.memory_features]
+    def _split(self, enc_out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """enc_out (B,M,E') -> memory (B,M,C), attention keys (B,M,A) or None."""
+        memory_features = self.config.memory_features
         if self.attention is None:
+            return enc_out, None
+        return enc_out[:, :, :memory_features], enc_out[:, :, memory_features:]
+
+    def _context(self, query: Tensor, memory: Tensor, keys: Tensor | None, mask: Tensor) -> Tensor:
+        """query (B,H) -> context (B,C)."""
+        if self.attention is None or keys is None:
             return memory[:, 0]
-        keys = enc_out[:, :, self.config.memory_features:]
         return self.attention(query, keys, memory, mask)
+
+    def _step(self, embedded: Tensor, state: Tensor, memory: Tensor, keys: Tensor | None, mask: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """embedded (B,E) -> decoder output (B,H), context (B,C), state (L,B,H)."""
+        context = self._context(state[-1], memory, keys, mask)
+        output, state = self.decoder(torch.cat([embedded, context], dim=1).unsqueeze(1), state)
+        return output[:, 0], context, state
 
     def _readout(self, output: Tensor, context: Tensor, embedded: Tensor) -> Tensor:
         """(..., H), (..., C), (..., E) -> logits (..., V)."""
         hidden = torch.tanh(self.readout(torch.cat([output, context, embedded], dim=-1)))
         return self.out(self.drop(hidden))
 
-    def decode_step(self, prev: Tensor, state: Tensor, enc_out: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def decode_step(self, prev: Tensor, state: Tensor, enc_out: Tensor, mask: Tensor
+                    ) -> tuple[Tensor, Tensor]:
         """prev (B,) int64, state (L,B,H), enc_out (B,M,E'), mask (B,M) -> logits (B,V), state (L,B,H)."""
         embedded = self.drop(self.tgt_embed(prev))
-        context = self._context(state[-1], enc_out, mask)
-        output, state = self.decoder(torch.cat([embedded, context], dim=1).unsqueeze(1), state)
-        return self._readout(output[:, 0], context, embedded), state
+        output, context, state = self._step(embedded, state, *self._split(enc_out), mask)
+        return self._readout(output, context, embedded), state
 
     def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing. src (B,S), src_len (B,), tgt_in (B,T) (BOS first) -> logits (B,T,V)."""
         enc_out, mask, state = self.encode(src, src_len)
+        memory, keys = self._split(enc_out)
         embedded = self.drop(self.tgt_embed(tgt_in))
         if self.attention is None:
             # The context does not depend on the decoder state: one fused GRU call over all steps.
-            context = enc_out[:, :1].expand(-1, tgt_in.shape[1], -1)
+            context = memory.expand(-1, tgt_in.shape[1], -1)
             outputs, _ = self.decoder(torch.cat([embedded, context], dim=2), state)
         else:
             step_outputs, contexts = [], []
-            for t in range(tgt_in.shape[1]):
-                context = self._context(state[-1], enc_out, mask)
-                output, state = self.decoder(torch.cat([embedded[:, t], context], dim=1).unsqueeze(1), state)
-                step_outputs.append(output[:, 0])
+            for step_embedded in embedded.unbind(1):  # unbind, not [:, t]: its backward is one stack
+                output, context, state = self._step(step_embedded, state, memory, keys, mask)
+                step_outputs.append(output)
                 contexts.append(context)
             outputs, context = torch.stack(step_outputs, 1), torch.stack(contexts, 1)
         return self._readout(outputs, context, embedded)

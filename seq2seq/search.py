@@ -79,8 +79,9 @@ def length_normalize(score: float, length: int, alpha: float) -> float:
 
 
 def greedy_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.ndarray, bos: int, eos: int,
-                  params: SearchParams = SearchParams()) -> list[Hypothesis]:
+                  params: SearchParams | None = None) -> list[Hypothesis]:
     """The arg-max continuation of each sentence (row b of state/memory is sentence b)."""
+    params = params or SearchParams()
     count = len(src_lens)
     limits = [params.max_len(int(n)) for n in src_lens]
     outputs: list[list[int]] = [[] for _ in range(count)]
@@ -132,7 +133,7 @@ def beam_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.ndar
     k, count = params.beam, len(src_lens)
     beams = []
     for n in src_lens:
-        # Only the first row of a fresh beam is live: the K copies of <bos> must not become K equal hypotheses.
+        # Only the first row of a fresh beam is live: K copies of <bos> must not become K equal hypotheses.
         scores = np.full(k, -np.inf)
         scores[0] = 0.0
         beams.append(_Beam(params.max_len(int(n)), [()] * k, scores, []))
@@ -153,7 +154,7 @@ def beam_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.ndar
             if beam.done:
                 continue
             still.append(sentence)
-            rows.extend(slot * k + origins)
+            rows.extend(slot * k + origin for origin in origins)
             next_tokens.extend(tokens)
             beam.scores = scores
         alive = still
@@ -191,7 +192,7 @@ def _advance(beam: _Beam, candidates: np.ndarray, vocab: int, eos: int, k: int, 
         beam.done = True
         if len(beam.finished) < k:
             beam.finished.extend(Hypothesis(t, s, length_normalize(s, step, params.length_penalty), False)
-                                 for t, s in zip(new_tokens, scores))
+                                 for t, s in zip(new_tokens, scores, strict=True))
         return [], [], np.empty(0)
     # A beam narrower than K (few live candidates) is padded with dead rows, so every sentence keeps K rows.
     while len(origins) < k:

@@ -6,10 +6,12 @@ Every field may appear in the TOML file at top level, e.g. ``max_streams = 128``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 AUTH_ENV = "RNNLAB_AUTH_TOKEN"
 
@@ -28,6 +30,8 @@ class ServerConfig:
     batching: bool = True             # False: one stream per ORT call (max_batch 1), for comparison
     max_batch: int = 256              # streams per batched decode step; more wait in the queue
     prefill_chunk: int = 256          # prompt tokens read per step, so prefill never stalls decoding long
+    flush_ms: float = 1.0             # hand tokens to the event loop at most this often (first/last at once)
+    max_messages_per_s: float = 4000  # ... and rarely enough to send at most this many stream messages per s
     max_prompt_chars: int = 32_768
     max_prompt_tokens: int = 8_192
     max_tokens: int = 4_096           # cap on max_tokens per call
@@ -53,10 +57,15 @@ class ServerConfig:
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"TLS file {path} does not exist")
-        for name in ("max_batch", "prefill_chunk", "max_prompt_chars", "max_prompt_tokens", "max_tokens", "default_max_tokens",
-                     "max_streams", "max_sessions", "max_session_bytes", "max_message_bytes", "ort_threads"):
+        for name in ("max_batch", "prefill_chunk", "max_prompt_chars", "max_prompt_tokens", "max_tokens",
+                     "default_max_tokens", "max_streams", "max_sessions", "max_session_bytes",
+                     "max_message_bytes", "ort_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if not (math.isfinite(self.flush_ms) and self.flush_ms >= 0):
+            raise ConfigError(f"flush_ms must be >= 0, not {self.flush_ms}")
+        if not self.max_messages_per_s > 0:
+            raise ConfigError(f"max_messages_per_s must be > 0, not {self.max_messages_per_s}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in 0..65535, not {self.port}")
         return self

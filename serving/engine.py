@@ -133,12 +133,16 @@ class ModelEngine:
     """The step loop of one model. ``submit``/``cancel`` are called from the event loop."""
 
     def __init__(self, name: str, runtime: LMRuntime, metrics: ModelMetrics, max_batch: int = 256,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, flush_interval: float = 0.001, max_messages_per_s: float = 4000.0,
+                 ) -> None:
         self.name = name
         self.runtime = runtime
         self.metrics = metrics
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.flush_interval = flush_interval
+        self.max_messages_per_s = max_messages_per_s
+        self._urgent = False
         self.eos = runtime.manifest.special_ids.get("<eos>")
         self._pieces = [runtime.tokenizer.piece(i, False) for i in range(runtime.vocab_size)]
         self._cond = threading.Condition()
@@ -187,25 +191,40 @@ class ModelEngine:
     # -- step thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        outbox: list[_Update] = []
+        last_delivery = 0.0
         while True:
             with self._cond:
-                while not (self._incoming or self._prefilling or self._ready or self._batch or self._stopping):
+                while not (self._incoming or self._stopping or self._busy()):
                     self._cond.wait()
                 if self._stopping:
                     break
                 incoming, self._incoming = self._incoming, []
-            updates: list[_Update] = []
+            self._urgent = False
             try:
-                self._iterate(incoming, updates)
+                self._iterate(incoming, outbox)
             except Exception as exc:  # a failed ORT call must not kill the loop: fail this batch's streams
                 log.exception("model %s: step failed", self.name)
                 failed = [*incoming, *self._prefilling, *(s for s, _, _ in self._ready), *self._batch]
-                updates += [(s, "", [], [], exc) for s in failed if not s.cancelled]
+                outbox += [(s, "", [], [], exc) for s in failed if not s.cancelled]
                 self._reset()
-            self._deliver(updates)
+                self._urgent = True
+            # Waking the event loop costs about as much as a small step, and every wake-up sends one gRPC
+            # message per active stream (tens of µs of CPU each, in this process): wake it at most every
+            # ``flush_interval``, and rarely enough that it sends at most ``max_messages_per_s``; first
+            # tokens, ends, and the last update before going idle are sent at once.
+            now = time.perf_counter()
+            idle = not self._busy()
+            interval = max(self.flush_interval, len(self._batch) / self.max_messages_per_s)
+            if outbox and (self._urgent or idle or now - last_delivery >= interval):
+                self._deliver(outbox)
+                outbox, last_delivery = [], now
         stopped = EngineStopped(f"model {self.name!r} is shutting down")
         leftovers = [*self._incoming, *self._prefilling, *(s for s, _, _ in self._ready), *self._batch]
-        self._deliver([(s, "", [], [], stopped) for s in leftovers])
+        self._deliver([*outbox, *((s, "", [], [], stopped) for s in leftovers)])
+
+    def _busy(self) -> bool:
+        return bool(self._prefilling or self._ready or self._batch)
 
     def _reset(self) -> None:
         self._prefilling.clear()
@@ -252,7 +271,7 @@ class ModelEngine:
         for length, streams in groups.items():
             tokens = np.array([s.remaining[:length] for s in streams], dtype=np.int64)
             states = [s.request.state or self.runtime.init_state(1) for s in streams]
-            state = [np.concatenate(parts, axis=1) for parts in zip(*states)]
+            state = [np.concatenate(parts, axis=1) for parts in zip(*states, strict=True)]
             for s in streams:
                 if s.queued:
                     s.queued = False
@@ -270,6 +289,7 @@ class ModelEngine:
                 if stream.request.max_tokens == 0:
                     outcome = Outcome(Finish.APPENDED, len(stream.request.ids), 0, row_state, last, None)
                     updates.append((stream, "", [], [], outcome))
+                    self._urgent = True
                 else:
                     self._ready.append((stream, row_state, last))
 
@@ -301,8 +321,8 @@ class ModelEngine:
                 if stream.queued:
                     stream.queued = False
                     self.metrics.queue.observe(now - stream.submitted)
-            state = [np.concatenate([a, *parts], axis=1) for a, parts in
-                     zip(state, zip(*(row_state for _, row_state, _ in joining)))]
+            rows = zip(*(row_state for _, row_state, _ in joining), strict=True)
+            state = [np.concatenate([a, *parts], axis=1) for a, parts in zip(state, rows, strict=True)]
             logits = np.concatenate([logits, np.stack([row_logits for _, _, row_logits in joining])])
             self._batch += [stream for stream, _, _ in joining]
         self._state, self._logits = state, logits
@@ -335,6 +355,7 @@ class ModelEngine:
                 outcome = Outcome(finish, len(stream.request.ids), stream.generated,
                                   [np.ascontiguousarray(a[:, row:row + 1]) for a in self._state], None, token)
                 updates[-1] = (*updates[-1][:4], outcome)
+                self._urgent = True
         if finished:
             keep = np.setdiff1d(np.arange(len(batch)), finished)
             self._batch = [batch[i] for i in keep]
@@ -354,6 +375,7 @@ class ModelEngine:
         """Adds one generated token to the stream's update; returns why it finished, if it did."""
         if stream.generated == 0:
             self.metrics.ttft.observe(now - stream.submitted)
+            self._urgent = True
         stream.generated += 1
         lps = [logprob] if stream.request.logprobs else []
         if token == self.eos:

@@ -31,9 +31,11 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("rnnlab_inter_token_seconds",
                                      "Time between consecutive decode steps of a model (each active stream "
-                                     "gets one token per step)", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("rnnlab_queue_seconds", "From receiving a generation call to its first ORT call",
-                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+                                     "gets one token per step)", ["model"], buckets=_LATENCY_BUCKETS,
+                                     registry=r)
+        self.queue = Histogram("rnnlab_queue_seconds",
+                               "From receiving a generation call to its first ORT call", ["model"],
+                               buckets=_LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("rnnlab_batch_size", "Streams per batched decode step", ["model"],
                                buckets=_BATCH_BUCKETS, registry=r)
         self.tokens = Counter("rnnlab_generated_tokens", "Tokens generated", ["model"], registry=r)
@@ -47,8 +49,9 @@ class ServerMetrics:
         self.models = Gauge("rnnlab_models", "Language models being served", registry=r)
 
     def for_model(self, model: str) -> ModelMetrics:
-        return ModelMetrics(self.ttft.labels(model), self.inter_token.labels(model), self.queue.labels(model),
-                            self.batch.labels(model), self.tokens.labels(model), self.prompt_tokens.labels(model))
+        return ModelMetrics(self.ttft.labels(model), self.inter_token.labels(model),
+                            self.queue.labels(model), self.batch.labels(model), self.tokens.labels(model),
+                            self.prompt_tokens.labels(model))
 
     def serve_http(self, port: int, host: str) -> int:
         """Starts the /metrics endpoint on a daemon thread; returns the bound port."""

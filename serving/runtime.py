@@ -2,7 +2,8 @@
 
 The step graph maps (tokens (B, T) int64, h (L, B, H) [, c (L, B, H)]) to (logits (B, T, V), h' [, c']).
 Inputs are validated here, before ``InferenceSession.run``, so bad ids or states raise a ValueError that
-names the tensor instead of failing inside onnxruntime.
+names the tensor instead of failing inside onnxruntime. int8 GRU/RNN bundles add a "decode" graph for
+T = 1 (see lm/decode_graph.py); ``step`` picks it by itself.
 """
 
 from __future__ import annotations
@@ -63,12 +64,15 @@ class LMRuntime:
     """A loaded LM bundle: tokenizer + one ORT session over the step graph.
 
     ``step`` is the batched primitive the server uses; ``prefill``/``generate``/``perplexity`` are the
-    single-stream conveniences behind ``rnnlab-lm generate BUNDLE`` and the tests.
+    single-stream conveniences behind ``rnnlab-lm generate BUNDLE`` and the tests. A bundle may carry a
+    second graph, role "decode" (int8 GRU/RNN bundles), that ``step`` uses whenever T = 1.
     """
 
-    def __init__(self, manifest: Manifest, session: ort.InferenceSession, threads: int = 1) -> None:
+    def __init__(self, manifest: Manifest, session: ort.InferenceSession, threads: int = 1,
+                 decode_session: ort.InferenceSession | None = None) -> None:
         self.manifest = manifest
         self.session = session
+        self.decode_session = decode_session
         self.threads = threads
         self.tokenizer = load_tokenizer(manifest.file(str(manifest.tokenizer)))
         arch = manifest.architecture
@@ -93,19 +97,23 @@ class LMRuntime:
         if not manifest.state:
             raise BundleError(f"{manifest.path / 'manifest.json'}: no state tensors listed")
         graph = manifest.graph("step")
-        session = open_session(graph, threads)
-        runtime = cls(manifest, session, threads)
-        runtime._check_graph(graph)
+        decode = manifest.graph("decode") if "decode" in manifest.graphs else None
+        runtime = cls(manifest, open_session(graph, threads), threads,
+                      open_session(decode, threads) if decode is not None else None)
+        runtime._check_graph(runtime.session, graph, "time")
+        if decode is not None:
+            runtime._check_graph(runtime.decode_session, decode, 1)
         if runtime.tokenizer.vocab_size != runtime.vocab_size:
             raise BundleError(f"{manifest.file(str(manifest.tokenizer))}: tokenizer has "
                               f"{runtime.tokenizer.vocab_size} tokens, the model {runtime.vocab_size}")
         return runtime
 
-    def _check_graph(self, path: Path) -> None:
-        inputs = {a.name: a for a in self.session.get_inputs()}
-        outputs = {a.name: a for a in self.session.get_outputs()}
-        want_in = {"tokens": (("batch", "time"), "int64")}
-        want_out = {"logits": (("batch", "time", self.vocab_size), "float32")}
+    def _check_graph(self, session: ort.InferenceSession, path: Path, time: str | int) -> None:
+        """The graph's tensors are the manifest's: tokens (B, time), state, logits (B, time, V)."""
+        inputs = {a.name: a for a in session.get_inputs()}
+        outputs = {a.name: a for a in session.get_outputs()}
+        want_in = {"tokens": (("batch", time), "int64")}
+        want_out = {"logits": (("batch", time, self.vocab_size), "float32")}
         for spec, out_name in zip(self.manifest.state, self._state_outputs, strict=True):
             if spec.concrete_shape(batch=1) != (self.layers, 1, self.hidden) or spec.dtype != "float32":
                 raise BundleError(f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
@@ -149,7 +157,10 @@ class LMRuntime:
         """tokens: (B, T) int64, state: list of (L, B, H) float32 -> (logits (B, T, V) float32, new state)."""
         self.validate(tokens, state)
         feed = {"tokens": tokens, **dict(zip(self.state_names, state, strict=True))}
-        logits, *new_state = self.session.run(self._output_names, feed)
+        session = self.session
+        if tokens.shape[1] == 1 and self.decode_session is not None:
+            session = self.decode_session
+        logits, *new_state = session.run(self._output_names, feed)
         return logits, new_state
 
     # -- single-stream conveniences --------------------------------------------------------------
@@ -214,7 +225,7 @@ class LMRuntime:
     def perplexity(self, text: str, chunk: int = 256) -> dict:
         """Perplexity of ``text`` under the model, predicting tokens 2..N with state carried across chunks.
 
-        -> {"perplexity", "nll" (mean per token, nats), "bits_per_char", "tokens"}.
+        -> {"perplexity", "nll" (mean per token, nats), "bits_per_char", "tokens", "characters"}.
         """
         ids = np.asarray(self.encode(text), dtype=np.int64)
         if len(ids) < 2:
@@ -232,4 +243,4 @@ class LMRuntime:
         count = len(ids) - 1
         chars = max(1, len(self.tokenizer.decode(ids[1:].tolist())))
         return {"perplexity": math.exp(total / count), "nll": total / count,
-                "bits_per_char": total / math.log(2) / chars, "tokens": count}
+                "bits_per_char": total / math.log(2) / chars, "tokens": count, "characters": chars}

@@ -64,7 +64,8 @@ class StoreLimits:
 class SessionStore:
     """Not thread-safe: used from the server's event loop only."""
 
-    def __init__(self, limits: StoreLimits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limits: StoreLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits or StoreLimits()
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first

@@ -72,7 +72,8 @@ def decode(token: bytes, key: bytes) -> SessionState:
         raise TokenError("malformed", "not an rnnlab state token")
     body, tag = token[:-_TAG], token[-_TAG:]
     if not hmac.compare_digest(tag, hmac.new(key, body, hashlib.sha256).digest()):
-        raise TokenError("signature", "state token signature does not match (tampered, or signed with another key)")
+        raise TokenError("signature",
+                         "state token signature does not match (tampered, or signed with another key)")
     if body[len(MAGIC)] != VERSION:
         raise TokenError("malformed", f"state token version {body[len(MAGIC)]} is not supported")
     start = len(MAGIC) + 5

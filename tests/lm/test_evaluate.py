@@ -59,3 +59,22 @@ def test_eval_command_prints_json_and_writes_eval_json(tiny_run: Path, capsys) -
     assert 1 < printed["perplexity"] < run.model_config.vocab_size
     assert run.model.training is False
     assert load_run(tiny_run).evaluation == printed
+
+
+def test_validation_streams_read_consecutive_pieces_side_by_side() -> None:
+    """streams=3 over 100 predictions: pieces of 33 from a zero state each; the last one continues
+    into the remaining token."""
+    torch.manual_seed(1)
+    model = RNNLM(ModelConfig(vocab_size=13, cell="gru", layers=1, embed=6, hidden=12)).eval()
+    ids = torch.randint(0, 13, (101,))
+
+    def piece_nll(piece: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits, _ = model(piece[None, :-1])
+        return F.cross_entropy(logits[0].double(), piece[1:], reduction="sum").item()
+
+    manual = piece_nll(ids[0:34]) + piece_nll(ids[33:67]) + piece_nll(ids[66:101])
+    nll, count = stream_nll(model, ids, chunk=8, streams=3)
+    assert count == 100
+    assert math.isclose(nll, manual, rel_tol=1e-6)
+    assert not math.isclose(nll, stream_nll(model, ids, chunk=8)[0], rel_tol=1e-4)

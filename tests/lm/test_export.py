@@ -73,7 +73,9 @@ def test_manifest_describes_the_bundle(cell, tokenizer, tmp_path):
 
 
 def test_scratch_model_is_exported_through_the_fused_rnn(tokenizer, tmp_path):
-    model = random_model("lstm", tokenizer.vocab_size, impl="scratch").eval()
+    torch.manual_seed(2)
+    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell="lstm", layers=3, embed=16, hidden=16,
+                              tie=True, impl="scratch")).eval()
     runtime = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "s"))
     assert runtime.manifest.architecture["trained_impl"] == "scratch"
     tokens = np.array([tokenizer.encode("The Time Traveller")], dtype=np.int64)
@@ -128,16 +130,63 @@ def test_int8_bundle_is_smaller_and_close_in_perplexity(cell, tmp_path):
     model, tokenizer = train_tiny_model(cell, hidden=48, embed=24, steps=80)
     fp32 = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "fp32"))
     int8 = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "int8", quantize="int8"))
-    quant = int8.manifest.data["quantization"]
+    quant = int8.manifest.data["quantization"]["step"]
     assert quant["int8_bytes"] < quant["fp32_bytes"]
     size = {name: (tmp_path / name / "model.onnx").stat().st_size for name in ("fp32", "int8")}
     assert size["int8"] < size["fp32"]
     ppl32, ppl8 = fp32.perplexity(TINY_TEXT)["perplexity"], int8.perplexity(TINY_TEXT)["perplexity"]
     assert abs(ppl8 / ppl32 - 1) < 0.05
-    assert int8.manifest.data["quantization"]["vs_torch_max_abs_logits"] > 0
+    assert quant["vs_torch_max_abs_logits"] > 0
+
+
+@pytest.mark.parametrize(("cell", "layers"), [("gru", 2), ("rnn_relu", 1)])
+def test_int8_gru_and_rnn_bundles_decode_with_a_hand_built_int8_graph(cell, layers, tmp_path):
+    model, tokenizer = train_tiny_model(cell, layers=layers, hidden=48, embed=24, steps=80)
+    runtime = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "int8", quantize="int8"))
+    assert runtime.manifest.graphs == {"step": "model.onnx", "decode": "decode.onnx"}
+    quant = runtime.manifest.data["quantization"]
+    assert quant["decode_fp32_parity"]["max_abs_logits"] <= 1e-4  # checked before quantising
+    assert quant["decode"]["int8_bytes"] < quant["decode"]["fp32_bytes"] / 2
+    # T = 1 runs the decode graph, T > 1 the step graph: both approximate the torch model.
+    tokens = np.array([tokenizer.encode("The fire burned")], dtype=np.int64)
+    _, prefilled = runtime.step(tokens[:, :-1], runtime.init_state(1))
+    decoded, _ = runtime.step(tokens[:, -1:], prefilled)
+    with torch.no_grad():
+        want, _ = model(torch.from_numpy(tokens))
+    np.testing.assert_allclose(decoded[0, 0], want[0, -1].numpy(), atol=0.3)
+    stepwise = runtime.perplexity(TINY_TEXT, chunk=1)["perplexity"]  # every token through the decode graph
+    assert abs(stepwise / runtime.perplexity(TINY_TEXT)["perplexity"] - 1) < 0.05
 
 
 def test_unknown_quantization_is_refused(tokenizer, tmp_path):
     with pytest.raises(ExportError, match="quantize"):
         export_lm(random_model("gru", tokenizer.vocab_size), tokenizer, tmp_path / "q", quantize="int4")
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_exports_a_run_and_generates_from_the_bundle(tiny_run, tmp_path, capsys):
+    from lm.cli import main
+    from lm.run import load_run
+
+    out = tmp_path / "bundle"
+    assert main(["export", str(tiny_run), "--out", str(out)]) == 0
+    run = load_run(tiny_run)
+    manifest = load_manifest(out)
+    assert manifest.training_config == run.train_config
+    assert manifest.evaluation == run.evaluation
+    capsys.readouterr()
+    args = ["--prompt", "The Time", "--max-tokens", "60", "--temperature", "0.8", "--seed", "3",
+            "--stop", "q"]
+    assert main(["generate", str(out), *args]) == 0
+    from_bundle = capsys.readouterr().out
+    assert main(["generate", str(tiny_run), *args]) == 0
+    assert from_bundle == capsys.readouterr().out  # same seed, same sampler: same text from ORT and torch
+    assert "q" not in from_bundle
+
+
+def test_cli_export_of_a_missing_run_fails_cleanly(tmp_path, capsys):
+    from lm.cli import main
+
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []

@@ -102,6 +102,15 @@ def test_generate_streams_pieces_and_honours_stop_strings(trained):
     assert "".join(runtime.generate("The Time", 60, GREEDY, stop=["never-there"])) == full
 
 
+def test_sampled_text_equals_the_torch_generator_for_the_same_seed(trained):
+    from lm.generate import generate
+
+    model, tokenizer, runtime = trained
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=11)
+    want = list(generate(model, tokenizer, "His grey eyes", 150, params, stop=["xyz"]))
+    assert list(runtime.generate("His grey eyes", 150, params, stop=["xyz"])) == want
+
+
 def test_sampling_is_reproducible_per_seed(trained):
     _, _, runtime = trained
     params = SamplingParams(temperature=1.0, top_k=10, top_p=0.95, seed=7)
@@ -162,3 +171,19 @@ def test_seq2seq_bundle_is_not_a_language_model(tiny_bundle):
     (bundle / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="not a language model"):
         LMRuntime.load(bundle)
+
+
+def test_sentencepiece_bundle_stops_at_eos(tmp_path):
+    from lm.model import RNNLM, ModelConfig
+    from lm.tokenizers import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer.train(TINY_TEXT.splitlines(), vocab_size=60)
+    eos = tokenizer.special_ids["<eos>"]
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell="gru", layers=1, embed=8, hidden=8))
+    with torch.no_grad():
+        model.head.bias[eos] = 50.0  # <eos> always wins the argmax
+    runtime = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "spm"))
+    assert runtime.manifest.special_ids["<eos>"] == eos
+    assert list(runtime.generate_ids(tokenizer.encode("The fire"), 20, GREEDY)) == [eos]
+    assert list(runtime.generate("The fire", 20, GREEDY)) == []

@@ -1,0 +1,241 @@
+"""``rnnlab-mt``: train, evaluate and run the translator.
+
+One ``add_<name>`` function builds each subcommand's parser and one ``cmd_<name>`` runs it; a new
+subcommand is one more pair, registered in ``SUBCOMMANDS``. Errors are one line on stderr
+("error: ..."), exit status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, TextIO
+
+from lm.checkpoint import CheckpointError
+from lm.datasets import DatasetError
+
+
+class CommandError(Exception):
+    """A user-facing failure of a subcommand (one-line message)."""
+
+
+# --- train -------------------------------------------------------------------------------------------
+def _field_type(field: dataclasses.Field) -> Callable[[str], object]:
+    text = str(field.type)
+    if "float" in text:
+        return float
+    if "int" in text:
+        return int
+    return str
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    from seq2seq.train import TrainConfig
+
+    parser = subparsers.add_parser("train", help="train a translator (default: attention, en→fr, 55 min)",
+                                   description="Train a GRU encoder-decoder on Tatoeba pairs.")
+    parser.add_argument("--out", required=True, help="run directory to create (or resume with --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from last.pt (stopping rules may change)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            note = "; 0 = no limit" if field.name in ("max_minutes", "max_steps") else ""
+            parser.add_argument(flag, type=_field_type(field), default=default,
+                                help=f"(default {default}{note})")
+    parser.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from seq2seq.train import TrainConfig, TrainError, train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["max_minutes"] is not None and values["max_minutes"] <= 0:
+        values["max_minutes"] = None
+    try:
+        config = TrainConfig(**values)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        summary = train(config, args.out, resume=args.resume,
+                        show_progress=False if args.no_progress else None)
+    except TrainError as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(summary))
+    return 0
+
+
+# --- eval --------------------------------------------------------------------------------------------
+def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
+    parser.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha (default 0.6)")
+    parser.add_argument("--max-len-ratio", type=float, default=2.0,
+                        help="at most ratio * source tokens + 10 output tokens (default 2.0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _search_params(args: argparse.Namespace, n_best: int = 1):
+    from seq2seq.search import SearchParams
+
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be at least 1")
+    try:
+        return SearchParams(beam=args.beam, length_penalty=args.length_penalty,
+                            max_len_ratio=args.max_len_ratio, n_best=n_best)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="BLEU and chrF (sacrebleu) on a split",
+                                   description="Translate a split's source sentences and score them against "
+                                               "every reference with sacrebleu.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--hyp-out", help="hypotheses file (default RUN_DIR/hyp.SPLIT.beamK.txt)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N source sentences")
+    _add_search_options(parser)
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from seq2seq.evaluate import default_hyp_path, evaluate, write_evaluation
+    from seq2seq.run import load_run
+
+    params = _search_params(args)
+    _set_threads(args.threads)
+    run = load_run(args.run_dir, args.which)
+    hyp_out = args.hyp_out or default_hyp_path(args.run_dir, args.split, params.beam)
+    result = evaluate(run, args.split, params, hyp_out, args.batch_size, args.limit)
+    write_evaluation(args.run_dir, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['split']} {result['direction']} beam {result['beam']}: BLEU {result['bleu']:.2f} "
+              f"chrF {result['chrf']:.2f} ({result['sentences']} sentences)\n{result['bleu_signature']}")
+    return 0
+
+
+# --- translate ---------------------------------------------------------------------------------------
+def add_translate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("translate", help="translate lines (stdin -> stdout)",
+                                   description="Translate one sentence per line. Every input line gives one "
+                                               "output line; a line that cannot be translated gives an empty "
+                                               "line and a message on stderr.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--input", help="input file (default stdin)")
+    parser.add_argument("--output", help="output file (default stdout)")
+    parser.add_argument("--n-best", type=int, default=1,
+                        help="with > 1: n hypotheses per line, 'text<TAB>score' joined by ' ||| '")
+    parser.add_argument("--max-src-tokens", type=int, default=0,
+                        help="longer lines are refused (default: twice the training length cap)")
+    _add_search_options(parser)
+    parser.set_defaults(func=cmd_translate)
+
+
+def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[bytes]]:
+    """Lines (without their line break) in chunks of up to ``chunk``; a last line without a break counts."""
+    lines = []
+    for raw in stream:
+        lines.append(raw.rstrip(b"\n").rstrip(b"\r"))
+        if len(lines) >= chunk:
+            yield lines
+            lines = []
+    if lines:
+        yield lines
+
+
+def decode_line(raw: bytes) -> str:
+    """UTF-8 bytes -> text; raises ValueError naming the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from seq2seq.run import load_run
+
+    params = _search_params(args, n_best=args.n_best)
+    _set_threads(args.threads)
+    translator = load_run(args.run_dir, args.which).translator(args.max_src_tokens or None)
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer  # noqa: SIM115
+    target: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    # A terminal gets each line answered at once; files and pipes are decoded in batches.
+    chunk = 1 if source.isatty() else args.batch_size
+    number, failed = 0, 0
+    try:
+        for raw_lines in read_lines(source, chunk):
+            texts, errors = [], {}
+            for k, raw in enumerate(raw_lines):
+                try:
+                    texts.append(decode_line(raw))
+                except ValueError as exc:
+                    texts.append("")
+                    errors[k] = str(exc)
+            for k, result in enumerate(translator.translate(texts, params, args.batch_size)):
+                number += 1
+                error = errors.get(k, result.error)
+                if error:
+                    failed += 1
+                    print(f"line {number}: {error}; output left empty", file=sys.stderr)
+                elif result.warning:
+                    print(f"line {number}: {result.warning}", file=sys.stderr)
+                text = "" if error else (result.text if params.n_best == 1 else " ||| ".join(
+                    f"{t}\t{s:.4f}" for t, s in result.n_best))
+                target.write(text + "\n")
+            target.flush()
+    finally:
+        if args.input:
+            source.close()
+        if args.output:
+            target.close()
+    if failed:
+        print(f"{failed} of {number} lines not translated", file=sys.stderr)
+    return 0
+
+
+# --- main --------------------------------------------------------------------------------------------
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_translate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnlab-mt", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CommandError, CheckpointError, DatasetError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

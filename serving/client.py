@@ -1,0 +1,136 @@
+"""A small synchronous client for the rnnlab gRPC API.
+
+    with Client("127.0.0.1:50151") as client:
+        for piece in client.generate_text("tiny", "The Time", max_tokens=64):
+            print(piece, end="", flush=True)
+        session = client.open_session("tiny", prompt="Hello")
+        print("".join(session.generate_text(max_tokens=20)))
+        token = session.export()          # resume anywhere: client.resume(token)
+        session.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.api.rnnlab.v1 import generation_pb2 as pb
+from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
+
+
+def sampling_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int | None = None) -> pb.SamplingOptions:
+    options = pb.SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
+    if seed is not None:
+        options.seed = seed
+    return options
+
+
+class Client:
+    """target "host:port"; ``token`` sends "authorization: Bearer <token>"; ``tls_ca`` (PEM) turns on TLS."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None,
+                 timeout: float | None = None) -> None:
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.generation = pb_grpc.GenerationStub(self.channel)
+        self.sessions = pb_grpc.SessionsStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _kw(self, timeout: float | None) -> dict:
+        return {"metadata": self.metadata, "timeout": timeout if timeout is not None else self.timeout}
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """"SERVING", "NOT_SERVING", ...; raises grpc.RpcError when the server cannot be reached."""
+        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), **self._kw(timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list(self.generation.ListModels(pb.ListModelsRequest(), **self._kw(timeout)).models)
+
+    def model(self, name: str, timeout: float | None = None) -> pb.ModelInfo:
+        return self.generation.GetModel(pb.GetModelRequest(model=name), **self._kw(timeout))
+
+    def generate(self, model: str, prompt: str, max_tokens: int = 0, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (),
+                 logprobs: bool = False, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
+        """The raw stream: messages with text, token ids (and logprobs); the last one has ``end`` set."""
+        request = pb.GenerateRequest(model=model, prompt=prompt, max_tokens=max_tokens,
+                                     sampling=sampling_options(temperature, top_k, top_p, seed),
+                                     stop=list(stop), logprobs=logprobs)
+        return self.generation.Generate(request, **self._kw(timeout))
+
+    def generate_text(self, model: str, prompt: str, max_tokens: int = 0, **options: object) -> Iterator[str]:
+        """Only the text pieces, as they arrive."""
+        for message in self.generate(model, prompt, max_tokens, **options):
+            if message.text:
+                yield message.text
+
+    def open_session(self, model: str, prompt: str = "", timeout: float | None = None) -> ClientSession:
+        info = self.sessions.Open(pb.OpenSessionRequest(model=model, prompt=prompt), **self._kw(timeout))
+        return ClientSession(self, info)
+
+    def resume(self, token: bytes, timeout: float | None = None) -> ClientSession:
+        info = self.sessions.Resume(pb.ResumeSessionRequest(token=token), **self._kw(timeout))
+        return ClientSession(self, info)
+
+    def interact(self, requests: Iterable[pb.InteractRequest], timeout: float | None = None,
+                 ) -> Iterator[pb.InteractResponse]:
+        return self.sessions.Interact(iter(requests), **self._kw(timeout))
+
+
+class ClientSession:
+    """A session on the server; its recurrent state stays there between calls."""
+
+    def __init__(self, client: Client, info: pb.SessionInfo) -> None:
+        self.client = client
+        self.id = info.session_id
+        self.model = info.model
+        self.tokens = info.tokens
+
+    def append(self, text: str, timeout: float | None = None) -> pb.SessionInfo:
+        info = self.client.sessions.Append(pb.AppendRequest(session_id=self.id, text=text),
+                                           **self.client._kw(timeout))
+        self.tokens = info.tokens
+        return info
+
+    def generate(self, max_tokens: int = 0, *, text: str = "", temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (),
+                 logprobs: bool = False, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
+        request = pb.SessionGenerateRequest(session_id=self.id, text=text, max_tokens=max_tokens,
+                                            sampling=sampling_options(temperature, top_k, top_p, seed),
+                                            stop=list(stop), logprobs=logprobs)
+        for message in self.client.sessions.Generate(request, **self.client._kw(timeout)):
+            if message.HasField("end"):
+                self.tokens = message.end.session_tokens
+            yield message
+
+    def generate_text(self, max_tokens: int = 0, **options: object) -> Iterator[str]:
+        for message in self.generate(max_tokens, **options):
+            if message.text:
+                yield message.text
+
+    def export(self, timeout: float | None = None) -> bytes:
+        """A signed state token: ``Client.resume(token)`` continues from here on any replica with the key."""
+        return self.client.sessions.Export(pb.ExportSessionRequest(session_id=self.id),
+                                           **self.client._kw(timeout)).token
+
+    def close(self, timeout: float | None = None) -> None:
+        self.client.sessions.Close(pb.CloseSessionRequest(session_id=self.id), **self.client._kw(timeout))

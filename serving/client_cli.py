@@ -1,0 +1,137 @@
+"""``rnnlab-client``: stream generations, chat in a session, list models, check health.
+
+    rnnlab-client --target 127.0.0.1:50151 generate tiny "The Time" --max-tokens 80 --temperature 0.8
+    rnnlab-client session tiny --prompt "The Time"     # each stdin line: appended, then a continuation
+    rnnlab-client models [NAME]
+    rnnlab-client health [--wait 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+
+import grpc
+from google.protobuf import json_format
+
+from serving.api.rnnlab.v1 import generation_pb2 as pb
+from serving.client import Client, sampling_options
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=0, help="0: the server default")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnlab-client", description="Talk to an rnnlab-serve server.")
+    parser.add_argument("--target", default=os.environ.get("RNNLAB_TARGET", "127.0.0.1:50151"),
+                        help="host:port (env RNNLAB_TARGET)")
+    parser.add_argument("--token", default=os.environ.get("RNNLAB_AUTH_TOKEN"), help="bearer token")
+    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate")
+    parser.add_argument("--timeout", type=float, help="deadline per call in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="stream a continuation of a prompt")
+    generate.add_argument("model")
+    generate.add_argument("prompt")
+    _sampling_args(generate)
+    generate.add_argument("--stats", action="store_true", help="print finish reason and counts on stderr")
+    session = commands.add_parser("session", help="interactive session: each stdin line, then a continuation")
+    session.add_argument("model")
+    session.add_argument("--prompt", default="")
+    _sampling_args(session)
+    session.add_argument("--export", action="store_true", help="print the state token (base64) at the end")
+    models = commands.add_parser("models", help="list models, or show one as JSON")
+    models.add_argument("name", nargs="?")
+    health = commands.add_parser("health", help="print the server's health status")
+    health.add_argument("--wait", type=float, default=0.0, help="retry until SERVING for this many seconds")
+    return parser
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    end = None
+    for message in client.generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):
+        sys.stdout.write(message.text)
+        sys.stdout.flush()
+        if message.HasField("end"):
+            end = message.end
+    sys.stdout.write("\n")
+    if args.stats and end is not None:
+        print(f"finish={pb.FinishReason.Name(end.finish_reason)} prompt_tokens={end.prompt_tokens} "
+              f"generated_tokens={end.generated_tokens}", file=sys.stderr)
+    return 0
+
+
+def _session(client: Client, args: argparse.Namespace) -> int:
+    options = sampling_options(args.temperature, args.top_k, args.top_p, args.seed)
+
+    def requests():
+        yield pb.InteractRequest(open=pb.OpenSessionRequest(model=args.model, prompt=args.prompt))
+        for line in sys.stdin:
+            yield pb.InteractRequest(generate=pb.SessionGenerateRequest(
+                text=line, max_tokens=args.max_tokens, sampling=options, stop=args.stop))
+        if args.export:
+            yield pb.InteractRequest(export=True)
+
+    for reply in client.interact(requests()):
+        event = reply.WhichOneof("event")
+        if event == "generation":
+            sys.stdout.write(reply.generation.text + ("\n" if reply.generation.HasField("end") else ""))
+            sys.stdout.flush()
+        elif event == "state":
+            print(base64.b64encode(reply.state.token).decode("ascii"))
+    return 0
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    if args.name:
+        print(json.dumps(json_format.MessageToDict(client.model(args.name)), indent=2))
+        return 0
+    for info in client.models():
+        print(f"{info.name}\t{info.cell} x{info.layers} h{info.hidden_size}\tvocab {info.vocab_size}\t"
+              f"{info.tokenizer}\t{info.bundle_digest[:12]}")
+    return 0
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            status = client.health(timeout=2.0)
+        except grpc.RpcError:
+            if time.monotonic() >= deadline:
+                raise
+            status = None
+        if status == "SERVING" or time.monotonic() >= deadline:
+            print(status)
+            return 0 if status == "SERVING" else 1
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.target, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+            return {"generate": _generate, "session": _session, "models": _models,
+                    "health": _health}[args.command](client, args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
