@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                 model, tokenizer, info = train_briefly(cell, train_text, args.train_seconds)
                 results.append({"source": f"trained here on {args.corpus}", "training": info,
                                 **compare(model, tokenizer, test_text, args.reps, Path(tmp) / cell)})
-    document = {"corpus": args.corpus, "test_chars": len(test_text), "threads": 1, "results": results}
+    document = {"corpus": args.corpus, "test_chars": len(test_text), "threads": 1,
+                "load_average_1min_at_end": round(os.getloadavg()[0], 2), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": {"torch": torch.get_num_threads(), "ort_intra_op": 1},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
             "step": [step_case(model, runtime, 1, args.reps),
                      step_case(model, runtime, 64, max(50, args.reps // 8))],
             "prefill": prefill_case(model, runtime, 512, max(5, args.reps // 200)),

@@ -150,14 +150,14 @@ def make_optimizer(model: RNNLM, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag read between steps; a second Ctrl-C interrupts at once."""
+    """Turns SIGINT/SIGTERM into a flag read between steps; a second signal interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 

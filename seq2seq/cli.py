@@ -140,7 +140,7 @@ def add_translate(subparsers: argparse._SubParsersAction) -> None:
                                    description="Translate one sentence per line. Every input line gives one "
                                                "output line; a line that cannot be translated gives an empty "
                                                "line and a message on stderr.")
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", nargs="?", help="training run (torch); or use --bundle / --server")
     parser.add_argument("--input", help="input file (default stdin)")
     parser.add_argument("--output", help="output file (default stdout)")
     parser.add_argument("--n-best", type=int, default=1,
@@ -148,6 +148,9 @@ def add_translate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-src-tokens", type=int, default=0,
                         help="longer lines are refused (default: twice the training length cap)")
     _add_search_options(parser)
+    from seq2seq.batch_job import add_arguments as add_batch_job_arguments  # torch-free
+
+    add_batch_job_arguments(parser)  # --bundle/--server: seq2seq/batch_job.py (helper mt-serve)
     parser.set_defaults(func=cmd_translate)
 
 
@@ -174,6 +177,10 @@ def decode_line(raw: bytes) -> str:
 def cmd_translate(args: argparse.Namespace) -> int:
     from seq2seq.run import load_run
 
+    if args.bundle or args.server:
+        return _batch_job(args)
+    if not args.run_dir:
+        raise CommandError("give RUN_DIR, --bundle B or --server HOST:PORT")
     params = _search_params(args, n_best=args.n_best)
     _set_threads(args.threads)
     translator = load_run(args.run_dir, args.which).translator(args.max_src_tokens or None)
@@ -213,8 +220,53 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export and batch jobs (seq2seq/export.py, seq2seq/batch_job.py: helper mt-serve) -----------------
+def _batch_job(args: argparse.Namespace) -> int:
+    from seq2seq.batch_job import JobError, run_from_args
+    from serving.bundle import BundleError
+
+    if args.run_dir:
+        raise CommandError("give either RUN_DIR or --bundle/--server, not both")
+    try:
+        return run_from_args(args)
+    except (JobError, BundleError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export a run to an ONNX bundle (encoder + decoder step)",
+                                   description="Export a trained translator to encoder.onnx + "
+                                               "decoder_step.onnx with its tokenizers and manifest, after "
+                                               "checking onnxruntime against torch (logits, greedy, beam).")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
+    parser.add_argument("--name", help="model name in the manifest (default: the --out directory's name)")
+    parser.add_argument("--sentences", help="file of source sentences for the search check "
+                                            "(default: the first valid-split sentences)")
+    parser.add_argument("--sample", type=int, default=64, help="valid sentences for the search check")
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from seq2seq.export import ExportError, describe, export_run
+
+    sentences = None
+    if args.sentences:
+        with open(args.sentences, encoding="utf-8") as f:
+            sentences = [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        out = export_run(args.run_dir, args.out, sentences=sentences, sample=args.sample, which=args.which,
+                         name=args.name)
+    except ExportError as exc:
+        raise CommandError(str(exc)) from None
+    print(describe(out))
+    return 0
+
+
 # --- main --------------------------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_translate]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_translate,
+                                                                    add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,7 +90,7 @@ class TrainConfig:
     max_steps: int = 0
     """> 0: stop after this many optimizer steps in total (an interruption point for tests)."""
     valid_bleu_sentences: int = 500
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     seed: int = 1
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
+from serving.api.rnnlab.v1 import translation_pb2 as tpb
+from serving.api.rnnlab.v1 import translation_pb2_grpc as tpb_grpc
 
 
 def sampling_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -44,6 +46,7 @@ class Client:
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.sessions = pb_grpc.SessionsStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.translation = tpb_grpc.TranslationStub(self.channel)
 
     def __enter__(self) -> Client:
         return self
@@ -94,6 +97,25 @@ class Client:
     def interact(self, requests: Iterable[pb.InteractRequest], timeout: float | None = None,
                  ) -> Iterator[pb.InteractResponse]:
         return self.sessions.Interact(iter(requests), **self._kw(timeout))
+
+    # --- translation (serving/translation_service.py) ---
+    def translators(self, timeout: float | None = None) -> list[tpb.TranslatorInfo]:
+        reply = self.translation.ListTranslators(tpb.ListTranslatorsRequest(), **self._kw(timeout))
+        return list(reply.models)
+
+    def translate(self, model: str, sentences: Iterable[str], *, beam: int = 4, length_penalty: float = 0.6,
+                  max_length_ratio: float = 2.0, max_length: int = 0, n_best: int = 1,
+                  timeout: float | None = None) -> list[tpb.TranslationResult]:
+        """One result per sentence, in order (a bad sentence has ``failed``/``error`` set)."""
+        options = tpb.TranslateOptions(beam_size=beam, length_penalty=length_penalty, n_best=n_best,
+                                       max_length_ratio=max_length_ratio, max_length=max_length)
+        request = tpb.TranslateRequest(model=model, sentences=list(sentences), options=options)
+        return list(self.translation.Translate(request, **self._kw(timeout)).results)
+
+    def translate_stream(self, requests: Iterable[tpb.TranslateStreamRequest], timeout: float | None = None,
+                         ) -> Iterator[tpb.TranslateStreamResponse]:
+        """Long jobs: results come back as they are ready, each with the id of its request."""
+        return self.translation.TranslateStream(iter(requests), **self._kw(timeout))
 
 
 class ClientSession:

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     health = commands.add_parser("health", help="print the server's health status")
     health.add_argument("--wait", type=float, default=0.0, help="retry until SERVING for this many seconds")
+    _translate_args(commands)
     return parser
 
 
@@ -102,6 +103,41 @@ def _models(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _translate_args(commands: argparse._SubParsersAction) -> None:
+    translate = commands.add_parser("translate", help="translate sentences (arguments, or stdin lines)")
+    translate.add_argument("model", nargs="?", help="translator name (omit with --list)")
+    translate.add_argument("sentences", nargs="*", help="default: one sentence per stdin line")
+    translate.add_argument("--list", action="store_true", help="list the server's translators")
+    translate.add_argument("--beam", type=int, default=4)
+    translate.add_argument("--n-best", type=int, default=1)
+    translate.add_argument("--length-penalty", type=float, default=0.6)
+    translate.add_argument("--max-length-ratio", type=float, default=2.0)
+    translate.add_argument("--json", action="store_true", help="one JSON result per line")
+
+
+def _translate(client: Client, args: argparse.Namespace) -> int:
+    if args.list or not args.model:
+        for info in client.translators():
+            print(f"{info.name}\t{info.source_language}->{info.target_language}\t"
+                  f"attention {'yes' if info.attention else 'no'}\t{info.bundle_digest[:12]}")
+        return 0
+    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
+    results = client.translate(args.model, sentences, beam=args.beam, n_best=args.n_best,
+                               length_penalty=args.length_penalty, max_length_ratio=args.max_length_ratio)
+    failed = 0
+    for number, result in enumerate(results, 1):
+        if args.json:
+            print(json.dumps(json_format.MessageToDict(result), ensure_ascii=False))
+        elif result.failed:
+            print()
+        else:
+            print(" ||| ".join(h.text for h in result.hypotheses))
+        if result.failed:
+            failed += 1
+            print(f"sentence {number}: {result.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _health(client: Client, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
@@ -122,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Client(args.target, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
             return {"generate": _generate, "session": _session, "models": _models,
-                    "health": _health}[args.command](client, args)
+                    "health": _health, "translate": _translate}[args.command](client, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

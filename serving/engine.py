@@ -205,7 +205,8 @@ class ModelEngine:
                 self._iterate(incoming, outbox)
             except Exception as exc:  # a failed ORT call must not kill the loop: fail this batch's streams
                 log.exception("model %s: step failed", self.name)
-                failed = [*incoming, *self._prefilling, *(s for s, _, _ in self._ready), *self._batch]
+                failed = dict.fromkeys([*incoming, *self._prefilling, *(s for s, _, _ in self._ready),
+                                        *self._batch])  # admitted streams are in two of these lists
                 outbox += [(s, "", [], [], exc) for s in failed if not s.cancelled]
                 self._reset()
                 self._urgent = True
@@ -251,10 +252,6 @@ class ModelEngine:
 
     def _prefill_some(self, updates: list[_Update]) -> None:
         """Reads up to ``prefill_chunk`` (rows x tokens) of prompts; equal chunk lengths share one call."""
-        while self._prefilling and self._prefilling[0].cancelled:
-            self._prefilling.popleft()
-        if not self._prefilling:
-            return
         budget, groups = self.prefill_chunk, {}
         for stream in list(self._prefilling):
             if stream.cancelled:

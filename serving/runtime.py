@@ -74,7 +74,10 @@ class LMRuntime:
         self.session = session
         self.decode_session = decode_session
         self.threads = threads
-        self.tokenizer = load_tokenizer(manifest.file(str(manifest.tokenizer)))
+        try:
+            self.tokenizer = load_tokenizer(manifest.file(str(manifest.tokenizer)))
+        except ValueError as exc:  # the message names the file
+            raise BundleError(str(exc)) from None
         arch = manifest.architecture
         self.vocab_size = int(arch["vocab_size"])
         self.layers = int(arch["layers"])

@@ -77,13 +77,27 @@ def _refusal(exc: Exception) -> Refusal:
 _REFUSED = (Refusal, SessionNotFound, SessionBusy, StoreFull, state_token.TokenError, EngineStopped)
 
 
+@contextlib.asynccontextmanager
+async def _answering(service: _Service, name: str, context: grpc.aio.ServicerContext):
+    """Turns refusals into status codes and counts every call's outcome."""
+    code = "OK"
+    try:
+        yield
+    except _REFUSED as exc:
+        refusal = _refusal(exc)
+        code = refusal.code.name
+        await context.abort(refusal.code, refusal.message)
+    except asyncio.CancelledError:  # client cancel or deadline: free everything (finally blocks), re-raise
+        code = "CANCELLED"
+        raise
+    finally:
+        service.app.metrics.requests.labels(name, code).inc()
+
+
 def unary(method: Callable) -> Callable:
     async def handler(self: _Service, request: object, context: grpc.aio.ServicerContext) -> object:
-        try:
+        async with _answering(self, f"{type(self).__name__}.{method.__name__}", context):
             return await method(self, request, context)
-        except _REFUSED as exc:
-            refusal = _refusal(exc)
-            await context.abort(refusal.code, refusal.message)
 
     handler.__name__ = method.__name__
     return handler
@@ -91,12 +105,9 @@ def unary(method: Callable) -> Callable:
 
 def streaming(method: Callable) -> Callable:
     async def handler(self: _Service, request: object, context: grpc.aio.ServicerContext) -> AsyncIterator:
-        try:
+        async with _answering(self, f"{type(self).__name__}.{method.__name__}", context):
             async for item in method(self, request, context):
                 yield item
-        except _REFUSED as exc:
-            refusal = _refusal(exc)
-            await context.abort(refusal.code, refusal.message)
 
     handler.__name__ = method.__name__
     return handler
@@ -330,11 +341,7 @@ class App:
 
     def acquire(self, session_id: str) -> tuple[Session, Model]:
         session = self.sessions.acquire(session_id)
-        model = self.models.get(session.model)
-        if model is None:  # cannot happen while models are fixed at start; kept as a guard for the store
-            self.sessions.release(session)
-            raise Refusal(grpc.StatusCode.NOT_FOUND, f"model {session.model!r} is no longer served")
-        return session, model
+        return session, self.models[session.model]  # sessions exist only on models loaded at start
 
     async def append(self, session_id: str, text: str) -> pb.SessionInfo:
         session, model = self.acquire(session_id)
@@ -525,7 +532,8 @@ class BearerAuth(grpc.aio.ServerInterceptor):
                           response_serializer=handler.response_serializer)
 
 
-def _add_translation(server: grpc.aio.Server, bundles: list[Path], config: ServerConfig) -> list[str]:
+def _add_translation(server: grpc.aio.Server, bundles: list[Path], config: ServerConfig,
+                     registry: object = None) -> list[str]:
     """Hands seq2seq bundles to serving.translation_service when it is installed; -> its service names."""
     if not bundles:
         return []
@@ -535,7 +543,7 @@ def _add_translation(server: grpc.aio.Server, bundles: list[Path], config: Serve
         for path in bundles:
             log.warning("not serving translation bundle %s: serving.translation_service is missing", path)
         return []
-    return list(translation_service.add_to_server(server, bundles, config))
+    return list(translation_service.add_to_server(server, bundles, config, registry))  # app metrics registry
 
 
 class RnnlabServer:
@@ -559,7 +567,8 @@ class RnnlabServer:
         server = grpc.aio.server(interceptors=[BearerAuth(tokens)] if tokens else [], options=options)
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.app), server)
         pb_grpc.add_SessionsServicer_to_server(SessionService(self.app), server)
-        services = [*GENERATION_SERVICES, *_add_translation(server, self._translators, config)]
+        services = [*GENERATION_SERVICES, *_add_translation(server, self._translators, config,
+                                                                   self.app.metrics.registry)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{config.host}:{config.port}"

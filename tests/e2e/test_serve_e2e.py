@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import subprocess
@@ -75,6 +77,19 @@ def test_client_cli_streams_lists_and_reports_errors(serve, models, capsys):
     assert out[0] == "SERVING" and out[1] == expected and out[2].startswith("tiny\tgru x1 h32")
     assert client_cli.main(["--target", target, "generate", "nope", "x"]) == 1
     assert capsys.readouterr().err.startswith("error: NOT_FOUND: no model 'nope'")
+
+
+def test_client_cli_session_continues_each_line_of_stdin(serve, models, capsys, monkeypatch):
+    _, target = serve
+    runtime = LMRuntime.load(models / "tiny")
+    greedy = SamplingParams(temperature=0)
+    first = "".join(runtime.generate("The Time\n", 10, greedy))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\nHis grey\n"))
+    args = ["--target", target, "session", "tiny", "--prompt", "The Time", "--max-tokens", "10", "--export"]
+    assert client_cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == first
+    assert len(lines) == 3 and base64.b64decode(lines[2]).startswith(b"RNST")
 
 
 def test_server_cli_usage_errors_are_one_line(tmp_path, capsys):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
+from serve_helpers import Stubs, config
 from tiny_bundles import make_tiny_bundle
 
-from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
-from serving.config import ServerConfig
 from serving.runtime import LMRuntime
 from serving.server import ServerThread
-
-STATE_KEY = "test-state-key"
 
 
 @pytest.fixture(scope="session")
@@ -28,22 +24,11 @@ def runtime(models_dir):
     return LMRuntime.load(models_dir / "tiny")
 
 
-def config(models_dir, **overrides) -> ServerConfig:
-    return ServerConfig(models=str(models_dir), port=0, state_key=STATE_KEY, **overrides).validate()
-
-
 @pytest.fixture(scope="module")
 def server(models_dir):
-    """One server on 127.0.0.1, port 0, default limits, shared by a test module."""
+    """One server with default limits (max_tokens cap raised), shared by a test module."""
     with ServerThread(config(models_dir, max_tokens=100_000)) as running:
         yield running
-
-
-class Stubs:
-    def __init__(self, port: int, metadata: tuple = ()) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.generation = pb_grpc.GenerationStub(self.channel)
-        self.sessions = pb_grpc.SessionsStub(self.channel)
 
 
 @pytest.fixture(scope="module")

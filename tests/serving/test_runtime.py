@@ -18,6 +18,16 @@ from serving.runtime import LMRuntime
 GREEDY = SamplingParams(temperature=0)
 
 
+def reseal(bundle, edit=None):
+    """Rewrites manifest.json with fresh checksums (after ``edit(data)``): a consistent but bad bundle."""
+    data = json.loads((bundle / "manifest.json").read_text())
+    if edit is not None:
+        edit(data)
+    for key in ("format", "format_version", "files", "file_sizes"):
+        del data[key]
+    write_manifest(bundle, data)
+
+
 @pytest.fixture(scope="module", params=["gru", "lstm"])
 def trained(request, tmp_path_factory):
     """(torch model, tokenizer, runtime) for a tiny trained 2-layer model."""
@@ -144,11 +154,7 @@ def test_bad_inputs_are_refused_before_onnxruntime(trained):
 
 def test_manifest_state_shape_must_match_the_graph(tiny_bundle):
     bundle = tiny_bundle()
-    data = json.loads((bundle / "manifest.json").read_text())
-    data["state"][0]["shape"] = [3, "batch", 32]
-    for key in ("format", "format_version", "files", "file_sizes"):
-        del data[key]
-    write_manifest(bundle, data)  # consistent checksums, inconsistent shapes
+    reseal(bundle, lambda data: data["state"][0].update(shape=[3, "batch", 32]))
     with pytest.raises(BundleError, match=r"state 'h' \[3, 'batch', 32\] float32 is not \[1, batch, 32\]"):
         LMRuntime.load(bundle)
 
@@ -156,10 +162,7 @@ def test_manifest_state_shape_must_match_the_graph(tiny_bundle):
 def test_graph_that_is_not_onnx_is_refused_by_name(tiny_bundle):
     bundle = tiny_bundle()
     (bundle / "model.onnx").write_bytes(b"not a graph")
-    data = json.loads((bundle / "manifest.json").read_text())
-    for key in ("format", "format_version", "files", "file_sizes"):
-        del data[key]
-    write_manifest(bundle, data)
+    reseal(bundle)
     with pytest.raises(BundleError, match=r"model\.onnx: onnxruntime cannot load this graph"):
         LMRuntime.load(bundle)
 
@@ -187,3 +190,11 @@ def test_sentencepiece_bundle_stops_at_eos(tmp_path):
     assert runtime.manifest.special_ids["<eos>"] == eos
     assert list(runtime.generate_ids(tokenizer.encode("The fire"), 20, GREEDY)) == [eos]
     assert list(runtime.generate("The fire", 20, GREEDY)) == []
+
+
+def test_unreadable_tokenizer_is_a_bundle_error(tiny_bundle):
+    bundle = tiny_bundle()
+    (bundle / "tokenizer.json").write_text('{"format": 99}')
+    reseal(bundle)  # checksums match the bad file: the tokenizer itself is refused
+    with pytest.raises(BundleError, match=r"tokenizer\.json: not a valid rnnlab tokenizer"):
+        LMRuntime.load(bundle)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import STATE_KEY, Stubs, config
+from serve_helpers import STATE_KEY, Stubs, config
 
 from lm.sampling import SamplingParams
 from serving.api.rnnlab.v1 import generation_pb2 as pb

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 import urllib.request
 
 import grpc
 import pytest
-from conftest import STATE_KEY, Stubs, config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serve_helpers import STATE_KEY, Stubs, config
 
 from serving import state_token
 from serving.api.rnnlab.v1 import generation_pb2 as pb
+from serving.client import Client
 from serving.server import ServerThread
 
 Code = grpc.StatusCode
@@ -198,6 +200,8 @@ def test_health_reflection_and_metrics_answer(models_dir):
         body = urllib.request.urlopen(url, timeout=5).read().decode()
         assert 'rnnlab_generated_tokens_total{model="tiny"} 3.0' in body
         assert "rnnlab_time_to_first_token_seconds_count" in body
+        assert 'rnnlab_requests_total{code="OK",method="GenerationService.Generate"} 1.0' in body or \
+            'rnnlab_requests_total{method="GenerationService.Generate",code="OK"} 1.0' in body
         channel.close()
 
 
@@ -216,3 +220,17 @@ def test_a_bad_bundle_is_refused_while_the_good_ones_serve(models_dir, tmp_path,
         stubs.channel.close()
     assert any("refusing bundle tiny-lstm" in r.getMessage() and "model.onnx" in r.getMessage()
                for r in caplog.records)
+
+
+def test_tls_serves_clients_that_trust_the_certificate(models_dir, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with ServerThread(config(models_dir, tls_cert=str(cert), tls_key=str(key))) as server:
+        with Client(f"127.0.0.1:{server.port}", tls_ca=cert, timeout=10) as client:
+            assert "".join(client.generate_text("tiny", PROMPT, 5)) != ""
+        with Client(f"127.0.0.1:{server.port}", timeout=2) as plaintext:
+            with pytest.raises(grpc.RpcError) as refused:
+                plaintext.models()
+            assert refused.value.code() == Code.UNAVAILABLE

@@ -1,0 +1,396 @@
+"""Translating with an exported seq2seq bundle: onnxruntime + numpy + lm.tokenizers, no torch.
+
+The bundle holds two graphs (see seq2seq/export.py)::
+
+    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> enc_out (B,M,E') f32, mask (B,M) bool,
+                                                                 state (L,B,H) f32
+    decoder_step.onnx  prev (B,) int64, state (L,B,H), enc_out (B,M,E'), mask (B,M)
+                                                              -> logits (B,V) f32, state_out (L,B,H)
+
+Greedy and beam search here make exactly the decisions of ``seq2seq.search`` (the torch decoder's
+search), vectorised over the sentences of a batch instead of looping over them: the same candidate
+order (score, then lower candidate index), the same handling of end tokens (only among the first K
+candidates), the same per-sentence length limit, the same GNMT length penalty and n-best ranking.
+``SearchParams`` and ``Hypothesis`` repeat that module's definitions so that serving stays free of the
+training packages; tests/serving/test_translator.py checks that both agree on a trained model.
+
+Source text goes through the training normalisation (NFC, spaces) before sentencepiece, as in
+``seq2seq.decode.Translator``.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lm.tokenizers import SentencePieceTokenizer, load_tokenizer
+from serving.bundle import BundleError, Manifest, load_manifest
+from serving.runtime import open_session
+
+BOS, EOS = "<bos>", "<eos>"
+ENCODER, DECODER = "encoder", "decoder_step"
+ENCODER_INPUTS, ENCODER_OUTPUTS = ("src", "src_len"), ("enc_out", "mask", "state")
+DECODER_INPUTS, DECODER_OUTPUTS = ("prev", "state", "enc_out", "mask"), ("logits", "state_out")
+
+_SPACES = re.compile(r"\s+")
+_NBSP = str.maketrans({"\u00a0": " ", "\u202f": " ", "\u2007": " ", "\u2060": ""})
+
+
+def normalize(text: str, lowercase: bool = False) -> str:
+    """The training normalisation (seq2seq.data.normalize): NFC, no-break spaces, collapsed whitespace."""
+    text = unicodedata.normalize("NFC", text).translate(_NBSP)
+    text = _SPACES.sub(" ", text).strip()
+    return text.lower() if lowercase else text
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Same fields and meaning as ``seq2seq.search.SearchParams``."""
+
+    beam: int = 1
+    length_penalty: float = 0.6
+    max_len_ratio: float = 2.0
+    max_len_extra: int = 10
+    max_len_cap: int = 200
+    n_best: int = 1
+
+    def __post_init__(self) -> None:
+        if self.beam < 1 or not 1 <= self.n_best <= self.beam:
+            raise ValueError(f"need beam >= 1 and 1 <= n_best <= beam (got beam {self.beam}, "
+                             f"n_best {self.n_best})")
+        if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1:
+            raise ValueError("max_len_ratio must be >= 0, max_len_extra and max_len_cap >= 1")
+
+    def max_len(self, src_len: int) -> int:
+        """Most tokens (end token excluded) generated for a source of ``src_len`` tokens (EOS included)."""
+        return min(self.max_len_cap, int(self.max_len_ratio * src_len) + self.max_len_extra)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: tuple[int, ...]
+    """Without BOS and EOS."""
+    score: float
+    """Sum of log-probabilities (of the end token too, when finished)."""
+    normalized: float
+    finished: bool
+
+
+@dataclass
+class Translation:
+    text: str
+    """The best hypothesis, detokenised ("" when the line failed)."""
+    n_best: list[tuple[str, float]]
+    """(text, normalised score) best first; empty when the line failed."""
+    error: str | None = None
+    warning: str | None = None
+    hypotheses: tuple[Hypothesis, ...] = ()
+    source_tokens: int = 0
+    """Source length in tokens, EOS included (0 when the line failed before tokenisation)."""
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(N,V) -> (N,V) float64, row by row (as seq2seq.search.log_softmax)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def length_normalize(score: float, length: int, alpha: float) -> float:
+    return score / (((5.0 + length) / 6.0) ** alpha)
+
+
+def pad_batch(sources: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> ids (B, max len) int64 padded with ``pad``, lengths (B,) int64."""
+    lengths = np.array([len(s) for s in sources], dtype=np.int64)
+    ids = np.full((len(sources), int(lengths.max())), pad, dtype=np.int64)
+    for row, seq in enumerate(sources):
+        ids[row, : len(seq)] = seq
+    return ids, lengths
+
+
+class Seq2SeqRuntime:
+    """A loaded seq2seq bundle: tokenizers, the encoder and decoder-step ORT sessions, batched search.
+
+    ``encoder_calls`` counts encoder runs and ``encoder_rows`` the sentences they held (the batching
+    figures the translation service reports).
+    """
+
+    def __init__(self, manifest: Manifest, encoder: ort.InferenceSession, decoder: ort.InferenceSession,
+                 ) -> None:
+        self.manifest = manifest
+        self.encoder, self.decoder = encoder, decoder
+        tokenizers = manifest.tokenizer if isinstance(manifest.tokenizer, dict) else {}
+        self.src_tokenizer = _spm(manifest, tokenizers.get("source"))
+        self.tgt_tokenizer = _spm(manifest, tokenizers.get("target"))
+        arch = manifest.architecture
+        self.src_vocab, self.tgt_vocab = int(arch["src_vocab"]), int(arch["tgt_vocab"])
+        self.pad = int(arch.get("pad_id", 0))
+        self.bos, self.eos = self.tgt_tokenizer.special_ids[BOS], self.tgt_tokenizer.special_ids[EOS]
+        self.src_eos = self.src_tokenizer.special_ids[EOS]
+        self.unk = self.src_tokenizer.special_ids["<unk>"]
+        preprocessing = manifest.data.get("preprocessing") or {}
+        self.lowercase = bool(preprocessing.get("lowercase", False))
+        self.max_src_tokens = int(preprocessing.get("max_src_tokens", 128))
+        self.encoder_calls = 0
+        self.encoder_rows = 0
+        # Without attention the step ignores the mask and the exporter drops that input.
+        self._decoder_uses_mask = "mask" in {a.name for a in decoder.get_inputs()}
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, threads: int = 1) -> Seq2SeqRuntime:
+        """Verifies the bundle (checksums, kind, graph signatures, vocabularies) and opens both graphs."""
+        manifest = load_manifest(bundle_dir)
+        where = manifest.path / "manifest.json"
+        if manifest.kind != "seq2seq":
+            raise BundleError(f"{manifest.path}: a {manifest.kind!r} bundle, not a translator")
+        for key in ("src_vocab", "tgt_vocab", "layers", "dec_hidden"):
+            if not isinstance(manifest.architecture.get(key), int) or manifest.architecture[key] < 1:
+                raise BundleError(f"{where}: architecture.{key} missing or invalid")
+        encoder = open_session(manifest.graph(ENCODER), threads)
+        decoder = open_session(manifest.graph(DECODER), threads)
+        _check_names(encoder, manifest.graph(ENCODER), ENCODER_INPUTS, ENCODER_OUTPUTS)
+        _check_names(decoder, manifest.graph(DECODER), DECODER_INPUTS, DECODER_OUTPUTS)
+        runtime = cls(manifest, encoder, decoder)
+        for role, tok, size in (("source", runtime.src_tokenizer, runtime.src_vocab),
+                                ("target", runtime.tgt_tokenizer, runtime.tgt_vocab)):
+            if tok.vocab_size != size:
+                raise BundleError(f"{where}: {role} tokenizer has {tok.vocab_size} tokens, the model {size}")
+        logits = decoder.get_outputs()[0].shape
+        if logits[-1] != runtime.tgt_vocab:
+            raise BundleError(f"{manifest.graph(DECODER)}: logits have {logits[-1]} classes, "
+                              f"manifest says {runtime.tgt_vocab}")
+        return runtime
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    # --- graphs --------------------------------------------------------------------------------------
+    def encode(self, src: np.ndarray, src_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """src (B,S) int64, src_len (B,) int64 >= 1 -> enc_out (B,M,E'), mask (B,M) bool, state (L,B,H)."""
+        self.encoder_calls += 1
+        self.encoder_rows += len(src)
+        enc_out, mask, state = self.encoder.run(None, {"src": src, "src_len": src_len})
+        return enc_out, mask, state
+
+    def decode_step(self, prev: np.ndarray, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """prev (N,) int64, state (L,N,H) -> logits (N,V) float32, state (L,N,H)."""
+        feed = {"prev": prev, "state": state, "enc_out": enc_out, "mask": mask}
+        if not self._decoder_uses_mask:
+            del feed["mask"]
+        logits, state = self.decoder.run(None, feed)
+        return logits, state
+
+    # --- search --------------------------------------------------------------------------------------
+    def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
+        """One batch of source id lists (EOS included, non-empty) -> ``params.n_best`` hypotheses each."""
+        src, src_len = pad_batch(sources, self.pad)
+        enc_out, mask, state = self.encode(src, src_len)
+        limits = np.array([params.max_len(int(n)) for n in src_len], dtype=np.int64)
+        if params.beam == 1:
+            return [[h] for h in greedy(self.decode_step, state, enc_out, mask, limits, self.bos, self.eos,
+                                        params.length_penalty)]
+        return beam(self.decode_step, state, enc_out, mask, limits, self.bos, self.eos, params)
+
+    def search(self, sources: list[list[int]], params: SearchParams, batch_size: int = 64,
+               ) -> list[list[Hypothesis]]:
+        """Any number of sources in length-sorted batches (as seq2seq.decode.search); input order out."""
+        order = sorted(range(len(sources)), key=lambda i: (len(sources[i]), i))
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for index, hyps in zip(chunk, self.search_batch([sources[i] for i in chunk], params),
+                                   strict=True):
+                results[index] = hyps
+        return results
+
+    # --- text ----------------------------------------------------------------------------------------
+    def encode_source(self, text: str) -> tuple[list[int], str | None]:
+        """Text -> (ids + EOS, warning or None); raises ValueError (one line) for an untranslatable line."""
+        text = normalize(text, self.lowercase)
+        if not text:
+            raise ValueError("empty line")
+        ids = self.src_tokenizer.encode(text)
+        if len(ids) > self.max_src_tokens:
+            raise ValueError(f"too long: {len(ids)} tokens (limit {self.max_src_tokens})")
+        warning = None
+        if self.unk in ids:
+            pieces = self.src_tokenizer.sp.encode(text, out_type=str)
+            unknown = [p for p, i in zip(pieces, ids, strict=True) if i == self.unk]
+            warning = f"unknown to the model, translated as <unk>: {' '.join(unknown)!r}"
+        return [*ids, self.src_eos], warning
+
+    def finish(self, hyps: list[Hypothesis], source_tokens: int, warning: str | None = None) -> Translation:
+        """Hypotheses of one sentence -> its Translation (detokenised n-best)."""
+        n_best = [(self.tgt_tokenizer.decode(list(h.tokens)), h.normalized) for h in hyps]
+        return Translation(n_best[0][0], n_best, warning=warning, hypotheses=tuple(hyps),
+                           source_tokens=source_tokens)
+
+    def translate(self, texts: list[str], params: SearchParams | None = None, batch_size: int = 64,
+                  ) -> list[Translation]:
+        """One Translation per text, failures included (``error`` set, empty text); greedy by default."""
+        params = params or SearchParams()
+        results: list[Translation | None] = [None] * len(texts)
+        good, sources, warnings = [], [], []
+        for i, text in enumerate(texts):
+            try:
+                ids, warning = self.encode_source(text)
+            except ValueError as exc:
+                results[i] = Translation("", [], str(exc))
+                continue
+            good.append(i)
+            sources.append(ids)
+            warnings.append(warning)
+        for i, ids, hyps, warning in zip(good, sources, self.search(sources, params, batch_size), warnings,
+                                         strict=True):
+            results[i] = self.finish(hyps, len(ids), warning)
+        return results  # type: ignore[return-value]
+
+
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def greedy(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray, limits: np.ndarray,
+           bos: int, eos: int, alpha: float) -> list[Hypothesis]:
+    """Arg-max decoding of B sentences: state (L,B,H), enc_out (B,M,E'), mask (B,M), limits (B,).
+
+    A sentence leaves the batch when it emits EOS or reaches its limit (seq2seq.search.greedy_search).
+    """
+    count = len(limits)
+    outputs = np.zeros((count, int(limits.max()) if count else 0), dtype=np.int64)
+    lengths = np.zeros(count, dtype=np.int64)
+    scores = np.zeros(count, dtype=np.float64)
+    results: list[Hypothesis | None] = [None] * count
+    alive = np.arange(count)
+    prev = np.full(count, bos, dtype=np.int64)
+    while len(alive):
+        logits, state = step(prev, state, enc_out, mask)
+        tokens = logits.argmax(axis=1)
+        scores[alive] += log_softmax(logits)[np.arange(len(alive)), tokens]
+        ended = tokens == eos
+        going = alive[~ended]
+        outputs[going, lengths[going]] = tokens[~ended]
+        lengths[going] += 1
+        keep = ~ended & (lengths[alive] < limits[alive])
+        for row in np.flatnonzero(~keep):
+            sentence, done = int(alive[row]), bool(ended[row])
+            score, length = float(scores[sentence]), int(lengths[sentence])
+            results[sentence] = Hypothesis(tuple(outputs[sentence, :length].tolist()), score,
+                                           length_normalize(score, length + done, alpha), done)
+        if 0 < keep.sum() < len(alive):
+            state, enc_out, mask = state[:, keep], enc_out[keep], mask[keep]
+        alive, prev = alive[keep], tokens[keep].astype(np.int64)
+    return results  # type: ignore[return-value]
+
+
+def beam(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray, limits: np.ndarray,
+         bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
+    """Beam search of B sentences, K rows each (seq2seq.search.beam_search, vectorised).
+
+    Per step the live scores (n,K) plus log-probabilities give (n, K*V) candidates; each sentence's
+    2K best in (score desc, index asc) order are read as in ``_advance``: an EOS among the first K
+    finishes a hypothesis, the first K others form the next beam (padded to K with dead rows).
+    """
+    k, count = params.beam, len(limits)
+    alpha = params.length_penalty
+    finished: list[list[Hypothesis]] = [[] for _ in range(count)]
+    alive = np.arange(count)
+    scores = np.full((count, k), -np.inf)
+    scores[:, 0] = 0.0  # only the first row of a fresh beam is live
+    history = np.zeros((count, k, 0), dtype=np.int64)
+    rows = np.repeat(np.arange(count), k)
+    state, enc_out, mask = state[:, rows], enc_out[rows], mask[rows]
+    prev = np.full(count * k, bos, dtype=np.int64)
+    step_no = 0
+    while len(alive):
+        step_no += 1
+        logits, state = step(prev, state, enc_out, mask)
+        logp = log_softmax(logits)
+        vocab = logp.shape[1]
+        n = len(alive)
+        candidates = (scores[:, :, None] + logp.reshape(n, k, vocab)).reshape(n, k * vocab)
+        top = min(2 * k, k * vocab)
+        best = np.argpartition(-candidates, top - 1, axis=1)[:, :top]
+        best_scores = np.take_along_axis(candidates, best, axis=1)
+        order = np.lexsort((best, -best_scores), axis=1)
+        best = np.take_along_axis(best, order, axis=1)
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        origin, token = np.divmod(best, vocab)
+        live = best_scores > -np.inf
+        is_eos = token == eos
+        ends = live & is_eos & (np.arange(top) < k)[None, :]
+        for slot, rank in zip(*np.nonzero(ends), strict=True):
+            score = float(best_scores[slot, rank])
+            finished[alive[slot]].append(Hypothesis(tuple(history[slot, origin[slot, rank]].tolist()), score,
+                                                    length_normalize(score, step_no, alpha), True))
+        going = live & ~is_eos
+        chosen = going & (np.cumsum(going, axis=1) <= k)
+        n_chosen = chosen.sum(axis=1)
+        picks = np.argsort(~chosen, axis=1, kind="stable")[:, :k]  # chosen ranks first, in rank order
+        new_origin = np.take_along_axis(origin, picks, axis=1)
+        new_token = np.take_along_axis(token, picks, axis=1)
+        new_scores = np.take_along_axis(best_scores, picks, axis=1)
+        new_history = np.concatenate(
+            [np.take_along_axis(history, new_origin[:, :, None], axis=1), new_token[:, :, None]], axis=2)
+        n_finished = np.array([len(finished[s]) for s in alive])
+        done = (n_finished >= k) | (step_no >= limits[alive]) | (n_chosen == 0)
+        for slot in np.flatnonzero(done & (n_finished < k)):
+            hyps = finished[alive[slot]]
+            for j in range(int(n_chosen[slot])):
+                score = float(new_scores[slot, j])
+                hyps.append(Hypothesis(tuple(new_history[slot, j].tolist()), score,
+                                       length_normalize(score, step_no, alpha), False))
+        keep = ~done
+        if not keep.any():
+            break
+        # A beam narrower than K keeps K rows: the missing ones repeat the first, with score -inf.
+        pad = np.arange(k)[None, :] >= n_chosen[:, None]
+        new_origin = np.where(pad, new_origin[:, :1], new_origin)
+        new_token = np.where(pad, new_token[:, :1], new_token)
+        new_scores = np.where(pad, -np.inf, new_scores)
+        new_history = np.where(pad[:, :, None], new_history[:, :1], new_history)
+        slots = np.flatnonzero(keep)
+        state = state[:, (slots[:, None] * k + new_origin[slots]).reshape(-1)]
+        alive = alive[slots]
+        if len(slots) < n:  # the K rows of a sentence share its memory: gather only when sentences leave
+            enc_out = enc_out.reshape(n, k, *enc_out.shape[1:])[slots].reshape(-1, *enc_out.shape[1:])
+            mask = mask.reshape(n, k, -1)[slots].reshape(len(slots) * k, -1)
+        scores, history = new_scores[slots], new_history[slots]
+        prev = new_token[slots].reshape(-1)
+    return [_n_best(hyps, params.n_best) for hyps in finished]
+
+
+def _n_best(finished: list[Hypothesis], n_best: int) -> list[Hypothesis]:
+    ranked = sorted(enumerate(finished), key=lambda item: (-item[1].normalized, item[0]))
+    return [hyp for _, hyp in ranked[:n_best]]
+
+
+def _spm(manifest: Manifest, relpath: str | None) -> SentencePieceTokenizer:
+    where = manifest.path / "manifest.json"
+    if relpath is None:
+        raise BundleError(f"{where}: 'tokenizer' must name the source and target tokenizer files")
+    try:
+        tokenizer = load_tokenizer(manifest.file(relpath))
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{manifest.file(relpath)}: not a readable tokenizer ({exc})") from None
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        raise BundleError(f"{manifest.file(relpath)}: translators need sentencepiece tokenizers")
+    return tokenizer
+
+
+def _check_names(session: ort.InferenceSession, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                 ) -> None:
+    """The graph's tensor names, in order; "mask" may be missing (a decoder step without attention)."""
+    got_in = tuple(a.name for a in session.get_inputs())
+    got_out = tuple(a.name for a in session.get_outputs())
+    if got_in not in (inputs, tuple(n for n in inputs if n != "mask")) or got_out != outputs:
+        raise BundleError(f"{path}: graph has inputs {list(got_in)} and outputs {list(got_out)}, "
+                          f"expected {list(inputs)} -> {list(outputs)}")
