@@ -11,55 +11,68 @@ ifneq ($(wildcard ../shared/data),)
 export RNNLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install protos protos-check data train-lm eval-lm train-mt eval-mt export export-mt serve demo bench lint test
+# Every target below installs the project first when pyproject.toml is newer than the last install.
+INSTALLED := .make/installed
+
+.PHONY: help install protos protos-check data train-lm eval-lm train-mt eval-mt export export-mt serve demo \
+	bench bench-all lint test
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install: ## install torch (CPU build) first, then rnnlab with every extra
+# torch first, so that the project's `torch>=2.5` resolves to the CPU build instead of pulling CUDA wheels.
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install -e '.[train,serve,dev]'
+	@mkdir -p $(@D) && touch $@
 
-protos: ## regenerate the gRPC stubs in serving/api from protos/
+install: ## install torch (CPU build) first, then rnnlab with every extra
+	@rm -f $(INSTALLED)
+	@$(MAKE) --no-print-directory $(INSTALLED)
+
+protos: $(INSTALLED) ## regenerate the gRPC stubs in serving/api from protos/
 	$(PYTHON) -m serving.protogen
 
-protos-check: ## fail if the committed stubs differ from what protos/ generates
+protos-check: $(INSTALLED) ## fail if the committed stubs differ from what protos/ generates
 	$(PYTHON) -m serving.protogen --check
 
-data: ## fetch every registered corpus into the cache (the mirror is tried first)
+data: $(INSTALLED) ## fetch every registered corpus into the cache (the mirror is tried first)
 	rnnlab-lm data fetch timemachine
 	rnnlab-lm data fetch tinyshakespeare
 	rnnlab-lm data fetch fra-eng
 
-train-lm: ## char-level GRU on The Time Machine (≈ 5 min on 2 cores)
+train-lm: $(INSTALLED) ## char-level GRU on The Time Machine (≈ 5 min on 2 cores)
 	rnnlab-lm train --corpus timemachine --out $(LM_RUN) --max-minutes 4.5
 
-eval-lm: ## perplexity of the trained LM on the test split
+eval-lm: $(INSTALLED) ## perplexity of the trained LM on the test split
 	rnnlab-lm eval $(LM_RUN) --split test --json
 
-export: ## export the trained LM to an ONNX bundle
+export: $(INSTALLED) ## export the trained LM to an ONNX bundle
 	rnnlab-lm export $(LM_RUN) --out $(BUNDLES)/lm-timemachine
 
-train-mt: ## GRU encoder-decoder with attention, en→fr on Tatoeba
+train-mt: $(INSTALLED) ## GRU encoder-decoder with attention, en→fr on Tatoeba
 	rnnlab-mt train --out $(MT_RUN)
 
-eval-mt: ## BLEU and chrF on the test split, beam 4
+eval-mt: $(INSTALLED) ## BLEU and chrF on the test split, beam 4
 	rnnlab-mt eval $(MT_RUN) --split test --beam 4 --json
 
-export-mt: ## export the translator to an ONNX bundle
+export-mt: $(INSTALLED) ## export the translator to an ONNX bundle
 	rnnlab-mt export $(MT_RUN) --out $(BUNDLES)/mt-fra-eng
 
-serve: ## serve every bundle in $(BUNDLES) on $(PORT)
+serve: $(INSTALLED) ## serve every bundle in $(BUNDLES) on $(PORT)
 	rnnlab-serve --models $(BUNDLES) --port $(PORT)
 
-demo: ## train a small model, export it, serve it and stream text from it
+demo: $(INSTALLED) ## train a small model, export it, serve it and stream text from it
 	bash scripts/demo.sh
 
-bench: ## run the benchmarks; JSON results in bench/results/
+bench: $(INSTALLED) ## run the quick benchmarks; JSON results in bench/results/
 	$(PYTHON) -m bench.run_all
 
-lint: ## ruff
+bench-all: $(INSTALLED) ## also the long ones (tiny Shakespeare 20 min, translator training ≤ 60 min)
+	$(PYTHON) -m bench.run_all --all
+
+lint: $(INSTALLED) ## ruff
 	$(PYTHON) -m ruff check .
 
-test: ## the whole test suite
+test: $(INSTALLED) ## the whole test suite
 	$(PYTHON) -m pytest -q -n 2

@@ -77,7 +77,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--checkpoint-every", type=int, help="save last.pt every N steps (0 = epoch ends only)")
     run.add_argument("--log-every", type=int, help="log train loss every N steps")
     run.add_argument("--seed", type=int)
-    run.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
+    run.add_argument("--threads", type=int, help="torch threads (default 1; 0 = torch's default)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar on stderr")
 
 

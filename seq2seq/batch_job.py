@@ -137,7 +137,7 @@ def translate_by_tokens(runtime, texts: list[str], params: SearchParams, batch_t
         hyps = runtime.search_batch([encoded[i][0] for i in batch], params)
         for i, sentence_hyps in zip(batch, hyps, strict=True):
             ids, warning = encoded[i]
-            results[i] = runtime.finish(sentence_hyps, len(ids), warning)
+            results[i] = runtime.finish(sentence_hyps, len(ids) - 1, warning)
     return results  # type: ignore[return-value]
 
 

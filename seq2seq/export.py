@@ -9,6 +9,8 @@ packed sequences into the ONNX GRU's ``sequence_lens``::
 
 With attention, ``enc_out`` carries the projected attention keys beside the encoder outputs (the
 model computes them once per sentence in ``encode``), so a decoder step never re-projects memory.
+A third, tiny graph, ``topk.onnx`` (built with onnx.helper), gives the search each row's k best tokens
+and their log-probabilities, so the runtime never handles (rows, vocabulary) arrays in numpy.
 
 Before anything is published: (1) both graphs are run in onnxruntime against torch at several batch
 sizes and source lengths (logits, states and encoder outputs within ``PARITY_TOLERANCE``), and (2) the
@@ -47,11 +49,15 @@ from serving.translator import (
     ENCODER,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    TOPK,
+    TOPK_INPUTS,
+    TOPK_OUTPUTS,
     Seq2SeqRuntime,
 )
 from serving.translator import SearchParams as OrtSearchParams
 
-ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
+ENCODER_FILE, DECODER_FILE, TOPK_FILE = "encoder.onnx", "decoder_step.onnx", "topk.onnx"
+IR_VERSION = 8  # onnx.helper's default IR version is newer than some onnxruntime releases accept
 SRC_TOKENIZER_FILE, TGT_TOKENIZER_FILE = "src_tokenizer.json", "tgt_tokenizer.json"
 # (batch, source length) of the graph parity cases; lengths inside a batch vary down to 1.
 PARITY_SHAPES = ((1, 1), (1, 9), (3, 5), (4, 17), (8, 30))
@@ -136,6 +142,30 @@ def export_graphs(model: Seq2Seq, encoder_path: Path, decoder_path: Path) -> Non
     _export(DecoderStepGraph(model), (prev, state, enc_out, mask), decoder_path, DECODER_INPUTS,
             DECODER_OUTPUTS, {"prev": {0: "batch"}, "state": {1: "batch"}, "logits": {0: "batch"},
                               "state_out": {1: "batch"}, **memory})
+
+
+def build_topk_graph(path: Path, vocab: int) -> None:
+    """The search's candidate graph: logits (N,V), k (1,) -> log_probs (N,k), ids (N,k).
+
+    TopK runs on the logits (a row's order by logit is its order by log-probability; ties: lower id
+    first, as the torch search's lexsort), and the ids' LogSoftmax values are gathered.
+    """
+    from onnx import TensorProto, helper
+
+    logits, k = TOPK_INPUTS
+    log_probs, ids = TOPK_OUTPUTS
+    nodes = [helper.make_node("TopK", [logits, k], ["top_logits", ids], axis=1, largest=1, sorted=1),
+             helper.make_node("LogSoftmax", [logits], ["all_log_probs"], axis=1),
+             helper.make_node("GatherElements", ["all_log_probs", ids], [log_probs], axis=1)]
+    graph = helper.make_graph(
+        nodes, "topk", [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", vocab]),
+                        helper.make_tensor_value_info(k, TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info(log_probs, TensorProto.FLOAT, ["batch", "k"]),
+         helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "k"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                              producer_name="rnnlab seq2seq.export")
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def _max_diff(got: np.ndarray, want: Tensor) -> float:
@@ -231,7 +261,9 @@ def _signatures(model: Seq2Seq) -> dict:
                                   t("state", state)]},
             DECODER: {"inputs": [t("prev", ["batch"], "int64"), t("state", state), t("enc_out", memory),
                                  t("mask", ["batch", "memory"], "bool")],
-                      "outputs": [t("logits", ["batch", c.tgt_vocab]), t("state_out", state)]}}
+                      "outputs": [t("logits", ["batch", c.tgt_vocab]), t("state_out", state)]},
+            TOPK: {"inputs": [t("logits", ["batch", c.tgt_vocab]), t("k", [1], "int64")],
+                   "outputs": [t("log_probs", ["batch", "k"]), t("ids", ["batch", "k"], "int64")]}}
 
 
 def export_seq2seq(model: Seq2Seq, src_tokenizer, tgt_tokenizer, out_dir: str | Path, *,
@@ -255,11 +287,12 @@ def export_seq2seq(model: Seq2Seq, src_tokenizer, tgt_tokenizer, out_dir: str | 
                 f"onnxruntime and torch disagree: max abs difference {parity.max_abs_logits:.3g} on logits, "
                 f"{parity.max_abs_state:.3g} on the decoder state, {parity.max_abs_encoder:.3g} on the "
                 f"encoder outputs (worst: {parity.worst_case}; tolerance {tolerance:g}); bundle not written")
+        build_topk_graph(tmp / TOPK_FILE, model.config.tgt_vocab)
         save_tokenizer(src_tokenizer, tmp / SRC_TOKENIZER_FILE)
         save_tokenizer(tgt_tokenizer, tmp / TGT_TOKENIZER_FILE)
         manifest = {
             "kind": "seq2seq", "name": name or out_dir.name, "architecture": _architecture(model),
-            "graphs": {ENCODER: ENCODER_FILE, DECODER: DECODER_FILE},
+            "graphs": {ENCODER: ENCODER_FILE, DECODER: DECODER_FILE, TOPK: TOPK_FILE},
             "signatures": _signatures(model),
             "state": [{"name": "state", "output": "state_out",
                        "shape": [model.config.layers, "batch", model.config.dec_hidden], "dtype": "float32"}],

@@ -76,10 +76,10 @@ class TrainConfig:
     """Budget per batch: sentences * longest padded length (source or target)."""
     batch_sentences: int = 0
     """> 0: also at most this many sentences per batch."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     schedule: str = "noam"
-    warmup_steps: int = 400
+    warmup_steps: int = 200
     clip: float = 1.0
     label_smoothing: float = 0.1
     # stopping, validation, checkpoints

@@ -1,18 +1,23 @@
 """Translating with an exported seq2seq bundle: onnxruntime + numpy + lm.tokenizers, no torch.
 
-The bundle holds two graphs (see seq2seq/export.py)::
+The bundle holds three graphs (see seq2seq/export.py)::
 
     encoder.onnx       src (B,S) int64, src_len (B,) int64 -> enc_out (B,M,E') f32, mask (B,M) bool,
                                                                  state (L,B,H) f32
     decoder_step.onnx  prev (B,) int64, state (L,B,H), enc_out (B,M,E'), mask (B,M)
                                                               -> logits (B,V) f32, state_out (L,B,H)
+    topk.onnx          logits (N,V) f32, k (1,) int64 -> log_probs (N,k) f32, ids (N,k) int64
+                       (TopK of the logits, lower id first on ties; their LogSoftmax values)
 
 Greedy and beam search here make exactly the decisions of ``seq2seq.search`` (the torch decoder's
 search), vectorised over the sentences of a batch instead of looping over them: the same candidate
 order (score, then lower candidate index), the same handling of end tokens (only among the first K
 candidates), the same per-sentence length limit, the same GNMT length penalty and n-best ranking.
-``SearchParams`` and ``Hypothesis`` repeat that module's definitions so that serving stays free of the
-training packages; tests/serving/test_translator.py checks that both agree on a trained model.
+Only the K*2K candidates that can reach a sentence's best 2K are scored: each row's 2K best tokens
+(the topk graph; a row's order by logit is its order by log-probability), so no (N,V) array is
+handled in numpy. ``SearchParams`` and ``Hypothesis`` repeat that module's definitions so that
+serving stays free of the training packages; tests/serving/test_translator.py checks that both agree
+on a trained model.
 
 Source text goes through the training normalisation (NFC, spaces) before sentencepiece, as in
 ``seq2seq.decode.Translator``.
@@ -34,9 +39,10 @@ from serving.bundle import BundleError, Manifest, load_manifest
 from serving.runtime import open_session
 
 BOS, EOS = "<bos>", "<eos>"
-ENCODER, DECODER = "encoder", "decoder_step"
+ENCODER, DECODER, TOPK = "encoder", "decoder_step", "topk"
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("src", "src_len"), ("enc_out", "mask", "state")
 DECODER_INPUTS, DECODER_OUTPUTS = ("prev", "state", "enc_out", "mask"), ("logits", "state_out")
+TOPK_INPUTS, TOPK_OUTPUTS = ("logits", "k"), ("log_probs", "ids")
 
 _SPACES = re.compile(r"\s+")
 _NBSP = str.maketrans({"\u00a0": " ", "\u202f": " ", "\u2007": " ", "\u2060": ""})
@@ -92,14 +98,7 @@ class Translation:
     warning: str | None = None
     hypotheses: tuple[Hypothesis, ...] = ()
     source_tokens: int = 0
-    """Source length in tokens, EOS included (0 when the line failed before tokenisation)."""
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(N,V) -> (N,V) float64, row by row (as seq2seq.search.log_softmax)."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    """Source length in sentencepiece tokens, EOS not counted (0 when the line failed)."""
 
 
 def length_normalize(score: float, length: int, alpha: float) -> float:
@@ -123,9 +122,9 @@ class Seq2SeqRuntime:
     """
 
     def __init__(self, manifest: Manifest, encoder: ort.InferenceSession, decoder: ort.InferenceSession,
-                 ) -> None:
+                 topk: ort.InferenceSession) -> None:
         self.manifest = manifest
-        self.encoder, self.decoder = encoder, decoder
+        self.encoder, self.decoder, self.topk = encoder, decoder, topk
         tokenizers = manifest.tokenizer if isinstance(manifest.tokenizer, dict) else {}
         self.src_tokenizer = _spm(manifest, tokenizers.get("source"))
         self.tgt_tokenizer = _spm(manifest, tokenizers.get("target"))
@@ -157,7 +156,9 @@ class Seq2SeqRuntime:
         decoder = open_session(manifest.graph(DECODER), threads)
         _check_names(encoder, manifest.graph(ENCODER), ENCODER_INPUTS, ENCODER_OUTPUTS)
         _check_names(decoder, manifest.graph(DECODER), DECODER_INPUTS, DECODER_OUTPUTS)
-        runtime = cls(manifest, encoder, decoder)
+        topk = open_session(manifest.graph(TOPK), threads)
+        _check_names(topk, manifest.graph(TOPK), TOPK_INPUTS, TOPK_OUTPUTS)
+        runtime = cls(manifest, encoder, decoder, topk)
         for role, tok, size in (("source", runtime.src_tokenizer, runtime.src_vocab),
                                 ("target", runtime.tgt_tokenizer, runtime.tgt_vocab)):
             if tok.vocab_size != size:
@@ -189,6 +190,12 @@ class Seq2SeqRuntime:
         logits, state = self.decoder.run(None, feed)
         return logits, state
 
+    def top(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """logits (N,V) -> log-probabilities (N,k) float64 and ids (N,k) of each row's k best tokens,
+        best first (equal logits: lower id first)."""
+        log_probs, ids = self.topk.run(None, {"logits": logits, "k": np.array([k], dtype=np.int64)})
+        return log_probs.astype(np.float64), ids
+
     # --- search --------------------------------------------------------------------------------------
     def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
         """One batch of source id lists (EOS included, non-empty) -> ``params.n_best`` hypotheses each."""
@@ -196,9 +203,9 @@ class Seq2SeqRuntime:
         enc_out, mask, state = self.encode(src, src_len)
         limits = np.array([params.max_len(int(n)) for n in src_len], dtype=np.int64)
         if params.beam == 1:
-            return [[h] for h in greedy(self.decode_step, state, enc_out, mask, limits, self.bos, self.eos,
-                                        params.length_penalty)]
-        return beam(self.decode_step, state, enc_out, mask, limits, self.bos, self.eos, params)
+            return [[h] for h in greedy(self.decode_step, self.top, state, enc_out, mask, limits, self.bos,
+                                        self.eos, params.length_penalty)]
+        return beam(self.decode_step, self.top, state, enc_out, mask, limits, self.bos, self.eos, params)
 
     def search(self, sources: list[list[int]], params: SearchParams, batch_size: int = 64,
                ) -> list[list[Hypothesis]]:
@@ -251,15 +258,16 @@ class Seq2SeqRuntime:
             warnings.append(warning)
         for i, ids, hyps, warning in zip(good, sources, self.search(sources, params, batch_size), warnings,
                                          strict=True):
-            results[i] = self.finish(hyps, len(ids), warning)
+            results[i] = self.finish(hyps, len(ids) - 1, warning)
         return results  # type: ignore[return-value]
 
 
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+TopFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-def greedy(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray, limits: np.ndarray,
-           bos: int, eos: int, alpha: float) -> list[Hypothesis]:
+def greedy(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray,
+           limits: np.ndarray, bos: int, eos: int, alpha: float) -> list[Hypothesis]:
     """Arg-max decoding of B sentences: state (L,B,H), enc_out (B,M,E'), mask (B,M), limits (B,).
 
     A sentence leaves the batch when it emits EOS or reaches its limit (seq2seq.search.greedy_search).
@@ -273,8 +281,9 @@ def greedy(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarra
     prev = np.full(count, bos, dtype=np.int64)
     while len(alive):
         logits, state = step(prev, state, enc_out, mask)
-        tokens = logits.argmax(axis=1)
-        scores[alive] += log_softmax(logits)[np.arange(len(alive)), tokens]
+        log_probs, ids = top(logits, 1)  # the arg-max token (first on ties) and its log-probability
+        tokens = ids[:, 0]
+        scores[alive] += log_probs[:, 0]
         ended = tokens == eos
         going = alive[~ended]
         outputs[going, lengths[going]] = tokens[~ended]
@@ -291,8 +300,8 @@ def greedy(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarra
     return results  # type: ignore[return-value]
 
 
-def beam(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray, limits: np.ndarray,
-         bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
+def beam(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray,
+         limits: np.ndarray, bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
     """Beam search of B sentences, K rows each (seq2seq.search.beam_search, vectorised).
 
     Per step the live scores (n,K) plus log-probabilities give (n, K*V) candidates; each sentence's
@@ -313,20 +322,19 @@ def beam(step: StepFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray,
     while len(alive):
         step_no += 1
         logits, state = step(prev, state, enc_out, mask)
-        logp = log_softmax(logits)
-        vocab = logp.shape[1]
-        n = len(alive)
-        candidates = (scores[:, :, None] + logp.reshape(n, k, vocab)).reshape(n, k * vocab)
-        top = min(2 * k, k * vocab)
-        best = np.argpartition(-candidates, top - 1, axis=1)[:, :top]
-        best_scores = np.take_along_axis(candidates, best, axis=1)
-        order = np.lexsort((best, -best_scores), axis=1)
-        best = np.take_along_axis(best, order, axis=1)
-        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        vocab, n = logits.shape[1], len(alive)
+        width = min(2 * k, vocab)
+        log_probs, ids = top(logits, width)  # a sentence's best 2K candidates are among its rows' best 2K
+        candidates = (scores[:, :, None] + log_probs.reshape(n, k, width)).reshape(n, k * width)
+        index = (np.arange(k)[None, :, None] * vocab + ids.reshape(n, k, width)).reshape(n, k * width)
+        order = np.lexsort((index, -candidates), axis=1)[:, :min(2 * k, k * vocab)]
+        best = np.take_along_axis(index, order, axis=1)
+        best_scores = np.take_along_axis(candidates, order, axis=1)
         origin, token = np.divmod(best, vocab)
+        ranks = best.shape[1]
         live = best_scores > -np.inf
         is_eos = token == eos
-        ends = live & is_eos & (np.arange(top) < k)[None, :]
+        ends = live & is_eos & (np.arange(ranks) < k)[None, :]
         for slot, rank in zip(*np.nonzero(ends), strict=True):
             score = float(best_scores[slot, rank])
             finished[alive[slot]].append(Hypothesis(tuple(history[slot, origin[slot, rank]].tolist()), score,

@@ -32,7 +32,8 @@ def test_bundle_has_both_graphs_tokenizers_and_a_verified_manifest(tiny):
     assert set(manifest.files) == {"encoder.onnx", "decoder_step.onnx", "src_tokenizer.json",
                                    "tgt_tokenizer.json"}
     data = manifest.data
-    assert data["architecture"]["attention"] == "additive" and data["architecture"]["attention_keys_in_enc_out"]
+    assert data["architecture"]["attention"] == "additive"
+    assert data["architecture"]["attention_keys_in_enc_out"]
     assert manifest.special_ids["<bos>"] == 2 and manifest.special_ids["<eos>"] == 3
     assert data["parity"]["max_abs_logits"] <= 1e-4 and data["parity"]["cases"] >= 4
     assert data["search_check"]["greedy_identical"] == data["search_check"]["sentences"] > 10

@@ -159,3 +159,20 @@ def test_state_key_is_taken_from_the_environment(models_dir, monkeypatch):
     monkeypatch.setenv("RNNLAB_STATE_KEY", STATE_KEY)
     with ServerThread(ServerConfig(models=str(models_dir), port=0)) as running:
         assert running.app.state_key == STATE_KEY.encode()
+
+
+def test_unbatched_server_with_chunked_prefill_gives_the_same_streams(models_dir, runtime):
+    """max batch 1 (streams queue for the model) and prompts read 16 tokens per step."""
+    text = "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite"
+    prompts = [text[: 10 + 11 * i] for i in range(8)]
+    params = [SamplingParams(temperature=0.9, seed=i) for i in range(8)]
+    with ServerThread(config(models_dir, batching=False, prefill_chunk=16)) as server, \
+            Client(f"127.0.0.1:{server.port}") as client:
+        def run(i: int) -> str:
+            return "".join(client.generate_text("tiny", prompts[i], 30, temperature=0.9, seed=i))
+
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(run, range(8)))
+        steps = server.app.metrics.registry.get_sample_value("rnnlab_batch_size_count", {"model": "tiny"})
+    assert outputs == ["".join(runtime.generate(prompts[i], 30, params[i])) for i in range(8)]
+    assert steps == 8 * 30  # one row per decode step

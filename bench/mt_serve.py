@@ -1,0 +1,172 @@
+"""Translator serving figures, measured side by side in one run -> bench/results/mt_serve.json.
+
+    python -m bench.mt_serve --run runs/mt-fra-eng [--sentences 400] [--clients 16]
+
+1. Export the run (``seq2seq.export``), then translate the first N test-split source sentences:
+   torch (``seq2seq.decode``) vs onnxruntime (``serving.translator``), same batches of 64 sentences,
+   greedy and beam 4/5, one thread each; plus the batch job (``seq2seq.batch_job``, token batches) on
+   the same sentences as a file; outputs compared sentence by sentence.
+2. A real ``rnnlab-serve`` process over the bundle, 16 client threads sending Translate calls (1 and
+   8 sentences per call, beam 4): sentences/s and per-call p50/p99 latency, beside the local job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "bench" / "results" / "mt_serve.json"
+
+
+def split_sentences(train_config: dict, count: int) -> list[str]:
+    from seq2seq.data import group_references, load_splits
+    from seq2seq.train import TrainConfig
+
+    config = TrainConfig.from_dict(train_config)
+    groups = group_references(load_splits(config.data_config())["test"], config.src, config.tgt)
+    return [g.source for g in groups[:count]]
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def local_figures(run, bundle: Path, texts: list[str], beams: list[int], work: Path) -> dict:
+    import seq2seq.search as torch_search
+    from seq2seq.batch_job import JobConfig, run_job
+    from serving.translator import SearchParams, Seq2SeqRuntime
+
+    runtime = Seq2SeqRuntime.load(bundle, threads=1)
+    torch_translator = run.translator()
+    source = work / "test.src.txt"
+    source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    figures = {}
+    for beam in beams:
+        label = "greedy" if beam == 1 else f"beam{beam}"
+        torch_s, theirs = timed(lambda b=beam: torch_translator.translate(
+            texts, torch_search.SearchParams(beam=b), batch_size=64))
+        ort_s, ours = timed(lambda b=beam: runtime.translate(texts, SearchParams(beam=b), batch_size=64))
+        out = work / f"job.{label}.txt"
+        job = JobConfig(input=str(source), output=str(out), bundle=str(bundle), beam=beam, progress=False)
+        job_s, _ = timed(lambda j=job: run_job(j))
+        job_lines = out.read_text(encoding="utf-8").split("\n")[:-1]
+        figures[label] = {
+            "torch_sentences_per_s": round(len(texts) / torch_s, 1),
+            "ort_sentences_per_s": round(len(texts) / ort_s, 1),
+            "ort_over_torch": round(torch_s / ort_s, 2),
+            "batch_job_sentences_per_s": round(len(texts) / job_s, 1),
+            "identical_to_torch": sum(a.text == b.text for a, b in zip(ours, theirs, strict=True)),
+            "batch_job_identical_to_torch": sum(a == b.text for a, b in zip(job_lines, theirs, strict=True)),
+            "mean_output_tokens": round(float(np.mean([len(t.hypotheses[0].tokens) for t in ours
+                                                       if t.hypotheses])), 1),
+        }
+        print(f"{label}: {figures[label]}", file=sys.stderr)
+    return figures
+
+
+def start_server(models: Path) -> tuple[subprocess.Popen, str]:
+    server = subprocess.Popen([sys.executable, "-m", "serving.server", "--models", str(models), "--port", "0",
+                               "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline()
+    if "listening on" not in line:
+        server.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return server, line.strip().rsplit(" ", 1)[-1]
+
+
+def grpc_figures(target: str, model: str, texts: list[str], clients: int, per_call: int, beam: int) -> dict:
+    from serving.client import Client
+
+    calls = [texts[i:i + per_call] for i in range(0, len(texts), per_call)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    next_call = iter(range(len(calls)))
+
+    def worker() -> None:
+        with Client(target, timeout=300) as client:
+            while True:
+                with lock:
+                    index = next(next_call, None)
+                if index is None:
+                    return
+                start = time.perf_counter()
+                client.translate(model, calls[index], beam=beam)
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+
+    with Client(target) as warm:
+        warm.translate(model, texts[:4], beam=beam)
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "sentences_per_call": per_call, "beam": beam, "calls": len(calls),
+            "sentences_per_s": round(len(texts) / seconds, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=str(ROOT / "runs" / "mt-fra-eng"), help="trained translation run")
+    parser.add_argument("--which", choices=("best", "last"), default="best")
+    parser.add_argument("--sentences", type=int, default=400, help="test-split sentences to translate")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--out", default=str(RESULT))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from seq2seq.export import export_run
+    from seq2seq.run import load_run
+
+    torch.set_num_threads(1)
+    run = load_run(args.run, args.which)
+    texts = split_sentences(run.train_config, args.sentences)
+    with tempfile.TemporaryDirectory(prefix="mt-serve-bench-") as tmp:
+        work = Path(tmp)
+        bundle = export_run(args.run, work / "models" / "mt", which=args.which, sample=32)
+        local = local_figures(run, bundle, texts, [1, 4, 5], work)
+        server, target = start_server(work / "models")
+        try:
+            remote = [grpc_figures(target, "mt", texts, args.clients, per_call, 4) for per_call in (1, 8)]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    for figures in remote:
+        figures["vs_local_batch_job_beam4"] = round(
+            figures["sentences_per_s"] / local["beam4"]["batch_job_sentences_per_s"], 2)
+        print(f"grpc: {figures}", file=sys.stderr)
+    config = run.model_config.to_dict()
+    result = {
+        "run": str(args.run), "checkpoint": args.which, "sentences": len(texts), "split": "test",
+        "model": {k: config[k] for k in ("embed", "enc_hidden", "dec_hidden", "layers", "bidirectional",
+                                         "attention", "src_vocab", "tgt_vocab")},
+        "evaluation": run.evaluation, "threads": 1, "batch_size": 64,
+        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
+        "local": local, "grpc": remote,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
