@@ -43,30 +43,49 @@ def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     """Draws one token per row by inverse-CDF sampling.
 
     logits: (B, V) float; temperature, top_p: (B,) float; top_k: (B,) int; uniforms: (B,) in [0, 1)
-    -> (B,) int64. Rows with temperature 0 take the argmax and ignore their uniform.
+    -> (B,) int64. Rows with temperature 0 take the argmax and ignore their uniform. A row's token depends
+    only on that row's inputs, never on the other rows of the batch.
     """
     logits = np.asarray(logits, dtype=np.float64)
     vocab = logits.shape[1]
-    greedy = temperature <= 0
     out = logits.argmax(axis=1)
-    if greedy.all():
-        return out
-    rows = ~greedy
-    scaled = logits[rows] / temperature[rows, None]
+    sampled = temperature > 0
+    filtered = sampled & (((top_k > 0) & (top_k < vocab)) | (top_p < 1))
+    plain = sampled & ~filtered
+    if plain.any():
+        out[plain] = _sample_plain(logits[plain] / temperature[plain, None], uniforms[plain])
+    if filtered.any():
+        out[filtered] = _sample_filtered(logits[filtered] / temperature[filtered, None], top_k[filtered],
+                                         top_p[filtered], uniforms[filtered])
+    return out
+
+
+def _inverse_cdf(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """probs: (N, V) unnormalised, uniforms: (N,) -> (N,) column index where the CDF passes u·total."""
+    cdf = np.cumsum(probs, axis=1)
+    targets = uniforms * cdf[:, -1]
+    return (cdf <= targets[:, None]).sum(axis=1).clip(max=probs.shape[1] - 1)
+
+
+def _sample_plain(scaled: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Sampling from the whole distribution needs no sort: the CDF runs in vocabulary order."""
+    return _inverse_cdf(np.exp(scaled - scaled.max(axis=1, keepdims=True)), uniforms)
+
+
+def _sample_filtered(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray,
+                     ) -> np.ndarray:
+    vocab = scaled.shape[1]
     order = np.argsort(-scaled, axis=1, kind="stable")
     ranked = np.take_along_axis(scaled, order, axis=1)
     probs = np.exp(ranked - ranked[:, :1])
-    k = np.where(top_k[rows] > 0, np.minimum(top_k[rows], vocab), vocab)
+    k = np.where(top_k > 0, np.minimum(top_k, vocab), vocab)
     probs[np.arange(vocab)[None, :] >= k[:, None]] = 0.0
     probs /= probs.sum(axis=1, keepdims=True)
     # Nucleus: keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = np.cumsum(probs, axis=1) - probs
-    probs[mass_before >= top_p[rows, None]] = 0.0
-    cdf = np.cumsum(probs, axis=1)
-    targets = uniforms[rows] * cdf[:, -1]
-    picks = (cdf <= targets[:, None]).sum(axis=1).clip(max=vocab - 1)
-    out[rows] = order[np.arange(len(picks)), picks]
-    return out
+    probs[mass_before >= top_p[:, None]] = 0.0
+    picks = _inverse_cdf(probs, uniforms)
+    return order[np.arange(len(picks)), picks]
 
 
 def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -44,13 +44,16 @@ class SearchParams:
     max_len_extra: int = 10
     max_len_cap: int = 200
     n_best: int = 1
+    min_len: int = 1
+    """The end token is not allowed before this many tokens: an empty translation is never right, and
+    beam search otherwise tends to prefer one for uncertain sentences."""
 
     def __post_init__(self) -> None:
         if self.beam < 1 or not 1 <= self.n_best <= self.beam:
             raise ValueError(f"need beam >= 1 and 1 <= n_best <= beam (got beam {self.beam}, "
                              f"n_best {self.n_best})")
-        if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1:
-            raise ValueError("max_len_ratio must be >= 0, max_len_extra and max_len_cap >= 1")
+        if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1 or self.min_len < 0:
+            raise ValueError("max_len_ratio and min_len must be >= 0, max_len_extra and max_len_cap >= 1")
 
     def max_len(self, src_len: int) -> int:
         """Most tokens (end token excluded) generated for a source of ``src_len`` tokens."""
@@ -89,10 +92,15 @@ def greedy_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.nd
     results: list[Hypothesis | None] = [None] * count
     alive = np.arange(count)
     prev = np.full(count, bos, dtype=np.int64)
+    step = 0
     while len(alive):
+        step += 1
         logits, state = decoder.step(prev, state, memory)
-        tokens = np.asarray(logits).argmax(axis=1)
-        logp = log_softmax(logits)[np.arange(len(alive)), tokens]
+        logp_all = log_softmax(logits)
+        if step <= params.min_len:
+            logp_all[:, eos] = -np.inf
+        tokens = logp_all.argmax(axis=1)
+        logp = logp_all[np.arange(len(alive)), tokens]
         keep = []
         for row, sentence in enumerate(alive):
             token = int(tokens[row])
@@ -145,6 +153,8 @@ def beam_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.ndar
         step += 1
         logits, state = decoder.step(prev, state, memory)
         logp = log_softmax(logits)
+        if step <= params.min_len:
+            logp[:, eos] = -np.inf
         vocab = logp.shape[1]
         rows, next_tokens, still = [], [], []
         for slot, sentence in enumerate(alive):

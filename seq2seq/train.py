@@ -286,10 +286,13 @@ class Trainer:
         return bool(self.config.max_steps and self.step >= self.config.max_steps) or self.budget.exceeded()
 
     def train_step(self, indices: np.ndarray) -> tuple[float, int]:
+        """One optimizer step -> (NLL per target token, without label smoothing; target tokens)."""
         pad = self.model_config.pad_id
         src, src_len, tgt_in, tgt_out = _batch_tensors(self.corpus.src, self.corpus.tgt, indices, pad)
-        loss, tokens = masked_cross_entropy(self.model(src, src_len, tgt_in), tgt_out, pad,
-                                            self.config.label_smoothing)
+        logits = self.model(src, src_len, tgt_in)
+        loss, tokens = masked_cross_entropy(logits, tgt_out, pad, self.config.label_smoothing)
+        # Logged and shown: the plain NLL, comparable with the valid loss (the smoothed loss is higher).
+        nll = token_nll(logits.detach(), tgt_out, pad)[0] / max(tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip > 0:
@@ -297,7 +300,7 @@ class Trainer:
         self.optimizer.step()
         self.schedule.step()
         self.step += 1
-        return float(loss.detach()), tokens
+        return nll, tokens
 
     def _validate(self, log: MetricsLog, progress: Progress, count: bool = True) -> bool:
         """Validates, logs, keeps best.pt; True when early stopping says stop.

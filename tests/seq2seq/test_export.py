@@ -24,13 +24,13 @@ def tiny(tmp_path_factory):
     return tiny_translator(tmp_path_factory)
 
 
-def test_bundle_has_both_graphs_tokenizers_and_a_verified_manifest(tiny):
+def test_bundle_has_the_graphs_tokenizers_and_a_verified_manifest(tiny):
     _, bundle = tiny
     manifest = load_manifest(bundle)  # verifies every sha256
     assert manifest.kind == "seq2seq"
-    assert manifest.graphs == {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}
-    assert set(manifest.files) == {"encoder.onnx", "decoder_step.onnx", "src_tokenizer.json",
-                                   "tgt_tokenizer.json"}
+    assert manifest.graphs == {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx",
+                               "topk": "topk.onnx"}
+    assert set(manifest.files) == {*manifest.graphs.values(), "src_tokenizer.json", "tgt_tokenizer.json"}
     data = manifest.data
     assert data["architecture"]["attention"] == "additive"
     assert data["architecture"]["attention_keys_in_enc_out"]

@@ -184,3 +184,10 @@ def test_garbled_bundle_is_refused_with_a_log_line(bundle, tmp_path, caplog):
         loaded = load_translators([garbled, bundle])
     assert list(loaded) == [NAME]
     assert "refusing translation bundle" in caplog.text and "encoder.onnx" in caplog.text
+
+
+def test_a_deadline_ends_the_call_and_the_server_goes_on(client):
+    with pytest.raises(grpc.RpcError) as error:
+        client.translate(NAME, tiny_sources(300), beam=8, timeout=0.01)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not client.translate(NAME, ["Hello."])[0].failed
