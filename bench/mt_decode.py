@@ -42,7 +42,7 @@ def load_model(run_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/mt-fra-eng"))
-    parser.add_argument("--sentences", type=int, default=128)
+    parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

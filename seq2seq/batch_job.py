@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from serving.translator import SearchParams, Translation
+from serving.translator import SearchParams, Seq2SeqRuntime, Translation
 
 FORMATS = ("auto", "text", "jsonl")
 REMOTE_BATCH, REMOTE_CONCURRENCY = 32, 4
@@ -65,7 +65,7 @@ class JobConfig:
     length_penalty: float = 0.6
     max_len_ratio: float = 2.0
     n_best: int = 1
-    batch_tokens: int = 4000
+    batch_tokens: int = 600
     chunk_lines: int = 1000
     shard: tuple[int, int] = (0, 1)
     references: str | None = None
@@ -107,7 +107,6 @@ Backend = Callable[[list[str]], list[Translation]]
 def local_backend(config: JobConfig) -> tuple[Backend, str]:
     """-> (translate texts, identity for the args hash) over a bundle in this process."""
     from serving.bundle import BundleError
-    from serving.translator import Seq2SeqRuntime
 
     try:
         runtime = Seq2SeqRuntime.load(config.bundle, threads=config.threads)
@@ -122,7 +121,7 @@ def local_backend(config: JobConfig) -> tuple[Backend, str]:
     return translate, f"bundle:{digest}"
 
 
-def translate_by_tokens(runtime, texts: list[str], params: SearchParams, batch_tokens: int,
+def translate_by_tokens(runtime: Seq2SeqRuntime, texts: list[str], params: SearchParams, batch_tokens: int,
                         ) -> list[Translation]:
     """Texts sorted by source length, in batches of at most ``batch_tokens`` (sentences x longest)."""
     results: list[Translation | None] = [None] * len(texts)
@@ -400,7 +399,8 @@ def run_job(config: JobConfig, backend: tuple[Backend, str] | None = None) -> Jo
     return summary
 
 
-def _chunks(lines: Iterator[bytes], first: int, stop: int | None, size: int) -> Iterator[list]:
+def _chunks(lines: Iterator[bytes], first: int, stop: int | None, size: int,
+            ) -> Iterator[list[tuple[int, bytes]]]:
     """(line number, bytes) for input lines [first, stop), ``size`` at a time."""
     chunk = []
     for number, raw in enumerate(lines, 1):
@@ -416,7 +416,8 @@ def _chunks(lines: Iterator[bytes], first: int, stop: int | None, size: int) -> 
         yield chunk
 
 
-def _run_chunk(chunk: list, translate: Backend, fmt: str, n_best: int, output) -> int:
+def _run_chunk(chunk: list[tuple[int, bytes]], translate: Backend, fmt: str, n_best: int,
+               output: ResumableOutput | StdoutOutput) -> int:
     """Translates and writes one chunk in input order -> number of failed lines."""
     parsed = [parse_line(raw, number, fmt) for number, raw in chunk]
     results = translate([text if error is None else "" for _, text, error in parsed])
@@ -459,8 +460,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="translator name on --server (default: the only one)")
     group.add_argument("--format", choices=FORMATS, default="auto",
                        help="text or jsonl; auto: jsonl for a .jsonl/.json input (default auto)")
-    group.add_argument("--batch-tokens", type=int, default=4000,
-                       help="batch budget: sentences x longest source in tokens (default 4000)")
+    group.add_argument("--batch-tokens", type=int, default=600,
+                       help="batch budget: sentences x longest source in tokens (default 600; on CPU "
+                            "larger batches are slower per sentence)")
     group.add_argument("--chunk-lines", type=int, default=1000,
                        help="input lines per checkpointed chunk (default 1000)")
     group.add_argument("--shard", type=parse_shard, default=(0, 1),

@@ -19,7 +19,11 @@ from lm.datasets import DatasetError
 
 
 class CommandError(Exception):
-    """A user-facing failure of a subcommand (one-line message)."""
+    """A user-facing failure of a subcommand (one-line message); exit status 1."""
+
+
+class UsageError(CommandError):
+    """Options that do not make sense together or out of range; exit status 2, like argparse's."""
 
 
 # --- train -------------------------------------------------------------------------------------------
@@ -63,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(**values)
     except ValueError as exc:
-        raise CommandError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     try:
         summary = train(config, args.out, resume=args.resume,
                         show_progress=False if args.no_progress else None)
@@ -95,12 +99,12 @@ def _search_params(args: argparse.Namespace, n_best: int = 1):
     from seq2seq.search import SearchParams
 
     if args.batch_size < 1:
-        raise CommandError("--batch-size must be at least 1")
+        raise UsageError("--batch-size must be at least 1")
     try:
         return SearchParams(beam=args.beam, length_penalty=args.length_penalty,
                             max_len_ratio=args.max_len_ratio, n_best=n_best)
     except ValueError as exc:
-        raise CommandError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> None:
@@ -281,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (CommandError, CheckpointError, DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,8 @@ from seq2seq.model import Seq2Seq, Seq2SeqConfig
 from seq2seq.search import SearchParams
 
 CHECKPOINT_KIND = "mt"
+SCHEDULES = ("constant", "noam", "plateau")
+"""The lm schedules that need no total step count (training length is set by time and early stopping)."""
 SRC_TOKENIZER, TGT_TOKENIZER = "src_tokenizer.json", "tgt_tokenizer.json"
 
 
@@ -113,6 +115,14 @@ class TrainConfig:
         self.model_config(1, 1)
         if self.batch_tokens < 1 or self.batch_sentences < 0 or self.max_len < 1 or self.spm_vocab < 8:
             raise ValueError("batch_tokens, max_len must be positive, spm_vocab >= 8, batch_sentences >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.schedule == "noam" and self.warmup_steps < 1:
+            raise ValueError("the noam schedule needs warmup_steps >= 1")
+        if self.spm_type not in ("unigram", "bpe"):
+            raise ValueError(f"spm_type must be unigram or bpe, not {self.spm_type!r}")
+        if self.patience < 1 or self.epochs < 1:
+            raise ValueError("patience and epochs must be at least 1")
 
 
 @dataclass
@@ -239,7 +249,6 @@ class Trainer:
             return load_checkpoint(last, CHECKPOINT_KIND)
         if last.exists() or (self.out / "config.json").exists():
             raise TrainError(f"{self.out}: already holds a run (use --resume, or another --out)")
-        self.out.mkdir(parents=True, exist_ok=True)
         return None
 
     @staticmethod
@@ -249,6 +258,8 @@ class Trainer:
                                       "epochs": given.epochs, "threads": given.threads})
 
     def _write_run_files(self) -> None:
+        """Creates the run directory once data and tokenizers are ready (a failure before leaves nothing)."""
+        self.out.mkdir(parents=True, exist_ok=True)
         document = {"train": asdict(self.config), "model": self.model_config.to_dict(),
                     "special_ids": self.tgt_tok.special_ids}
         atomic_write_bytes(self.out / "config.json", json.dumps(document, indent=2).encode("utf-8"))

@@ -2,8 +2,9 @@
 
 Every loaded translator has a ``SentenceBatcher``: sentences of all concurrent calls (Translate's
 batches, TranslateStream's items) queue there; a drain task waits up to ``gather_ms`` for more (or
-until ``batch_tokens`` source tokens are queued), takes the queued sentences that share search
-options, and runs encoder + search for them in the model's worker thread (off the event loop). Each
+until ``batch_tokens`` source tokens are queued), takes the oldest queued sentences that share search
+options (sentences x longest source within ``batch_tokens``: on CPU, larger batches are slower per
+sentence), and runs encoder + search for them in the model's worker thread, off the event loop. Each
 sentence's future is resolved with its hypotheses, so one encoder call may serve several RPCs.
 
 Status codes: unknown model NOT_FOUND; options out of range INVALID_ARGUMENT; more than
@@ -82,7 +83,7 @@ class SentenceBatcher:
     """
 
     def __init__(self, name: str, runtime: Seq2SeqRuntime, metrics: TranslationMetrics,
-                 gather_ms: float = 3.0, batch_tokens: int = 6000) -> None:
+                 gather_ms: float = 3.0, batch_tokens: int = 600) -> None:
         self.name, self.runtime = name, runtime
         self.gather_s, self.batch_tokens = gather_ms / 1000, batch_tokens
         self.pending: list[_Item] = []
@@ -135,41 +136,36 @@ class SentenceBatcher:
                     self._latency.observe(now - item.queued)
 
     def _take(self) -> list[_Item]:
-        """Live queued sentences with the first one's options, up to the token budget (length-sorted)."""
+        """The oldest live sentences with the oldest one's options, while sentences x longest stays
+        within the token budget (first come, first served: long sentences are not starved); sorted by
+        length for the search."""
         self.pending = [item for item in self.pending if not item.future.done()]  # cancelled calls
         if not self.pending:
             return []
         params = self.pending[0].params
-        same = sorted((item for item in self.pending if item.params == params), key=lambda i: len(i.ids))
-        batch, tokens = [], 0
-        for item in same:
-            if batch and tokens + len(item.ids) > self.batch_tokens:
-                break
-            batch.append(item)
-            tokens += len(item.ids)
-        taken = {id(item) for item in batch}
-        self.pending = [item for item in self.pending if id(item) not in taken]
-        return batch
+        batch: list[_Item] = []
+        rest: list[_Item] = []
+        longest, full = 0, False
+        for item in self.pending:
+            if not full and item.params == params:
+                size = max(longest, len(item.ids))
+                full = bool(batch) and (len(batch) + 1) * size > self.batch_tokens
+                if not full:
+                    batch.append(item)
+                    longest = size
+                    continue
+            rest.append(item)
+        self.pending = rest
+        return sorted(batch, key=lambda item: len(item.ids))
 
     def _search(self, batch: list[_Item]) -> list[list[Hypothesis]]:
-        """Worker thread: encoder + search over length-sorted sub-batches within the token budget."""
-        results: list[list[Hypothesis]] = []
-        start = 0
-        while start < len(batch):
-            stop = start + 1
-            while stop < len(batch) and (stop + 1 - start) * len(batch[stop].ids) <= self.batch_tokens:
-                stop += 1
-            part = batch[start:stop]
-            results.extend(self.runtime.search_batch([item.ids for item in part], part[0].params))
-            self._batch.observe(len(part))
-            self._sentences.inc(len(part))
-            if len({item.call for item in part}) > 1:
-                self._shared.inc()
-            start = stop
+        """Worker thread: encoder + search for one batch (one ORT encoder call)."""
+        results = self.runtime.search_batch([item.ids for item in batch], batch[0].params)
+        self._batch.observe(len(batch))
+        self._sentences.inc(len(batch))
+        if len({item.call for item in batch}) > 1:
+            self._shared.inc()
         return results
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass

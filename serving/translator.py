@@ -65,13 +65,15 @@ class SearchParams:
     max_len_extra: int = 10
     max_len_cap: int = 200
     n_best: int = 1
+    min_len: int = 1
+    """The end token is not allowed before this many tokens (its log-probability is -inf there)."""
 
     def __post_init__(self) -> None:
         if self.beam < 1 or not 1 <= self.n_best <= self.beam:
             raise ValueError(f"need beam >= 1 and 1 <= n_best <= beam (got beam {self.beam}, "
                              f"n_best {self.n_best})")
-        if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1:
-            raise ValueError("max_len_ratio must be >= 0, max_len_extra and max_len_cap >= 1")
+        if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1 or self.min_len < 0:
+            raise ValueError("max_len_ratio and min_len must be >= 0, max_len_extra and max_len_cap >= 1")
 
     def max_len(self, src_len: int) -> int:
         """Most tokens (end token excluded) generated for a source of ``src_len`` tokens (EOS included)."""
@@ -204,7 +206,7 @@ class Seq2SeqRuntime:
         limits = np.array([params.max_len(int(n)) for n in src_len], dtype=np.int64)
         if params.beam == 1:
             return [[h] for h in greedy(self.decode_step, self.top, state, enc_out, mask, limits, self.bos,
-                                        self.eos, params.length_penalty)]
+                                        self.eos, params)]
         return beam(self.decode_step, self.top, state, enc_out, mask, limits, self.bos, self.eos, params)
 
     def search(self, sources: list[list[int]], params: SearchParams, batch_size: int = 64,
@@ -266,12 +268,25 @@ StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.nda
 TopFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
+def _top(top: TopFn, logits: np.ndarray, width: int, eos: int, eos_allowed: bool,
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``width`` best (log-probability, id), best first; without EOS when not allowed
+    (its log-probability counts as -inf, as in seq2seq.search)."""
+    if eos_allowed:
+        return top(logits, width)
+    log_probs, ids = top(logits, min(width + 1, logits.shape[1]))
+    log_probs = np.where(ids == eos, -np.inf, log_probs)
+    order = np.argsort(-log_probs, axis=1, kind="stable")[:, :width]  # EOS last, the others keep order
+    return np.take_along_axis(log_probs, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
 def greedy(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray,
-           limits: np.ndarray, bos: int, eos: int, alpha: float) -> list[Hypothesis]:
+           limits: np.ndarray, bos: int, eos: int, params: SearchParams) -> list[Hypothesis]:
     """Arg-max decoding of B sentences: state (L,B,H), enc_out (B,M,E'), mask (B,M), limits (B,).
 
     A sentence leaves the batch when it emits EOS or reaches its limit (seq2seq.search.greedy_search).
     """
+    alpha = params.length_penalty
     count = len(limits)
     outputs = np.zeros((count, int(limits.max()) if count else 0), dtype=np.int64)
     lengths = np.zeros(count, dtype=np.int64)
@@ -279,9 +294,12 @@ def greedy(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mas
     results: list[Hypothesis | None] = [None] * count
     alive = np.arange(count)
     prev = np.full(count, bos, dtype=np.int64)
+    step_no = 0
     while len(alive):
+        step_no += 1
         logits, state = step(prev, state, enc_out, mask)
-        log_probs, ids = top(logits, 1)  # the arg-max token (first on ties) and its log-probability
+        # the arg-max token (first on ties) and its log-probability
+        log_probs, ids = _top(top, logits, 1, eos, step_no > params.min_len)
         tokens = ids[:, 0]
         scores[alive] += log_probs[:, 0]
         ended = tokens == eos
@@ -304,30 +322,32 @@ def beam(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask:
          limits: np.ndarray, bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
     """Beam search of B sentences, K rows each (seq2seq.search.beam_search, vectorised).
 
-    Per step the live scores (n,K) plus log-probabilities give (n, K*V) candidates; each sentence's
+    Per step the live scores (n,R) plus log-probabilities give (n, R*V) candidates; each sentence's
     2K best in (score desc, index asc) order are read as in ``_advance``: an EOS among the first K
     finishes a hypothesis, the first K others form the next beam (padded to K with dead rows).
+    R = K rows per sentence, except at the first step: there the torch search's K-1 other rows are
+    dead (score -inf, never chosen), so only one row per sentence is computed.
     """
     k, count = params.beam, len(limits)
     alpha = params.length_penalty
     finished: list[list[Hypothesis]] = [[] for _ in range(count)]
     alive = np.arange(count)
-    scores = np.full((count, k), -np.inf)
-    scores[:, 0] = 0.0  # only the first row of a fresh beam is live
-    history = np.zeros((count, k, 0), dtype=np.int64)
-    rows = np.repeat(np.arange(count), k)
-    state, enc_out, mask = state[:, rows], enc_out[rows], mask[rows]
-    prev = np.full(count * k, bos, dtype=np.int64)
+    rows = 1
+    scores = np.zeros((count, rows))
+    history = np.zeros((count, rows, 0), dtype=np.int64)
+    step_enc_out, step_mask = enc_out, mask  # enc_out/mask: one row per live sentence; step_*: R rows
+    prev = np.full(count, bos, dtype=np.int64)
     step_no = 0
     while len(alive):
         step_no += 1
-        logits, state = step(prev, state, enc_out, mask)
+        logits, state = step(prev, state, step_enc_out, step_mask)
         vocab, n = logits.shape[1], len(alive)
         width = min(2 * k, vocab)
-        log_probs, ids = top(logits, width)  # a sentence's best 2K candidates are among its rows' best 2K
-        candidates = (scores[:, :, None] + log_probs.reshape(n, k, width)).reshape(n, k * width)
-        index = (np.arange(k)[None, :, None] * vocab + ids.reshape(n, k, width)).reshape(n, k * width)
-        order = np.lexsort((index, -candidates), axis=1)[:, :min(2 * k, k * vocab)]
+        # A sentence's best 2K candidates are among its rows' best 2K.
+        log_probs, ids = _top(top, logits, width, eos, step_no > params.min_len)
+        candidates = (scores[:, :, None] + log_probs.reshape(n, rows, width)).reshape(n, rows * width)
+        index = (np.arange(rows)[None, :, None] * vocab + ids.reshape(n, rows, width)).reshape(n, -1)
+        order = np.lexsort((index, -candidates), axis=1)[:, :min(2 * k, rows * width)]
         best = np.take_along_axis(index, order, axis=1)
         best_scores = np.take_along_axis(candidates, order, axis=1)
         origin, token = np.divmod(best, vocab)
@@ -366,11 +386,12 @@ def beam(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask:
         new_scores = np.where(pad, -np.inf, new_scores)
         new_history = np.where(pad[:, :, None], new_history[:, :1], new_history)
         slots = np.flatnonzero(keep)
-        state = state[:, (slots[:, None] * k + new_origin[slots]).reshape(-1)]
+        state = state[:, (slots[:, None] * rows + new_origin[slots]).reshape(-1)]
         alive = alive[slots]
-        if len(slots) < n:  # the K rows of a sentence share its memory: gather only when sentences leave
-            enc_out = enc_out.reshape(n, k, *enc_out.shape[1:])[slots].reshape(-1, *enc_out.shape[1:])
-            mask = mask.reshape(n, k, -1)[slots].reshape(len(slots) * k, -1)
+        if len(slots) < n or rows == 1:  # a sentence's K rows share its memory: copy it only when needed
+            enc_out, mask = enc_out[slots], mask[slots]
+            step_enc_out, step_mask = np.repeat(enc_out, k, axis=0), np.repeat(mask, k, axis=0)
+        rows = k
         scores, history = new_scores[slots], new_history[slots]
         prev = new_token[slots].reshape(-1)
     return [_n_best(hyps, params.n_best) for hyps in finished]

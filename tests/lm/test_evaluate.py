@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import TINY_FLAGS
 from torch import nn
 from torch.nn import functional as F
 
@@ -78,3 +80,16 @@ def test_validation_streams_read_consecutive_pieces_side_by_side() -> None:
     assert count == 100
     assert math.isclose(nll, manual, rel_tol=1e-6)
     assert not math.isclose(nll, stream_nll(model, ids, chunk=8)[0], rel_tol=1e-4)
+
+
+@pytest.mark.parametrize(("tokenizer", "flags"), [("word", []), ("spm", ["--vocab-size", "80"])])
+def test_word_and_sentencepiece_runs_report_bits_per_character(
+        tokenizer: str, flags: list[str], corpus_file: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / tokenizer
+    assert main(["train", "--corpus", str(corpus_file), "--out", str(run), "--tokenizer", tokenizer, *flags,
+                 *TINY_FLAGS, "--bptt", "4", "--epochs", "1"]) == 0
+    assert main(["eval", str(run), "--split", "valid", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["characters"] > result["tokens"] > 10  # several characters per token
+    assert math.isclose(result["bits_per_char"],
+                        result["nll"] * result["tokens"] / math.log(2) / result["characters"], rel_tol=1e-12)

@@ -49,5 +49,5 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert main(["translate", str(tmp_path), "--beam", "2", "--n-best", "3"]) == 1
+    assert main(["translate", str(tmp_path), "--beam", "2", "--n-best", "3"]) == 2  # a usage error
     assert "n_best" in capsys.readouterr().err

@@ -44,17 +44,20 @@ def test_same_translations_as_the_torch_decoder(tiny, beam, batch_size):
 
 
 def test_length_limit_and_length_penalty_as_torch(tiny):
-    """A tight limit leaves hypotheses unfinished; no length penalty changes the ranking."""
+    """A tight limit leaves hypotheses unfinished; the length penalty and min_len change the outputs."""
     torch_translator, runtime = tiny
     texts = tiny_sources(16, start=600)
     for options in (dict(beam=3, n_best=3, max_len_ratio=0.0, max_len_extra=2),
-                    dict(beam=5, n_best=2, length_penalty=0.0), dict(beam=2, length_penalty=2.0)):
+                    dict(beam=5, n_best=2, length_penalty=0.0), dict(beam=2, length_penalty=2.0),
+                    dict(beam=1, min_len=0), dict(beam=1, min_len=4), dict(beam=3, n_best=3, min_len=4)):
         ours = runtime.translate(texts, SearchParams(**options), batch_size=5)
         theirs = torch_translator.translate(texts, torch_search_module.SearchParams(**options), batch_size=5)
         _same(ours, theirs)
     limited = runtime.translate(texts, SearchParams(beam=3, max_len_ratio=0.0, max_len_extra=2))
     assert all(len(t.hypotheses[0].tokens) <= 2 for t in limited)
     assert not all(t.hypotheses[0].finished for t in limited)
+    at_least = runtime.translate(texts, SearchParams(beam=3, min_len=4))
+    assert all(len(t.hypotheses[0].tokens) >= 4 for t in at_least)
 
 
 def test_results_do_not_depend_on_the_batch(tiny):
