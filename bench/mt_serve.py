@@ -129,6 +129,18 @@ def grpc_figures(target: str, model: str, texts: list[str], clients: int, per_ca
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
+def ensure_run(run_dir: Path, which: str, minutes: float, work: Path) -> Path:
+    """``run_dir``, or (no checkpoint there) a default-config run trained for ``minutes`` under ``work``."""
+    if (run_dir / f"{which}.pt").is_file():
+        return run_dir
+    print(f"{run_dir}: no {which}.pt; training a default-config translator for {minutes:g} minutes",
+          file=sys.stderr)
+    out = work / "run"
+    subprocess.run([sys.executable, "-m", "seq2seq.cli", "train", "--out", str(out), "--max-minutes",
+                    str(minutes), "--threads", "1", "--no-progress"], cwd=ROOT, check=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(ROOT / "runs" / "mt-fra-eng"), help="trained translation run")
@@ -136,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=400, help="test-split sentences to translate")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--train-minutes", type=float, default=3.0,
+                        help="without a checkpoint in --run: train a default-config model this long first")
     args = parser.parse_args(argv)
 
     import torch
@@ -144,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     from seq2seq.run import load_run
 
     torch.set_num_threads(1)
-    run = load_run(args.run, args.which)
-    texts = split_sentences(run.train_config, args.sentences)
     with tempfile.TemporaryDirectory(prefix="mt-serve-bench-") as tmp:
         work = Path(tmp)
-        bundle = export_run(args.run, work / "models" / "mt", which=args.which, sample=32)
+        run_dir = ensure_run(Path(args.run), args.which, args.train_minutes, work)
+        run = load_run(run_dir, args.which)
+        texts = split_sentences(run.train_config, args.sentences)
+        bundle = export_run(run_dir, work / "models" / "mt", which=args.which, sample=32)
         local = local_figures(run, bundle, texts, [1, 4, 5], work)
         server, target = start_server(work / "models")
         try:
@@ -161,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             figures["sentences_per_s"] / local["beam4"]["batch_job_sentences_per_s"], 2)
         print(f"grpc: {figures}", file=sys.stderr)
     config = run.model_config.to_dict()
+    trained_here = f"{args.run} missing: a {args.train_minutes:g}-minute model trained by this bench"
     result = {
-        "run": str(args.run), "checkpoint": args.which, "sentences": len(texts), "split": "test",
+        "run": str(args.run) if run_dir == Path(args.run) else trained_here, "checkpoint": args.which,
+        "sentences": len(texts), "split": "test",
         "model": {k: config[k] for k in ("embed", "enc_hidden", "dec_hidden", "layers", "bidirectional",
                                          "attention", "src_vocab", "tgt_vocab")},
         "evaluation": run.evaluation, "threads": 1, "batch_size": 64,

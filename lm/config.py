@@ -7,11 +7,10 @@ perplexity within about five minutes on two CPU cores.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from lm.model import CELLS, IMPLS, ModelConfig
 from lm.schedule import LR_SCHEDULES

@@ -366,6 +366,8 @@ def run_job(config: JobConfig, backend: tuple[Backend, str] | None = None) -> Jo
         raise JobError(f"{config.input}: no such input file")
     if config.shard != (0, 1) and config.input == "-":
         raise JobError("--shard needs an input file (the lines are counted first)")
+    if config.references and config.output == "-":
+        raise JobError("--references needs --output FILE (the output is read back to score it)")
     translate, identity = backend or (local_backend(config) if config.bundle else remote_backend(config))
     fmt = config.resolved_format()
     start, stop = 0, None
@@ -438,8 +440,6 @@ def score_output(config: JobConfig, fmt: str) -> dict:
     """BLEU and chrF of the finished output file against --references (line-aligned)."""
     from seq2seq.bleu import corpus_scores
 
-    if config.output == "-":
-        raise JobError("--references needs --output FILE (the output is read back to score it)")
     text = Path(config.output).read_text(encoding="utf-8").splitlines()
     hypotheses = [json.loads(line)["translation"] for line in text] if fmt == "jsonl" else text
     if config.n_best > 1 and fmt == "text":

@@ -4,13 +4,16 @@ Two graphs, both from the legacy (TorchScript) exporter: a bidirectional GRU get
 frozen by the dynamo exporter (DESIGN.md, known pitfalls), and the legacy one turns the encoder's
 packed sequences into the ONNX GRU's ``sequence_lens``::
 
-    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> enc_out (B,M,E'), mask (B,M) bool, state (L,B,H)
-    decoder_step.onnx  prev (B,) int64, state (L,B,H), enc_out (B,M,E'), mask (B,M) -> logits (B,V), state_out
+    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> memory (B,M,C), keys (B,M,A), mask (B,M) bool,
+                                                            state (L,B,H)
+    decoder_step.onnx  prev (B,) int64, state (L,B,H), memory, keys, mask -> logits (B,V), state_out (L,B,H)
 
-With attention, ``enc_out`` carries the projected attention keys beside the encoder outputs (the
-model computes them once per sentence in ``encode``), so a decoder step never re-projects memory.
-A third, tiny graph, ``topk.onnx`` (built with onnx.helper), gives the search each row's k best tokens
-and their log-probabilities, so the runtime never handles (rows, vocabulary) arrays in numpy.
+``keys`` are the projected attention keys, computed once per sentence by the encoder (the model's
+``encode`` returns them inside ``enc_out``; the graphs keep them apart, because slicing them out of
+``enc_out`` in every step costs onnxruntime a copy, ~15 % of a step). Without attention the memory is
+one slot, and there are no keys and no decoder mask input. A third, tiny graph, ``topk.onnx`` (built
+with onnx.helper), gives the search each row's k best tokens and their log-probabilities, so the
+runtime never handles (rows, vocabulary) arrays in numpy.
 
 Before anything is published: (1) both graphs are run in onnxruntime against torch at several batch
 sizes and source lengths (logits, states and encoder outputs within ``PARITY_TOLERANCE``), and (2) the
@@ -49,6 +52,8 @@ from serving.translator import (
     ENCODER,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    PLAIN_DECODER_INPUTS,
+    PLAIN_ENCODER_OUTPUTS,
     TOPK,
     TOPK_INPUTS,
     TOPK_OUTPUTS,
@@ -93,17 +98,31 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, src: Tensor, src_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.model.encode(src, src_len)
+    def forward(self, src: Tensor, src_len: Tensor) -> tuple[Tensor, ...]:
+        enc_out, mask, state = self.model.encode(src, src_len)
+        memory, keys = self.model._split(enc_out)
+        return (memory, mask, state) if keys is None else (memory, keys, mask, state)
 
 
 class DecoderStepGraph(nn.Module):
+    """``Seq2Seq.decode_step`` (eval mode) on memory and keys passed apart."""
+
     def __init__(self, model: Seq2Seq) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, prev: Tensor, state: Tensor, enc_out: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.decode_step(prev, state, enc_out, mask)
+    def forward(self, prev: Tensor, state: Tensor, memory: Tensor, keys: Tensor | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        embedded = self.model.tgt_embed(prev)
+        output, context, state = self.model._step(embedded, state, memory, keys, mask)
+        return self.model._readout(output, context, embedded), state
+
+
+def graph_names(model: Seq2Seq) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(encoder outputs, decoder inputs): without attention no keys, and no decoder mask."""
+    if model.config.attention == "none":
+        return PLAIN_ENCODER_OUTPUTS, PLAIN_DECODER_INPUTS
+    return ENCODER_OUTPUTS, DECODER_INPUTS
 
 
 @contextmanager
@@ -133,15 +152,18 @@ def export_graphs(model: Seq2Seq, encoder_path: Path, decoder_path: Path) -> Non
     """Writes both graphs of an eval-mode model, with dynamic batch, source length and memory axes."""
     src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]], dtype=torch.int64).clamp_(max=model.config.src_vocab - 1)
     src_len = torch.tensor([4, 2], dtype=torch.int64)
-    memory = {"enc_out": {0: "batch", 1: "memory"}, "mask": {0: "batch", 1: "memory"}}
-    _export(EncoderGraph(model), (src, src_len), encoder_path, ENCODER_INPUTS, ENCODER_OUTPUTS,
-            {"src": {0: "batch", 1: "src_time"}, "src_len": {0: "batch"}, "state": {1: "batch"}, **memory})
+    encoder_outputs, decoder_inputs = graph_names(model)
+    memory = {name: {0: "batch", 1: "memory"} for name in ("memory", "keys", "mask")}
+    _export(EncoderGraph(model), (src, src_len), encoder_path, ENCODER_INPUTS, encoder_outputs,
+            {"src": {0: "batch", 1: "src_time"}, "src_len": {0: "batch"}, "state": {1: "batch"},
+             **{name: memory[name] for name in encoder_outputs if name in memory}})
     with torch.no_grad():
-        enc_out, mask, state = model.encode(src, src_len)
+        outputs = dict(zip(encoder_outputs, EncoderGraph(model)(src, src_len), strict=True))
     prev = torch.tensor([2, 2], dtype=torch.int64)
-    _export(DecoderStepGraph(model), (prev, state, enc_out, mask), decoder_path, DECODER_INPUTS,
-            DECODER_OUTPUTS, {"prev": {0: "batch"}, "state": {1: "batch"}, "logits": {0: "batch"},
-                              "state_out": {1: "batch"}, **memory})
+    args = (prev, *(outputs[name] for name in decoder_inputs[1:]))
+    _export(DecoderStepGraph(model), args, decoder_path, decoder_inputs, DECODER_OUTPUTS,
+            {"prev": {0: "batch"}, "state": {1: "batch"}, "logits": {0: "batch"}, "state_out": {1: "batch"},
+             **{name: memory[name] for name in decoder_inputs if name in memory}})
 
 
 def build_topk_graph(path: Path, vocab: int) -> None:
@@ -181,7 +203,7 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
     """Random sources of each (batch, length) with varied lengths, then PARITY_STEPS decoder steps fed
     the torch encoder's outputs and random previous tokens; max abs differences per tensor kind."""
     encoder, decoder = open_session(encoder_path), open_session(decoder_path)
-    decoder_inputs = {a.name for a in decoder.get_inputs()}  # no "mask" without attention
+    encoder_outputs, decoder_inputs = graph_names(model)
     config = model.config
     gen = torch.Generator().manual_seed(seed)
     worst = {"encoder": 0.0, "logits": 0.0, "state": 0.0}
@@ -193,16 +215,19 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
         src = src.masked_fill(torch.arange(length)[None, :] >= src_len[:, None], config.pad_id)
         with torch.no_grad():
             enc_out, mask, state = model.encode(src, src_len)
-        got = encoder.run(None, {"src": src.numpy(), "src_len": src_len.numpy()})
-        diffs = {"encoder": max(_max_diff(got[0], enc_out), _max_diff(got[2], state),
-                                0.0 if np.array_equal(got[1], mask.numpy()) else np.inf)}
+        memory, keys = model._split(enc_out)
+        want = {"memory": memory, "keys": keys, "mask": mask, "state": state}
+        got = dict(zip(encoder_outputs, encoder.run(None, {"src": src.numpy(), "src_len": src_len.numpy()}),
+                       strict=True))
+        diffs = {"encoder": max(0.0 if np.array_equal(got[name], want[name].numpy()) else np.inf
+                                if name == "mask" else _max_diff(got[name], want[name]) for name in got)}
         diffs["logits"] = diffs["state"] = 0.0
         for _ in range(PARITY_STEPS):
             prev = torch.randint(0, config.tgt_vocab, (batch,), generator=gen)
             with torch.no_grad():
                 logits, new_state = model.decode_step(prev, state, enc_out, mask)
-            feed = {"prev": prev, "state": state, "enc_out": enc_out, "mask": mask}
-            out = decoder.run(None, {k: v.numpy() for k, v in feed.items() if k in decoder_inputs})
+            feed = {**want, "prev": prev, "state": state}
+            out = decoder.run(None, {name: feed[name].numpy() for name in decoder_inputs})
             diffs["logits"] = max(diffs["logits"], _max_diff(out[0], logits))
             diffs["state"] = max(diffs["state"], _max_diff(out[1], new_state))
             state = new_state
@@ -245,23 +270,25 @@ def check_search(model: Seq2Seq, runtime: Seq2SeqRuntime, sentences: list[str], 
 def _architecture(model: Seq2Seq) -> dict:
     c = model.config
     return {"type": "seq2seq", "cell": "gru", **c.to_dict(), "memory_features": c.memory_features,
-            "enc_out_features": c.enc_out_features, "attention_keys_in_enc_out": c.attention == "additive"}
+            "attention_keys_from_encoder": c.attention == "additive"}
 
 
 def _signatures(model: Seq2Seq) -> dict:
     c = model.config
-    state = [c.layers, "batch", c.dec_hidden]
-    memory = ["batch", "memory", c.enc_out_features]
+    encoder_outputs, decoder_inputs = graph_names(model)
+    tensors = {"src": (["batch", "src_time"], "int64"), "src_len": (["batch"], "int64"),
+               "memory": (["batch", "memory", c.memory_features], "float32"),
+               "keys": (["batch", "memory", c.attn_dim], "float32"), "mask": (["batch", "memory"], "bool"),
+               "state": ([c.layers, "batch", c.dec_hidden], "float32"), "prev": (["batch"], "int64"),
+               "logits": (["batch", c.tgt_vocab], "float32"),
+               "state_out": ([c.layers, "batch", c.dec_hidden], "float32")}
 
-    def t(name: str, shape: list, dtype: str = "float32") -> dict:
+    def t(name: str, shape: list | None = None, dtype: str = "float32") -> dict:
+        shape, dtype = (shape, dtype) if shape is not None else tensors[name]
         return {"name": name, "shape": shape, "dtype": dtype}
 
-    return {ENCODER: {"inputs": [t("src", ["batch", "src_time"], "int64"), t("src_len", ["batch"], "int64")],
-                      "outputs": [t("enc_out", memory), t("mask", ["batch", "memory"], "bool"),
-                                  t("state", state)]},
-            DECODER: {"inputs": [t("prev", ["batch"], "int64"), t("state", state), t("enc_out", memory),
-                                 t("mask", ["batch", "memory"], "bool")],
-                      "outputs": [t("logits", ["batch", c.tgt_vocab]), t("state_out", state)]},
+    return {ENCODER: {"inputs": [t(n) for n in ENCODER_INPUTS], "outputs": [t(n) for n in encoder_outputs]},
+            DECODER: {"inputs": [t(n) for n in decoder_inputs], "outputs": [t(n) for n in DECODER_OUTPUTS]},
             TOPK: {"inputs": [t("logits", ["batch", c.tgt_vocab]), t("k", [1], "int64")],
                    "outputs": [t("log_probs", ["batch", "k"]), t("ids", ["batch", "k"], "int64")]}}
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 AUTH_ENV = "RNNLAB_AUTH_TOKEN"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lm.sampling import SamplingParams, StopMatcher, sample_one
+from lm.sampling import SamplingParams
+from lm.streaming import sample_ids, stream_text
 from lm.tokenizers import load_tokenizer
 from serving.bundle import BundleError, Manifest, load_manifest
 
@@ -183,47 +184,22 @@ class LMRuntime:
     def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
                      ) -> Iterator[int]:
         """Yields up to ``max_tokens`` sampled ids, stopping after <eos> if the vocabulary has one."""
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
-        if max_tokens == 0:
-            return
-        rng = params.generator()
         logits, state = self.prefill(prompt_ids)
         token = np.empty((1, 1), dtype=np.int64)
-        for k in range(max_tokens):
-            next_id = sample_one(logits, params, rng)
-            yield next_id
-            if next_id == self._eos or k == max_tokens - 1:
-                return
-            token[0, 0] = next_id
+
+        def step(token_id: int) -> np.ndarray:
+            nonlocal state
+            token[0, 0] = token_id
             step_logits, state = self.step(token, state)
-            logits = step_logits[0, -1]
+            return step_logits[0, -1]
+
+        yield from sample_ids(logits, step, max_tokens, params, self._eos)
 
     def generate(self, prompt: str, max_tokens: int, params: SamplingParams | None = None,
                  stop: Sequence[str] = ()) -> Iterator[str]:
-        """Streams the text pieces of a continuation of ``prompt``.
-
-        Text that could begin a stop string is held back until it cannot; the stop string and anything
-        after it are never yielded.
-        """
-        params = params or SamplingParams()
-        matcher = StopMatcher(tuple(stop))
-        text, emitted = "", 0
-        for token_id in self.generate_ids(self.encode(prompt), max_tokens, params):
-            if token_id == self._eos:
-                break
-            text += self.tokenizer.piece(token_id, False)
-            cut = matcher.find(text, emitted)
-            if cut is not None:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            safe = matcher.safe_length(text)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        if len(text) > emitted:
-            yield text[emitted:]
+        """Streams the text pieces of a continuation of ``prompt`` (see lm.streaming.stream_text)."""
+        ids = self.generate_ids(self.encode(prompt), max_tokens, params or SamplingParams())
+        return stream_text(ids, self.tokenizer, stop, self._eos)
 
     def perplexity(self, text: str, chunk: int = 256) -> dict:
         """Perplexity of ``text`` under the model, predicting tokens 2..N with state carried across chunks.

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import count
@@ -111,7 +111,8 @@ class SentenceBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self.pending:
-            deadline = loop.time() + self.gather_s
+            # Wait for company at most gather_ms after the oldest sentence arrived (not after the last batch).
+            deadline = self.pending[0].queued + self.gather_s
             while self._queued_tokens() < self.batch_tokens and (left := deadline - loop.time()) > 0:
                 self._more.clear()
                 try:
@@ -283,8 +284,9 @@ class TranslationService(tpb_grpc.TranslationServicer):
         params: SearchParams | None = None
         received = answered = 0
 
-        async def answer(item_id: str, task: asyncio.Future) -> tpb.TranslateStreamResponse:
-            return tpb.TranslateStreamResponse(id=item_id, result=await task)
+        async def answer(item_id: str, result: Awaitable[tpb.TranslationResult],
+                         ) -> tpb.TranslateStreamResponse:
+            return tpb.TranslateStreamResponse(id=item_id, result=await result)
 
         reader = asyncio.ensure_future(_pump(request_iterator, done))
         try:

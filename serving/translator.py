@@ -2,9 +2,9 @@
 
 The bundle holds three graphs (see seq2seq/export.py)::
 
-    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> enc_out (B,M,E') f32, mask (B,M) bool,
-                                                                 state (L,B,H) f32
-    decoder_step.onnx  prev (B,) int64, state (L,B,H), enc_out (B,M,E'), mask (B,M)
+    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> memory (B,M,C) f32, [keys (B,M,A) f32,]
+                                                                 mask (B,M) bool, state (L,B,H) f32
+    decoder_step.onnx  prev (B,) int64, state (L,B,H), memory, [keys, mask]
                                                               -> logits (B,V) f32, state_out (L,B,H)
     topk.onnx          logits (N,V) f32, k (1,) int64 -> log_probs (N,k) f32, ids (N,k) int64
                        (TopK of the logits, lower id first on ties; their LogSoftmax values)
@@ -40,8 +40,11 @@ from serving.runtime import open_session
 
 BOS, EOS = "<bos>", "<eos>"
 ENCODER, DECODER, TOPK = "encoder", "decoder_step", "topk"
-ENCODER_INPUTS, ENCODER_OUTPUTS = ("src", "src_len"), ("enc_out", "mask", "state")
-DECODER_INPUTS, DECODER_OUTPUTS = ("prev", "state", "enc_out", "mask"), ("logits", "state_out")
+# keys: the attention keys, computed once per sentence by the encoder; without attention there are no
+# keys, and the decoder step (which then reads a single memory slot) takes no mask either.
+ENCODER_INPUTS, ENCODER_OUTPUTS = ("src", "src_len"), ("memory", "keys", "mask", "state")
+DECODER_INPUTS, DECODER_OUTPUTS = ("prev", "state", "memory", "keys", "mask"), ("logits", "state_out")
+PLAIN_ENCODER_OUTPUTS, PLAIN_DECODER_INPUTS = ("memory", "mask", "state"), ("prev", "state", "memory")
 TOPK_INPUTS, TOPK_OUTPUTS = ("logits", "k"), ("log_probs", "ids")
 
 _SPACES = re.compile(r"\s+")
@@ -141,8 +144,8 @@ class Seq2SeqRuntime:
         self.max_src_tokens = int(preprocessing.get("max_src_tokens", 128))
         self.encoder_calls = 0
         self.encoder_rows = 0
-        # Without attention the step ignores the mask and the exporter drops that input.
-        self._decoder_uses_mask = "mask" in {a.name for a in decoder.get_inputs()}
+        self._encoder_outputs = [a.name for a in encoder.get_outputs()]
+        self._memory_names = [a.name for a in decoder.get_inputs()][2:]
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int = 1) -> Seq2SeqRuntime:
@@ -156,8 +159,11 @@ class Seq2SeqRuntime:
                 raise BundleError(f"{where}: architecture.{key} missing or invalid")
         encoder = open_session(manifest.graph(ENCODER), threads)
         decoder = open_session(manifest.graph(DECODER), threads)
-        _check_names(encoder, manifest.graph(ENCODER), ENCODER_INPUTS, ENCODER_OUTPUTS)
-        _check_names(decoder, manifest.graph(DECODER), DECODER_INPUTS, DECODER_OUTPUTS)
+        attention = "keys" in {a.name for a in encoder.get_outputs()}
+        _check_names(encoder, manifest.graph(ENCODER), ENCODER_INPUTS,
+                     ENCODER_OUTPUTS if attention else PLAIN_ENCODER_OUTPUTS)
+        _check_names(decoder, manifest.graph(DECODER), DECODER_INPUTS if attention else PLAIN_DECODER_INPUTS,
+                     DECODER_OUTPUTS)
         topk = open_session(manifest.graph(TOPK), threads)
         _check_names(topk, manifest.graph(TOPK), TOPK_INPUTS, TOPK_OUTPUTS)
         runtime = cls(manifest, encoder, decoder, topk)
@@ -176,20 +182,19 @@ class Seq2SeqRuntime:
         return self.manifest.name
 
     # --- graphs --------------------------------------------------------------------------------------
-    def encode(self, src: np.ndarray, src_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """src (B,S) int64, src_len (B,) int64 >= 1 -> enc_out (B,M,E'), mask (B,M) bool, state (L,B,H)."""
+    def encode(self, src: np.ndarray, src_len: np.ndarray) -> tuple[Memory, np.ndarray]:
+        """src (B,S) int64, src_len (B,) int64 >= 1 -> the decoder's memory inputs (row b = sentence b:
+        memory (B,M,C) [, keys (B,M,A), mask (B,M)]), state (L,B,H)."""
         self.encoder_calls += 1
         self.encoder_rows += len(src)
-        enc_out, mask, state = self.encoder.run(None, {"src": src, "src_len": src_len})
-        return enc_out, mask, state
+        outputs = dict(zip(self._encoder_outputs, self.encoder.run(None, {"src": src, "src_len": src_len}),
+                           strict=True))
+        return {name: outputs[name] for name in self._memory_names}, outputs["state"]
 
-    def decode_step(self, prev: np.ndarray, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray
+    def decode_step(self, prev: np.ndarray, state: np.ndarray, memory: Memory,
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """prev (N,) int64, state (L,N,H) -> logits (N,V) float32, state (L,N,H)."""
-        feed = {"prev": prev, "state": state, "enc_out": enc_out, "mask": mask}
-        if not self._decoder_uses_mask:
-            del feed["mask"]
-        logits, state = self.decoder.run(None, feed)
+        """prev (N,) int64, state (L,N,H), memory rows -> logits (N,V) float32, state (L,N,H)."""
+        logits, state = self.decoder.run(None, {"prev": prev, "state": state, **memory})
         return logits, state
 
     def top(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +207,12 @@ class Seq2SeqRuntime:
     def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
         """One batch of source id lists (EOS included, non-empty) -> ``params.n_best`` hypotheses each."""
         src, src_len = pad_batch(sources, self.pad)
-        enc_out, mask, state = self.encode(src, src_len)
+        memory, state = self.encode(src, src_len)
         limits = np.array([params.max_len(int(n)) for n in src_len], dtype=np.int64)
         if params.beam == 1:
-            return [[h] for h in greedy(self.decode_step, self.top, state, enc_out, mask, limits, self.bos,
-                                        self.eos, params)]
-        return beam(self.decode_step, self.top, state, enc_out, mask, limits, self.bos, self.eos, params)
+            return [[h] for h in greedy(self.decode_step, self.top, state, memory, limits, self.bos, self.eos,
+                                        params)]
+        return beam(self.decode_step, self.top, state, memory, limits, self.bos, self.eos, params)
 
     def search(self, sources: list[list[int]], params: SearchParams, batch_size: int = 64,
                ) -> list[list[Hypothesis]]:
@@ -264,7 +269,9 @@ class Seq2SeqRuntime:
         return results  # type: ignore[return-value]
 
 
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+Memory = dict[str, np.ndarray]
+"""The decoder's per-sentence inputs from the encoder, by graph input name; row axis 0."""
+StepFn = Callable[[np.ndarray, np.ndarray, Memory], tuple[np.ndarray, np.ndarray]]
 TopFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
@@ -280,9 +287,9 @@ def _top(top: TopFn, logits: np.ndarray, width: int, eos: int, eos_allowed: bool
     return np.take_along_axis(log_probs, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def greedy(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray,
-           limits: np.ndarray, bos: int, eos: int, params: SearchParams) -> list[Hypothesis]:
-    """Arg-max decoding of B sentences: state (L,B,H), enc_out (B,M,E'), mask (B,M), limits (B,).
+def greedy(step: StepFn, top: TopFn, state: np.ndarray, memory: Memory, limits: np.ndarray, bos: int,
+           eos: int, params: SearchParams) -> list[Hypothesis]:
+    """Arg-max decoding of B sentences: state (L,B,H), memory rows (B,...), limits (B,).
 
     A sentence leaves the batch when it emits EOS or reaches its limit (seq2seq.search.greedy_search).
     """
@@ -297,7 +304,7 @@ def greedy(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mas
     step_no = 0
     while len(alive):
         step_no += 1
-        logits, state = step(prev, state, enc_out, mask)
+        logits, state = step(prev, state, memory)
         # the arg-max token (first on ties) and its log-probability
         log_probs, ids = _top(top, logits, 1, eos, step_no > params.min_len)
         tokens = ids[:, 0]
@@ -313,13 +320,13 @@ def greedy(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mas
             results[sentence] = Hypothesis(tuple(outputs[sentence, :length].tolist()), score,
                                            length_normalize(score, length + done, alpha), done)
         if 0 < keep.sum() < len(alive):
-            state, enc_out, mask = state[:, keep], enc_out[keep], mask[keep]
+            state, memory = state[:, keep], {name: x[keep] for name, x in memory.items()}
         alive, prev = alive[keep], tokens[keep].astype(np.int64)
     return results  # type: ignore[return-value]
 
 
-def beam(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask: np.ndarray,
-         limits: np.ndarray, bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
+def beam(step: StepFn, top: TopFn, state: np.ndarray, memory: Memory, limits: np.ndarray, bos: int, eos: int,
+         params: SearchParams) -> list[list[Hypothesis]]:
     """Beam search of B sentences, K rows each (seq2seq.search.beam_search, vectorised).
 
     Per step the live scores (n,R) plus log-probabilities give (n, R*V) candidates; each sentence's
@@ -335,12 +342,12 @@ def beam(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask:
     rows = 1
     scores = np.zeros((count, rows))
     history = np.zeros((count, rows, 0), dtype=np.int64)
-    step_enc_out, step_mask = enc_out, mask  # enc_out/mask: one row per live sentence; step_*: R rows
+    step_memory = memory  # memory: one row per live sentence; step_memory: R rows per sentence
     prev = np.full(count, bos, dtype=np.int64)
     step_no = 0
     while len(alive):
         step_no += 1
-        logits, state = step(prev, state, step_enc_out, step_mask)
+        logits, state = step(prev, state, step_memory)
         vocab, n = logits.shape[1], len(alive)
         width = min(2 * k, vocab)
         # A sentence's best 2K candidates are among its rows' best 2K.
@@ -389,8 +396,8 @@ def beam(step: StepFn, top: TopFn, state: np.ndarray, enc_out: np.ndarray, mask:
         state = state[:, (slots[:, None] * rows + new_origin[slots]).reshape(-1)]
         alive = alive[slots]
         if len(slots) < n or rows == 1:  # a sentence's K rows share its memory: copy it only when needed
-            enc_out, mask = enc_out[slots], mask[slots]
-            step_enc_out, step_mask = np.repeat(enc_out, k, axis=0), np.repeat(mask, k, axis=0)
+            memory = {name: x[slots] for name, x in memory.items()}
+            step_memory = {name: np.repeat(x, k, axis=0) for name, x in memory.items()}
         rows = k
         scores, history = new_scores[slots], new_history[slots]
         prev = new_token[slots].reshape(-1)
@@ -417,9 +424,9 @@ def _spm(manifest: Manifest, relpath: str | None) -> SentencePieceTokenizer:
 
 def _check_names(session: ort.InferenceSession, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
                  ) -> None:
-    """The graph's tensor names, in order; "mask" may be missing (a decoder step without attention)."""
+    """The graph's tensor names, in order."""
     got_in = tuple(a.name for a in session.get_inputs())
     got_out = tuple(a.name for a in session.get_outputs())
-    if got_in not in (inputs, tuple(n for n in inputs if n != "mask")) or got_out != outputs:
+    if got_in != inputs or got_out != outputs:
         raise BundleError(f"{path}: graph has inputs {list(got_in)} and outputs {list(got_out)}, "
                           f"expected {list(inputs)} -> {list(outputs)}")

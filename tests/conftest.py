@@ -1,4 +1,4 @@
-"""Shared test setup: one thread per test worker (pytest -n 2 on two cores), the data mirror beside the repo."""
+"""Shared test setup: one thread per test worker (pytest -n 2 on two cores), the data mirror."""
 
 import os
 import shutil
@@ -31,7 +31,7 @@ def tiny_bundle(_tiny_bundle_cache, tmp_path_factory, tmp_path):
 
     Built once per argument set and session by tests/tiny_bundles.make_tiny_bundle.
     """
-    from tiny_bundles import make_tiny_bundle
+    from tests.tiny_bundles import make_tiny_bundle
 
     def make(cell: str = "gru", name: str = "tiny", **kwargs) -> Path:
         key = (cell, tuple(sorted(kwargs.items())))

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tiny_bundles import make_tiny_bundle
 
 from lm.sampling import SamplingParams
 from serving import client_cli, server
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client
 from serving.runtime import LMRuntime
+from tests.tiny_bundles import make_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = 12_000

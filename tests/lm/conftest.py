@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_bundles import TINY_TEXT
 
 from lm.cli import main
+from tests.tiny_bundles import TINY_TEXT
 
 # A model small enough that an epoch over the tiny corpus takes a few hundredths of a second.
 TINY_FLAGS = ["--hidden", "16", "--embed", "8", "--layers", "1", "--batch-size", "4", "--bptt", "16",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
 
 from lm.checkpoint import save_checkpoint
 from lm.cli import main
+from tests.lm.conftest import TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
 from torch import nn
 from torch.nn import functional as F
 
@@ -18,6 +17,7 @@ from lm.evaluate import evaluate_text, stream_nll
 from lm.model import RNNLM, ModelConfig
 from lm.run import load_run
 from lm.tokenizers import CharTokenizer
+from tests.lm.conftest import TINY_FLAGS
 
 
 def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary_size() -> None:

@@ -6,13 +6,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_bundles import TINY_TEXT, train_tiny_model
 
 from lm.export import ExportError, export_lm
 from lm.model import RNNLM, ModelConfig
 from lm.tokenizers import CharTokenizer
 from serving.bundle import BundleError, load_manifest, sha256_file
 from serving.runtime import LMRuntime
+from tests.tiny_bundles import TINY_TEXT, train_tiny_model
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 

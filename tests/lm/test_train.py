@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
 from torch.nn import functional as F
 
 from lm.checkpoint import load_checkpoint
@@ -19,6 +18,7 @@ from lm.metrics import read_metrics
 from lm.model import RNNLM
 from lm.rng import seed_everything
 from lm.train import Trainer, epoch_batches, prepare_corpus, resume_run, start_run
+from tests.lm.conftest import TINY_FLAGS
 
 
 def train(corpus: Path, out: Path, *extra: str) -> int:

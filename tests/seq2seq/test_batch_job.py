@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_translators import pairs_lines, tiny_translator
 
 from seq2seq.cli import main
 from serving.translator import SearchParams, Seq2SeqRuntime
+from tests.tiny_translators import pairs_lines, tiny_translator
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = [b"", b"   ", b"word " * 200, b"caf\xe9 au lait", "Ok \u00e9t\u00e9.".encode()]

@@ -8,7 +8,6 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from tiny_translators import tiny_sources, tiny_translator
 
 from lm.export import ExportError
 from seq2seq.cli import main
@@ -17,6 +16,7 @@ from seq2seq.model import Seq2Seq, Seq2SeqConfig
 from seq2seq.run import load_run
 from serving.bundle import load_manifest
 from serving.translator import Seq2SeqRuntime
+from tests.tiny_translators import tiny_sources, tiny_translator
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,9 @@ def test_bundle_has_the_graphs_tokenizers_and_a_verified_manifest(tiny):
     assert set(manifest.files) == {*manifest.graphs.values(), "src_tokenizer.json", "tgt_tokenizer.json"}
     data = manifest.data
     assert data["architecture"]["attention"] == "additive"
-    assert data["architecture"]["attention_keys_in_enc_out"]
+    assert data["architecture"]["attention_keys_from_encoder"]
+    assert [t["name"] for t in data["signatures"]["decoder_step"]["inputs"]] == ["prev", "state", "memory",
+                                                                                 "keys", "mask"]
     assert manifest.special_ids["<bos>"] == 2 and manifest.special_ids["<eos>"] == 3
     assert data["parity"]["max_abs_logits"] <= 1e-4 and data["parity"]["cases"] >= 4
     assert data["search_check"]["greedy_identical"] == data["search_check"]["sentences"] > 10
@@ -52,10 +54,12 @@ def test_graphs_take_any_batch_and_length(tiny):
         with torch.no_grad():
             enc_out, mask, state = model.encode(src, src_len)
             logits, _ = model.decode_step(torch.full((batch,), 2), state, enc_out, mask)
-        got = runtime.encode(src.numpy(), src_len.numpy())
-        assert got[0].shape == (batch, length, model.config.enc_out_features)
-        np.testing.assert_allclose(got[0], enc_out.numpy(), atol=1e-5)
-        step_logits, _ = runtime.decode_step(np.full(batch, 2), *got[2:], got[0], got[1])
+        memory, ort_state = runtime.encode(src.numpy(), src_len.numpy())
+        assert memory["memory"].shape == (batch, length, model.config.memory_features)
+        assert memory["keys"].shape == (batch, length, model.config.attn_dim)
+        joined = np.concatenate([memory["memory"], memory["keys"]], axis=2)  # the model's enc_out layout
+        np.testing.assert_allclose(joined, enc_out.numpy(), atol=1e-5)
+        step_logits, _ = runtime.decode_step(np.full(batch, 2), ort_state, memory)
         np.testing.assert_allclose(step_logits, logits.numpy(), atol=1e-4)
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import Stubs, config
-from tiny_bundles import make_tiny_bundle
 
 from serving.runtime import LMRuntime
 from serving.server import ServerThread
+from tests.serving.serve_helpers import Stubs, config
+from tests.tiny_bundles import make_tiny_bundle
 
 
 @pytest.fixture(scope="session")

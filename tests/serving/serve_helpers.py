@@ -1,4 +1,4 @@
-"""Helpers shared by the server tests (imported by name: tests/serving is on sys.path)."""
+"""Helpers shared by the server tests (imported as tests.serving.serve_helpers)."""
 
 from __future__ import annotations
 

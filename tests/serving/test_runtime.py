@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_bundles import TINY_TEXT, train_tiny_model
 
 from lm.export import export_lm
 from lm.sampling import SamplingParams
 from serving.bundle import BundleError, write_manifest
 from serving.runtime import LMRuntime
+from tests.tiny_bundles import TINY_TEXT, train_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
 

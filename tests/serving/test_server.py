@@ -6,13 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import STATE_KEY, Stubs, config
 
 from lm.sampling import SamplingParams
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, sampling_options
 from serving.config import ServerConfig
 from serving.server import ServerThread
+from tests.serving.serve_helpers import STATE_KEY, Stubs, config
 
 PROMPT = "The Time Traveller"
 

@@ -11,12 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serve_helpers import STATE_KEY, Stubs, config
 
 from serving import state_token
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client
 from serving.server import ServerThread
+from tests.serving.serve_helpers import STATE_KEY, Stubs, config
 
 Code = grpc.StatusCode
 PROMPT = "The Time"

@@ -7,7 +7,6 @@ import threading
 
 import grpc
 import pytest
-from tiny_translators import tiny_sources, tiny_translator
 
 from seq2seq.cli import main as mt_main
 from serving.api.rnnlab.v1 import translation_pb2 as tpb
@@ -18,6 +17,7 @@ from serving.config import ServerConfig
 from serving.server import ServerThread
 from serving.translation_service import MAX_SENTENCES
 from serving.translator import SearchParams, Seq2SeqRuntime
+from tests.tiny_translators import tiny_sources, tiny_translator
 
 NAME = "tiny-mt"
 

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_translators import tiny_sources, tiny_translator
 
 from seq2seq import search as torch_search_module
 from seq2seq.run import load_run
 from serving.bundle import BundleError
 from serving.translator import SearchParams, Seq2SeqRuntime
+from tests.tiny_translators import tiny_sources, tiny_translator
 
 ROOT = Path(__file__).resolve().parents[2]
 
