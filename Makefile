@@ -30,10 +30,10 @@ install: ## install torch (CPU build) first, then rnnlab with every extra
 	@rm -f $(INSTALLED)
 	@$(MAKE) --no-print-directory $(INSTALLED)
 
-protos: $(INSTALLED) ## regenerate the gRPC stubs in serving/api from protos/
+protos: $(INSTALLED) ## regenerate the gRPC stubs in serving/api from protos/ (grpc_tools.protoc)
 	$(PYTHON) -m serving.protogen
 
-protos-check: $(INSTALLED) ## fail if the committed stubs differ from what protos/ generates
+protos-check: $(INSTALLED) ## fail if the committed stubs differ from what grpc_tools.protoc makes of protos/
 	$(PYTHON) -m serving.protogen --check
 
 data: $(INSTALLED) ## fetch every registered corpus into the cache (the mirror is tried first)
