@@ -15,9 +15,9 @@ order (score, then lower candidate index), the same handling of end tokens (only
 candidates), the same per-sentence length limit, the same GNMT length penalty and n-best ranking.
 Only the K*2K candidates that can reach a sentence's best 2K are scored: each row's 2K best tokens
 (the topk graph; a row's order by logit is its order by log-probability), so no (N,V) array is
-handled in numpy. ``SearchParams`` and ``Hypothesis`` repeat that module's definitions so that
-serving stays free of the training packages; tests/serving/test_translator.py checks that both agree
-on a trained model.
+handled in numpy. ``SearchParams``, ``Hypothesis``, the length penalty and the source normalisation
+are the torch-free ones of ``seq2seq.search`` and ``seq2seq.data``, shared with the torch decoder;
+tests/serving/test_translator.py checks that both searches agree on a trained model.
 
 Source text goes through the training normalisation (NFC, spaces) before sentencepiece, as in
 ``seq2seq.decode.Translator``.
@@ -25,8 +25,6 @@ Source text goes through the training normalisation (NFC, spaces) before sentenc
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,8 @@ import numpy as np
 import onnxruntime as ort
 
 from lm.tokenizers import SentencePieceTokenizer, load_tokenizer
+from seq2seq.data import normalize
+from seq2seq.search import Hypothesis, SearchParams, length_normalize
 from serving.bundle import BundleError, Manifest, load_manifest
 from serving.runtime import open_session
 
@@ -46,51 +46,6 @@ ENCODER_INPUTS, ENCODER_OUTPUTS = ("src", "src_len"), ("memory", "keys", "mask",
 DECODER_INPUTS, DECODER_OUTPUTS = ("prev", "state", "memory", "keys", "mask"), ("logits", "state_out")
 PLAIN_ENCODER_OUTPUTS, PLAIN_DECODER_INPUTS = ("memory", "mask", "state"), ("prev", "state", "memory")
 TOPK_INPUTS, TOPK_OUTPUTS = ("logits", "k"), ("log_probs", "ids")
-
-_SPACES = re.compile(r"\s+")
-_NBSP = str.maketrans({"\u00a0": " ", "\u202f": " ", "\u2007": " ", "\u2060": ""})
-
-
-def normalize(text: str, lowercase: bool = False) -> str:
-    """The training normalisation (seq2seq.data.normalize): NFC, no-break spaces, collapsed whitespace."""
-    text = unicodedata.normalize("NFC", text).translate(_NBSP)
-    text = _SPACES.sub(" ", text).strip()
-    return text.lower() if lowercase else text
-
-
-@dataclass(frozen=True)
-class SearchParams:
-    """Same fields and meaning as ``seq2seq.search.SearchParams``."""
-
-    beam: int = 1
-    length_penalty: float = 0.6
-    max_len_ratio: float = 2.0
-    max_len_extra: int = 10
-    max_len_cap: int = 200
-    n_best: int = 1
-    min_len: int = 1
-    """The end token is not allowed before this many tokens (its log-probability is -inf there)."""
-
-    def __post_init__(self) -> None:
-        if self.beam < 1 or not 1 <= self.n_best <= self.beam:
-            raise ValueError(f"need beam >= 1 and 1 <= n_best <= beam (got beam {self.beam}, "
-                             f"n_best {self.n_best})")
-        if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1 or self.min_len < 0:
-            raise ValueError("max_len_ratio and min_len must be >= 0, max_len_extra and max_len_cap >= 1")
-
-    def max_len(self, src_len: int) -> int:
-        """Most tokens (end token excluded) generated for a source of ``src_len`` tokens (EOS included)."""
-        return min(self.max_len_cap, int(self.max_len_ratio * src_len) + self.max_len_extra)
-
-
-@dataclass(frozen=True)
-class Hypothesis:
-    tokens: tuple[int, ...]
-    """Without BOS and EOS."""
-    score: float
-    """Sum of log-probabilities (of the end token too, when finished)."""
-    normalized: float
-    finished: bool
 
 
 @dataclass
@@ -104,10 +59,6 @@ class Translation:
     hypotheses: tuple[Hypothesis, ...] = ()
     source_tokens: int = 0
     """Source length in sentencepiece tokens, EOS not counted (0 when the line failed)."""
-
-
-def length_normalize(score: float, length: int, alpha: float) -> float:
-    return score / (((5.0 + length) / 6.0) ** alpha)
 
 
 def pad_batch(sources: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,5 @@
 """The torch-free translator over a bundle decides as the torch decoder does: greedy, beam, any batch."""
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -76,17 +75,6 @@ def test_bad_lines_fail_alone(tiny):
     assert re.fullmatch(r"too long: \d+ tokens \(limit 128\)", errors[3])
     assert results[0].text and results[1].text == ""
     assert results[0].source_tokens == len(runtime.src_tokenizer.encode("Hello."))
-
-
-def test_search_params_mirror_the_torch_ones():
-    ours = [(f.name, f.default) for f in dataclasses.fields(SearchParams)]
-    theirs = [(f.name, f.default) for f in dataclasses.fields(torch_search_module.SearchParams)]
-    assert ours == theirs
-    for length in (1, 7, 300):
-        assert SearchParams(max_len_ratio=1.5).max_len(length) == \
-            torch_search_module.SearchParams(max_len_ratio=1.5).max_len(length)
-    with pytest.raises(ValueError, match="n_best"):
-        SearchParams(beam=2, n_best=3)
 
 
 def test_corrupt_or_foreign_bundles_are_refused(tmp_path_factory, tmp_path, tiny_bundle):
