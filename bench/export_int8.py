@@ -1,8 +1,9 @@
-"""int8 (dynamic quantisation) vs fp32 bundles: file size, decode-step time and perplexity.
+"""int8 vs fp32 bundles: file size, decode-step time and perplexity.
 
 Trains a char model briefly on timemachine (or loads a run directory), exports it both ways, and
-measures in the same process: model.onnx size, one decode step at batch 1 and 64 (fp32 and int8
-calls interleaved, one thread, median of many reps) and test-split perplexity through the runtime.
+measures in the same process: graph sizes, one decode step at batch 1 and 64 (fp32 and int8 calls
+interleaved, and each back-to-back; one thread, median of many reps) and test-split perplexity through
+the runtime, over whole chunks (prefill graph) and token by token (decode graph).
 Writes bench/results/export_int8.json.
 
     python -m bench.export_int8 [--cells gru,lstm] [--train-seconds 60] [--run-dir RUN_DIR]
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from bench.export_step import interleaved
+from bench.export_step import alone, interleaved
 from lm.corpus import load_split
 from lm.export import export_lm
 from lm.model import RNNLM, ModelConfig
@@ -68,10 +69,15 @@ def step_times(model: RNNLM, a: LMRuntime, b: LMRuntime, batch: int, reps: int) 
     int8_step = ("int8", lambda: b.step(tokens, state))
     medians = interleaved(("fp32", lambda: a.step(tokens, state)), int8_step, reps)
     vs_torch = interleaved(int8_step, ("torch", torch_step), reps)
+    warm = {"fp32": alone(lambda: a.step(tokens, state), reps), "int8": alone(int8_step[1], reps),
+            "torch": alone(torch_step, reps)}
     return {"batch": batch, "fp32_us": round(medians["fp32"], 1), "int8_us": round(medians["int8"], 1),
             "ratio_int8_to_fp32": round(medians["int8"] / medians["fp32"], 3),
             "torch_eager_us": round(vs_torch["torch"], 1),
-            "ratio_int8_to_torch": round(vs_torch["int8"] / vs_torch["torch"], 3)}
+            "ratio_int8_to_torch": round(vs_torch["int8"] / vs_torch["torch"], 3),
+            "alone_us": {k: round(v, 1) for k, v in warm.items()},
+            "alone_ratio_int8_to_fp32": round(warm["int8"] / warm["fp32"], 3),
+            "alone_ratio_int8_to_torch": round(warm["int8"] / warm["torch"], 3)}
 
 
 def compare(model: RNNLM, tokenizer: Tokenizer, test_text: str, reps: int, tmp: Path) -> dict:

@@ -1,10 +1,12 @@
 """One decode step and prompt prefill: onnxruntime (exported bundle) vs eager torch on the same weights.
 
-2-layer GRU, hidden 256, 80-symbol vocabulary, one thread each. Calls are interleaved (ORT, torch,
-ORT, ...) in the same process and the medians of many repetitions compared, so machine load affects
-both sides alike. Writes bench/results/export_step.json.
+2-layer GRU, hidden 256, 80-symbol vocabulary. The step is timed with one thread on each side, then
+with two on each side (the B = 1 latency case of a single stream: with two cores the weights are
+split over two L2 caches). Calls are interleaved (ORT, torch, ORT, ...) in the same process and the
+medians of many repetitions compared, so machine load affects both sides alike; "alone" figures time
+back-to-back calls, as in a decode loop. Writes bench/results/export_step.json.
 
-    python -m bench.export_step [--reps 2000] [--cell gru]
+    python -m bench.export_step [--reps 2000] [--cell gru] [--threads 1,2]
 """
 
 from __future__ import annotations
@@ -63,12 +65,21 @@ def alone(fn: Callable[[], object], reps: int, warmup: int = 20) -> float:
     return statistics.median(times)
 
 
-def build(cell: str, vocab: int, hidden: int, layers: int, out: Path) -> tuple[RNNLM, LMRuntime]:
+def build(cell: str, vocab: int, hidden: int, layers: int, out: Path) -> tuple[RNNLM, Path]:
+    """A random model and its exported bundle directory."""
     torch.manual_seed(0)
     symbols = [chr(c) for c in range(32, 32 + vocab - 1)]
     tokenizer = CharTokenizer(Vocab(["<unk>", *symbols]))
     model = RNNLM(ModelConfig(vocab_size=vocab, cell=cell, layers=layers, embed=hidden, hidden=hidden)).eval()
-    return model, LMRuntime.load(export_lm(model, tokenizer, out), threads=1)
+    return model, export_lm(model, tokenizer, out)
+
+
+def threads_case(model: RNNLM, bundle: Path, threads: int, reps: int) -> dict:
+    """The decode step at batch 1 and 64 with ``threads`` on both sides."""
+    torch.set_num_threads(threads)
+    runtime = LMRuntime.load(bundle, threads=threads)
+    return {"threads": threads, "torch_threads": torch.get_num_threads(),
+            "step": [step_case(model, runtime, 1, reps), step_case(model, runtime, 64, max(50, reps // 8))]}
 
 
 def step_case(model: RNNLM, runtime: LMRuntime, batch: int, reps: int) -> dict:
@@ -123,22 +134,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=80)
     parser.add_argument("--reps", type=int, default=2000, help="repetitions of the batch-1 step")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (both sides)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        model, runtime = build(args.cell, args.vocab, args.hidden, args.layers, Path(tmp) / "bundle")
+        model, bundle = build(args.cell, args.vocab, args.hidden, args.layers, Path(tmp) / "bundle")
         result = {
             "model": {"cell": args.cell, "layers": args.layers, "hidden": args.hidden, "embed": args.hidden,
                       "vocab": args.vocab},
-            "threads": {"torch": torch.get_num_threads(), "ort_intra_op": 1},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
             "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-            "step": [step_case(model, runtime, 1, args.reps),
-                     step_case(model, runtime, 64, max(50, args.reps // 8))],
-            "prefill": prefill_case(model, runtime, 512, max(5, args.reps // 200)),
+            "by_threads": [threads_case(model, bundle, int(t), args.reps) for t in args.threads.split(",")],
         }
+        torch.set_num_threads(1)
+        result["prefill_threads"] = 1
+        result["prefill"] = prefill_case(model, LMRuntime.load(bundle, threads=1), 512,
+                                         max(5, args.reps // 200))
+        result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

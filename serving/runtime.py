@@ -2,8 +2,8 @@
 
 The step graph maps (tokens (B, T) int64, h (L, B, H) [, c (L, B, H)]) to (logits (B, T, V), h' [, c']).
 Inputs are validated here, before ``InferenceSession.run``, so bad ids or states raise a ValueError that
-names the tensor instead of failing inside onnxruntime. int8 GRU/RNN bundles add a "decode" graph for
-T = 1 (see lm/decode_graph.py); ``step`` picks it by itself.
+names the tensor instead of failing inside onnxruntime. Bundles may add a "decode" graph for T = 1 (see
+lm/decode_graph.py); ``step`` picks it by itself.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class LMRuntime:
 
     ``step`` is the batched primitive the server uses; ``prefill``/``generate``/``perplexity`` are the
     single-stream conveniences behind ``rnnlab-lm generate BUNDLE`` and the tests. A bundle may carry a
-    second graph, role "decode" (int8 GRU/RNN bundles), that ``step`` uses whenever T = 1.
+    second graph, role "decode", that ``step`` uses whenever T = 1.
     """
 
     def __init__(self, manifest: Manifest, session: ort.InferenceSession, threads: int = 1,
@@ -145,8 +145,9 @@ class LMRuntime:
         batch, time = tokens.shape
         if batch < 1 or time < 1:
             raise ValueError(f"tokens must have batch and time >= 1, got shape {tokens.shape}")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.vocab_size:
+        # Negative ids wrap to huge unsigned ones: one reduction checks both bounds (this runs every step).
+        if int(tokens.view(np.uint64).max()) >= self.vocab_size:
+            low, high = int(tokens.min()), int(tokens.max())
             bad = low if low < 0 else high
             raise ValueError(f"tokens: id {bad} out of range [0, {self.vocab_size})")
         if len(state) != len(self.state_names):
@@ -160,7 +161,8 @@ class LMRuntime:
     def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """tokens: (B, T) int64, state: list of (L, B, H) float32 -> (logits (B, T, V) float32, new state)."""
         self.validate(tokens, state)
-        feed = {"tokens": tokens, **dict(zip(self.state_names, state, strict=True))}
+        feed = dict(zip(self.state_names, state, strict=True))
+        feed["tokens"] = tokens
         session = self.session
         if tokens.shape[1] == 1 and self.decode_session is not None:
             session = self.decode_session

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -67,10 +68,10 @@ def test_manifest_describes_the_bundle(cell, tokenizer, tmp_path):
     assert data["special_ids"] == {"<unk>": 0}
     assert data["evaluation"] == {"perplexity": 9.5} and data["training_config"] == {"lr": 0.01}
     assert data["parity"]["max_abs_logits"] <= 1e-4 and data["parity"]["cases"] >= 12
-    decode = {"decode.onnx"} if cell in ("gru", "rnn_tanh", "rnn_relu") else set()
-    assert set(data["files"]) == {"model.onnx", "tokenizer.json", *decode}
-    if decode:  # the one-token graph passed the same check as the step graph
-        assert data["decode_parity"]["max_abs_logits"] <= 1e-4
+    assert set(data["files"]) == {"model.onnx", "decode.onnx", "tokenizer.json"}
+    # The one-token graph passed the same check as the step graph.
+    assert data["decode_parity"]["max_abs_logits"] <= 1e-4
+    assert data["decode_parity"]["max_abs_state"] <= 1e-4
     assert all(sha256_file(bundle / f) == h for f, h in data["files"].items())
     assert load_manifest(bundle).state_names == tuple(names)
 
@@ -142,14 +143,16 @@ def test_int8_bundle_is_smaller_and_close_in_perplexity(cell, tmp_path):
     assert quant["vs_torch_max_abs_logits"] > 0
 
 
-@pytest.mark.parametrize(("cell", "layers"), [("gru", 2), ("rnn_relu", 1)])
-def test_int8_gru_and_rnn_bundles_decode_with_a_hand_built_int8_graph(cell, layers, tmp_path):
+@pytest.mark.parametrize(("cell", "layers"), [("gru", 2), ("lstm", 2), ("rnn_relu", 1)])
+def test_int8_bundles_decode_with_int8_matmuls(cell, layers, tmp_path):
     model, tokenizer = train_tiny_model(cell, layers=layers, hidden=48, embed=24, steps=80)
     runtime = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "int8", quantize="int8"))
     assert runtime.manifest.graphs == {"step": "model.onnx", "decode": "decode.onnx"}
     quant = runtime.manifest.data["quantization"]
     assert runtime.manifest.data["decode_parity"]["max_abs_logits"] <= 1e-4  # checked before quantising
     assert quant["decode"]["int8_bytes"] < quant["decode"]["fp32_bytes"] / 2
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "int8" / "decode.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 2 * layers and "MatMul" not in ops  # every weight matrix is int8
     # T = 1 runs the decode graph, T > 1 the step graph: both approximate the torch model.
     tokens = np.array([tokenizer.encode("The fire burned")], dtype=np.int64)
     _, prefilled = runtime.step(tokens[:, :-1], runtime.init_state(1))
