@@ -3,10 +3,12 @@
     python -m bench.mt_serve --run runs/mt-fra-eng [--sentences 400] [--clients 16]
 
 1. Export the run (``seq2seq.export``), then translate the first N test-split source sentences:
-   torch (``seq2seq.decode``) vs onnxruntime (``serving.translator``), same batches of 64 sentences,
-   greedy and beam 4/5, one thread each; plus the batch job (``seq2seq.batch_job``, token batches,
-   bundle loading and output fsync included) on the same sentences as a file; outputs compared
-   sentence by sentence. Runs are interleaved and the best of three is kept (shared machine).
+   torch (``seq2seq.decode``: eager ``decode_step`` under inference_mode) vs onnxruntime
+   (``serving.translator``), both through the same search (``seq2seq.search``) and front end
+   (``seq2seq.frontend``), same batches of 64 sentences, greedy and beam 4/5, one thread each; plus the
+   batch job (``seq2seq.batch_job``, token batches, bundle loading and output fsync included) on the
+   same sentences as a file; outputs compared sentence by sentence. Runs are interleaved and the best
+   of three is kept (shared machine).
 2. A real ``rnnlab-serve`` process over the bundle, 16 client threads sending Translate calls (1 and
    8 sentences per call, beam 4): sentences/s and per-call p50/p99 latency, beside the local job.
 """
@@ -46,9 +48,9 @@ def timed(fn) -> tuple[float, object]:
 
 
 def local_figures(run, bundle: Path, texts: list[str], beams: list[int], work: Path) -> dict:
-    import seq2seq.search as torch_search
     from seq2seq.batch_job import JobConfig, run_job
-    from serving.translator import SearchParams, Seq2SeqRuntime
+    from seq2seq.search import SearchParams
+    from serving.translator import Seq2SeqRuntime
 
     runtime = Seq2SeqRuntime.load(bundle, threads=1)
     torch_translator = run.translator()
@@ -61,10 +63,9 @@ def local_figures(run, bundle: Path, texts: list[str], beams: list[int], work: P
         out = work / f"job.{label}.txt"
         job = JobConfig(input=str(source), output=str(out), bundle=str(bundle), beam=beam, progress=False)
         for _ in range(REPEATS):  # interleaved, best of REPEATS: the machine is shared
-            seconds, theirs = timed(lambda b=beam: torch_translator.translate(
-                texts, torch_search.SearchParams(beam=b), batch_size=64))
+            seconds, theirs = timed(lambda b=beam: torch_translator.translate(texts, SearchParams(b), 64))
             torch_times.append(seconds)
-            seconds, ours = timed(lambda b=beam: runtime.translate(texts, SearchParams(beam=b), 64))
+            seconds, ours = timed(lambda b=beam: runtime.translate(texts, SearchParams(b), 64))
             ort_times.append(seconds)
             job_times.append(timed(lambda j=job: run_job(j))[0])
         torch_s, ort_s, job_s = min(torch_times), min(ort_times), min(job_times)

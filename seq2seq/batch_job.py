@@ -115,42 +115,11 @@ def local_backend(config: JobConfig) -> tuple[Backend, str]:
     params = config.params()
 
     def translate(texts: list[str]) -> list[Translation]:
-        return translate_by_tokens(runtime, texts, params, config.batch_tokens)
+        # length-sorted batches of at most batch_tokens (sentences x longest source)
+        return runtime.translate(texts, params, batch_tokens=config.batch_tokens)
 
     digest = hashlib.sha256((Path(config.bundle) / "manifest.json").read_bytes()).hexdigest()
     return translate, f"bundle:{digest}"
-
-
-def translate_by_tokens(runtime: Seq2SeqRuntime, texts: list[str], params: SearchParams, batch_tokens: int,
-                        ) -> list[Translation]:
-    """Texts sorted by source length, in batches of at most ``batch_tokens`` (sentences x longest)."""
-    results: list[Translation | None] = [None] * len(texts)
-    encoded = {}
-    for i, text in enumerate(texts):
-        try:
-            encoded[i] = runtime.encode_source(text)
-        except ValueError as exc:
-            results[i] = Translation("", [], str(exc))
-    order = sorted(encoded, key=lambda i: (len(encoded[i][0]), i))
-    for batch in token_batches(order, [len(encoded[i][0]) for i in order], batch_tokens):
-        hyps = runtime.search_batch([encoded[i][0] for i in batch], params)
-        for i, sentence_hyps in zip(batch, hyps, strict=True):
-            ids, warning = encoded[i]
-            results[i] = runtime.finish(sentence_hyps, len(ids) - 1, warning)
-    return results  # type: ignore[return-value]
-
-
-def token_batches(order: list[int], lengths: list[int], batch_tokens: int) -> Iterator[list[int]]:
-    """Cuts length-sorted items into batches whose size x longest length stays within the budget
-    (a single longer item still gets a batch of its own)."""
-    batch: list[int] = []
-    for index, length in zip(order, lengths, strict=True):
-        if batch and (len(batch) + 1) * length > batch_tokens:
-            yield batch
-            batch = []
-        batch.append(index)
-    if batch:
-        yield batch
 
 
 def remote_backend(config: JobConfig) -> tuple[Backend, str]:

@@ -1,51 +1,77 @@
-"""Translating text with the PyTorch model: batching, the torch step decoder, greedy and beam search.
+"""Translating with the PyTorch model: the torch step decoder behind the shared search and front end.
 
-The search itself lives in ``seq2seq.search`` (numpy); here the model is wrapped as a ``StepDecoder``.
-Sentences are decoded in batches of similar length (less padding), and the results are put back in
-input order; a sentence's result does not depend on its batch (see ``seq2seq.search``).
+The search lives in ``seq2seq.search`` (numpy) and the text front end in ``seq2seq.frontend``; here
+``Seq2Seq.decode_step`` is wrapped as a ``StepDecoder`` (eager, ``torch.inference_mode``), so the torch
+translator and the onnxruntime one (``serving.translator``) take the same decisions by construction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lm.tokenizers import SentencePieceTokenizer
+from seq2seq import frontend
+from seq2seq.frontend import BOS, EOS, TextTranslator, Translation
 from seq2seq.model import Seq2Seq
 from seq2seq.search import Hypothesis, SearchParams, beam_search, greedy_search
 
-BOS, EOS = "<bos>", "<eos>"
+__all__ = ["BOS", "EOS", "TorchStepDecoder", "Translation", "Translator", "pad_batch", "search",
+           "search_batch"]
+
+TorchMemory = tuple[Tensor, Tensor]
+"""(enc_out (N,M,E'), mask (N,M) bool), as ``Seq2Seq.encode`` returns them."""
 
 
 class TorchStepDecoder:
-    """``StepDecoder`` over ``Seq2Seq.decode_step``: state (L,N,H) tensor, memory (enc_out, mask)."""
+    """``StepDecoder`` over ``Seq2Seq.decode_step``: state (L,N,H) tensor, memory (enc_out, mask) with a
+    row per sentence; ``decode_step`` wants a row per decoder row, so the memory is repeated R times
+    (and the repetition kept until the search hands over another memory)."""
 
     def __init__(self, model: Seq2Seq) -> None:
         self.model = model
+        self._source: TorchMemory | None = None
+        self._repeated: TorchMemory = (torch.empty(0), torch.empty(0))
 
-    def step(self, prev: np.ndarray, state: Tensor, memory: tuple[Tensor, Tensor]
-             ) -> tuple[np.ndarray, Tensor]:
+    def step(self, prev: np.ndarray, state: Tensor, memory: TorchMemory, k: int,
+             ) -> tuple[np.ndarray, np.ndarray, Tensor]:
+        """prev (N,) int64 -> each row's min(k, V) best log-probabilities (N,k) float64 and ids (N,k)."""
         with torch.inference_mode():
-            logits, state = self.model.decode_step(torch.from_numpy(prev), state, *memory)
-        return logits.numpy(), state
+            enc_out, mask = self._rows(memory, len(prev))
+            logits, state = self.model.decode_step(torch.from_numpy(prev), state, enc_out, mask)
+            # top-k of the logits, then only those k log-probabilities: no (N,V) log-softmax is written
+            top, ids = logits.topk(min(k, logits.shape[1]), dim=1)
+            log_probs = top - logits.logsumexp(dim=1, keepdim=True)
+        return log_probs.numpy().astype(np.float64), ids.numpy(), state
 
-    def select(self, state: Tensor, memory: tuple[Tensor, Tensor], rows: np.ndarray
-               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        index = torch.from_numpy(rows)
+    def _rows(self, memory: TorchMemory, rows: int) -> TorchMemory:
+        """The memory (n sentences) repeated for ``rows`` = n * R decoder rows."""
+        per_sentence = rows // len(memory[0])
+        if per_sentence == 1:
+            return memory
+        if self._source is not memory or len(self._repeated[0]) != rows:
+            enc_out, mask = memory
+            self._source = memory
+            self._repeated = (enc_out.repeat_interleave(per_sentence, dim=0),
+                              mask.repeat_interleave(per_sentence, dim=0))
+        return self._repeated
+
+    def select_state(self, state: Tensor, rows: np.ndarray) -> Tensor:
+        return state.index_select(1, torch.from_numpy(rows))
+
+    def select_memory(self, memory: TorchMemory, sentences: np.ndarray) -> TorchMemory:
+        index = torch.from_numpy(sentences)
         enc_out, mask = memory
-        return state.index_select(1, index), (enc_out.index_select(0, index), mask.index_select(0, index))
+        return enc_out.index_select(0, index), mask.index_select(0, index)
 
 
 def pad_batch(sequences: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     """-> ids (B, max len) int64 padded with ``pad``, lengths (B,) int64."""
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
-    ids = torch.full((len(sequences), int(lengths.max())), pad, dtype=torch.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
-    return ids, lengths
+    ids, lengths = frontend.pad_batch(sequences, pad)
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 @torch.inference_mode()
@@ -65,71 +91,22 @@ def search(model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: 
     """Any number of sources, decoded in length-sorted batches; results in input order."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(sources)), key=lambda i: (len(sources[i]), i))
     results: list[list[Hypothesis]] = [[] for _ in sources]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        hyps = search_batch(model, [sources[i] for i in chunk], params, bos, eos)
-        for index, sentence_hyps in zip(chunk, hyps, strict=True):
-            results[index] = sentence_hyps
+    for batch in frontend.sorted_batches(sources, batch_size):
+        for index, hyps in zip(batch, search_batch(model, [sources[i] for i in batch], params, bos, eos),
+                               strict=True):
+            results[index] = hyps
     model.train(was_training)
     return results
 
 
-@dataclass
-class Translation:
-    text: str
-    """The best hypothesis, detokenised ("" when the line failed)."""
-    n_best: list[tuple[str, float]]
-    """(text, normalised score) best first; empty when the line failed."""
-    error: str | None = None
-    warning: str | None = None
-    """Set when the line was translated despite a problem (characters never seen in training)."""
-
-
-class Translator:
-    """Text in, text out: tokenisation, length checks, search, detokenisation."""
+class Translator(TextTranslator):
+    """Text in, text out over the torch model (eval mode)."""
 
     def __init__(self, model: Seq2Seq, src_tok: SentencePieceTokenizer, tgt_tok: SentencePieceTokenizer,
-                 max_src_tokens: int = 100, normalize_fn=None) -> None:
-        self.model, self.src_tok, self.tgt_tok = model, src_tok, tgt_tok
-        self.max_src_tokens = max_src_tokens
-        self.normalize_fn = normalize_fn
-        self.bos, self.eos = tgt_tok.special_ids[BOS], tgt_tok.special_ids[EOS]
-        self.src_eos = src_tok.special_ids[EOS]
-        self.unk = src_tok.special_ids["<unk>"]
+                 max_src_tokens: int = 100, normalize_fn: Callable[[str], str] | None = None) -> None:
+        super().__init__(src_tok, tgt_tok, max_src_tokens, normalize_fn)
+        self.model = model
 
-    def encode_source(self, text: str) -> tuple[list[int], str | None]:
-        """Text -> (normalised ids + EOS, warning or None); raises ValueError (one line) for a bad line."""
-        if self.normalize_fn is not None:
-            text = self.normalize_fn(text)
-        if not text:
-            raise ValueError("empty line")
-        pieces = self.src_tok.sp.encode(text, out_type=str)
-        ids = self.src_tok.encode(text)
-        if len(ids) > self.max_src_tokens:
-            raise ValueError(f"too long: {len(ids)} tokens (limit {self.max_src_tokens})")
-        unknown = [piece for piece, i in zip(pieces, ids, strict=True) if i == self.unk]
-        warning = f"unknown to the model, translated as <unk>: {' '.join(unknown)!r}" if unknown else None
-        return [*ids, self.src_eos], warning
-
-    def translate(self, texts: list[str], params: SearchParams | None = None, batch_size: int = 64,
-                  ) -> list[Translation]:
-        """One Translation per text, failures included (``error`` set, empty text); greedy by default."""
-        params = params or SearchParams()
-        results: list[Translation | None] = [None] * len(texts)
-        good, sources, warnings = [], [], []
-        for i, text in enumerate(texts):
-            try:
-                ids, warning = self.encode_source(text)
-            except ValueError as exc:
-                results[i] = Translation("", [], str(exc))
-                continue
-            good.append(i)
-            sources.append(ids)
-            warnings.append(warning)
-        found = search(self.model, sources, params, self.bos, self.eos, batch_size)
-        for i, hyps, warning in zip(good, found, warnings, strict=True):
-            n_best = [(self.tgt_tok.decode(list(h.tokens)), h.normalized) for h in hyps]
-            results[i] = Translation(n_best[0][0], n_best, warning=warning)
-        return results  # type: ignore[return-value]
+    def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
+        return search(self.model, sources, params, self.bos, self.eos, batch_size=len(sources))

@@ -4,21 +4,24 @@ Two graphs, both from the legacy (TorchScript) exporter: a bidirectional GRU get
 frozen by the dynamo exporter (DESIGN.md, known pitfalls), and the legacy one turns the encoder's
 packed sequences into the ONNX GRU's ``sequence_lens``::
 
-    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> memory (B,M,C), keys (B,M,A), mask (B,M) bool,
-                                                            state (L,B,H)
-    decoder_step.onnx  prev (B,) int64, state (L,B,H), memory, keys, mask -> logits (B,V), state_out (L,B,H)
+    encoder.onnx       src (B,S) int64, src_len (B,) int64 -> projected_memory (B,M,G), keys (B,M,A),
+                                                               mask (B,M) bool, state (L,B,H)
+    decoder_step.onnx  prev (N,) int64, k (1,) int64, state (L,N,H), projected_memory, keys, mask (n rows)
+                           -> log_probs (N,k), ids (N,k) int64 (best first), state_out (L,N,H)
 
-``keys`` are the projected attention keys, computed once per sentence by the encoder (the model's
-``encode`` returns them inside ``enc_out``; the graphs keep them apart, because slicing them out of
-``enc_out`` in every step costs onnxruntime a copy, ~15 % of a step). Without attention the memory is
-one slot, and there are no keys and no decoder mask input. A third, tiny graph, ``topk.onnx`` (built
-with onnx.helper), gives the search each row's k best tokens and their log-probabilities, so the
-runtime never handles (rows, vocabulary) arrays in numpy.
+They compute the model's ``encode`` and ``decode_step`` rearranged for inference (see
+``context_weight``, ``token_table`` and ``DecoderStepGraph``): keys and the decoder's context products
+are computed once per memory slot in the encoder, the previous token's input products are a table
+row, and the step ends with each row's k best tokens, so the search never handles (rows, vocabulary)
+arrays. The memory has one row per sentence; the N decoder rows are N / n consecutive rows per
+sentence (a beam's K rows). Without attention the memory is one slot, and there are no keys and no
+mask inputs.
 
 Before anything is published: (1) both graphs are run in onnxruntime against torch at several batch
-sizes and source lengths (logits, states and encoder outputs within ``PARITY_TOLERANCE``), and (2) the
-onnxruntime translator and the torch decoder translate sample sentences greedily and with a beam, and
-must produce identical tokens. Otherwise ExportError says by how much, and nothing is written.
+sizes and source lengths (every token's log-probability, states and encoder outputs within
+``PARITY_TOLERANCE``), and (2) the onnxruntime translator and the torch decoder translate sample
+sentences greedily and with a beam, and must produce identical tokens. Otherwise ExportError says by
+how much, and nothing is written.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lm.export import OPSET, PARITY_TOLERANCE, ExportError
 from lm.tokenizers import save_tokenizer
@@ -54,15 +58,10 @@ from serving.translator import (
     ENCODER_OUTPUTS,
     PLAIN_DECODER_INPUTS,
     PLAIN_ENCODER_OUTPUTS,
-    TOPK,
-    TOPK_INPUTS,
-    TOPK_OUTPUTS,
     Seq2SeqRuntime,
 )
-from serving.translator import SearchParams as OrtSearchParams
 
-ENCODER_FILE, DECODER_FILE, TOPK_FILE = "encoder.onnx", "decoder_step.onnx", "topk.onnx"
-IR_VERSION = 8  # onnx.helper's default IR version is newer than some onnxruntime releases accept
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
 SRC_TOKENIZER_FILE, TGT_TOKENIZER_FILE = "src_tokenizer.json", "tgt_tokenizer.json"
 # (batch, source length) of the graph parity cases; lengths inside a batch vary down to 1.
 PARITY_SHAPES = ((1, 1), (1, 9), (3, 5), (4, 17), (8, 30))
@@ -79,43 +78,120 @@ class ParityReport:
     """Worst absolute differences between onnxruntime and torch over all graph cases."""
 
     max_abs_encoder: float
-    max_abs_logits: float
+    max_abs_log_probs: float
     max_abs_state: float
     worst_case: str
     cases: int
 
     @property
     def worst(self) -> float:
-        return max(self.max_abs_encoder, self.max_abs_logits, self.max_abs_state)
+        return max(self.max_abs_encoder, self.max_abs_log_probs, self.max_abs_state)
 
     def to_dict(self) -> dict:
-        return {"max_abs_encoder": self.max_abs_encoder, "max_abs_logits": self.max_abs_logits,
+        return {"max_abs_encoder": self.max_abs_encoder, "max_abs_log_probs": self.max_abs_log_probs,
                 "max_abs_state": self.max_abs_state, "worst_case": self.worst_case, "cases": self.cases}
 
 
+def context_weight(model: Seq2Seq) -> Tensor:
+    """(G, C), G = 3H + R: the decoder's weights on its context (C features): the first GRU layer's
+    input gates, then the read-out. Both are linear in the context, and the context is an attention-
+    weighted sum of memory slots, so the graphs apply them to every memory slot once per sentence
+    (encoder) instead of to the context at every step."""
+    c, decoder = model.config, model.decoder
+    readout = model.readout.weight[:, c.dec_hidden:c.dec_hidden + c.memory_features]
+    return torch.cat([decoder.weight_ih_l0[:, c.embed:], readout], dim=0).detach().clone()
+
+
+def token_table(model: Seq2Seq) -> Tensor:
+    """(V, G): per previous token, its embedding times the first GRU layer's input weights plus that
+    layer's input bias, and times the read-out's weights plus its bias (a gather instead of two
+    matrix products per step)."""
+    c, decoder = model.config, model.decoder
+    embedding = model.tgt_embed.weight
+    gates = embedding @ decoder.weight_ih_l0[:, :c.embed].t() + decoder.bias_ih_l0
+    readout = embedding @ model.readout.weight[:, c.dec_hidden + c.memory_features:].t() + model.readout.bias
+    return torch.cat([gates, readout], dim=1).detach().clone()
+
+
 class EncoderGraph(nn.Module):
+    """``Seq2Seq.encode`` with the memory projected by ``context_weight``."""
+
     def __init__(self, model: Seq2Seq) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("context_weight", context_weight(model))
 
     def forward(self, src: Tensor, src_len: Tensor) -> tuple[Tensor, ...]:
+        """src (B,S), src_len (B,) -> projected_memory (B,M,G) [, keys (B,M,A), mask (B,M)], state (L,B,H)."""
         enc_out, mask, state = self.model.encode(src, src_len)
         memory, keys = self.model._split(enc_out)
-        return (memory, mask, state) if keys is None else (memory, keys, mask, state)
+        projected = memory @ self.context_weight.t()
+        return (projected, state) if keys is None else (projected, keys, mask, state)
+
+
+def _gru_cell(gates_in: Tensor, gates_h: Tensor, h: Tensor) -> Tensor:
+    """torch.nn.GRU's cell: gates_in (N,3H) = W_ih x + b_ih, gates_h (N,3H) = W_hh h + b_hh, h (N,H)
+    -> h' (N,H)."""
+    in_r, in_z, in_n = gates_in.chunk(3, dim=1)
+    h_r, h_z, h_n = gates_h.chunk(3, dim=1)
+    reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
+    return (1 - update) * torch.tanh(in_n + reset * h_n) + update * h
 
 
 class DecoderStepGraph(nn.Module):
-    """``Seq2Seq.decode_step`` (eval mode) on memory and keys passed apart."""
+    """``Seq2Seq.decode_step`` (eval mode) then each row's k best tokens, over ``EncoderGraph``'s outputs.
+
+    The same function as the model's step, computed with fewer multiplications: the token's share of
+    the first GRU layer's input gates and of the read-out is a row of ``token_table``; the context's
+    share is the attention-weighted sum of the projected memory slots; the top layer's recurrent gates
+    and the attention query are one product (both read the previous top state). The memory has a row
+    per sentence and the N decoder rows are R consecutive rows per sentence (a beam's rows read their
+    sentence's memory in one batched product). No (N,V) array leaves the graph.
+    """
 
     def __init__(self, model: Seq2Seq) -> None:
         super().__init__()
         self.model = model
+        c, gru = model.config, model.decoder
+        top = c.layers - 1
+        self.register_buffer("token_table", token_table(model))
+        self.register_buffer("readout_state", model.readout.weight[:, :c.dec_hidden].detach().clone())
+        query_weight, query_bias = [], []
+        if model.attention is not None:
+            query_weight, query_bias = [model.attention.query.weight], [model.attention.query.bias]
+        top_weight = torch.cat([getattr(gru, f"weight_hh_l{top}"), *query_weight])
+        self.register_buffer("top_weight", top_weight.detach().clone())
+        top_bias = torch.cat([getattr(gru, f"bias_hh_l{top}"), *query_bias])
+        self.register_buffer("top_bias", top_bias.detach().clone())
 
-    def forward(self, prev: Tensor, state: Tensor, memory: Tensor, keys: Tensor | None = None,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        embedded = self.model.tgt_embed(prev)
-        output, context, state = self.model._step(embedded, state, memory, keys, mask)
-        return self.model._readout(output, context, embedded), state
+    def forward(self, prev: Tensor, k: Tensor, state: Tensor, projected: Tensor, keys: Tensor | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """prev (N,) int64, k (1,) int64, state (L,N,H), projected (n,M,G) [, keys (n,M,A), mask (n,M)]
+        with N = n * R -> log_probs (N,k) f32, ids (N,k) int64 (best first), state_out (L,N,H)."""
+        model, c = self.model, self.model.config
+        gates, sentences = 3 * c.dec_hidden, projected.shape[0]
+        top = F.linear(state[-1], self.top_weight, self.top_bias)  # (N, 3H [+ A])
+        if keys is None or mask is None or model.attention is None:
+            context = projected  # (n,1,G): the one memory slot, for all R rows
+        else:
+            query = top[:, gates:].reshape(sentences, -1, 1, c.attn_dim)  # (n,R,1,A)
+            scores = model.attention.score(torch.tanh(keys.unsqueeze(1) + query)).squeeze(3)  # (n,R,M)
+            weights = torch.softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=2)
+            context = torch.bmm(weights, projected)  # (n,R,G)
+        mixed = (self.token_table[prev].reshape(sentences, -1, context.shape[2]) + context).reshape(
+            prev.shape[0], -1)
+        gates_in, readout_in = mixed[:, :gates], mixed[:, gates:]
+        states, gru = [], model.decoder
+        for layer in range(c.layers):
+            if layer:
+                gates_in = F.linear(states[-1], getattr(gru, f"weight_ih_l{layer}"),
+                                    getattr(gru, f"bias_ih_l{layer}"))
+            gates_h = top[:, :gates] if layer == c.layers - 1 else F.linear(
+                state[layer], getattr(gru, f"weight_hh_l{layer}"), getattr(gru, f"bias_hh_l{layer}"))
+            states.append(_gru_cell(gates_in, gates_h, state[layer]))
+        logits = model.out(torch.tanh(readout_in + states[-1] @ self.readout_state.t()))
+        ids = logits.topk(k, dim=1).indices  # type: ignore[call-overload]  # k: a graph input
+        return torch.log_softmax(logits, dim=1).gather(1, ids), ids, torch.stack(states)
 
 
 def graph_names(model: Seq2Seq) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -149,45 +225,25 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...],
 
 
 def export_graphs(model: Seq2Seq, encoder_path: Path, decoder_path: Path) -> None:
-    """Writes both graphs of an eval-mode model, with dynamic batch, source length and memory axes."""
+    """Writes both graphs of an eval-mode model, with dynamic batch, source length, memory and k axes."""
     src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]], dtype=torch.int64).clamp_(max=model.config.src_vocab - 1)
     src_len = torch.tensor([4, 2], dtype=torch.int64)
     encoder_outputs, decoder_inputs = graph_names(model)
-    memory = {name: {0: "batch", 1: "memory"} for name in ("memory", "keys", "mask")}
+    memory_names = ("projected_memory", "keys", "mask")
     _export(EncoderGraph(model), (src, src_len), encoder_path, ENCODER_INPUTS, encoder_outputs,
             {"src": {0: "batch", 1: "src_time"}, "src_len": {0: "batch"}, "state": {1: "batch"},
-             **{name: memory[name] for name in encoder_outputs if name in memory}})
+             **{name: {0: "batch", 1: "memory"} for name in encoder_outputs if name in memory_names}})
     with torch.no_grad():
         outputs = dict(zip(encoder_outputs, EncoderGraph(model)(src, src_len), strict=True))
-    prev = torch.tensor([2, 2], dtype=torch.int64)
-    args = (prev, *(outputs[name] for name in decoder_inputs[1:]))
-    _export(DecoderStepGraph(model), args, decoder_path, decoder_inputs, DECODER_OUTPUTS,
-            {"prev": {0: "batch"}, "state": {1: "batch"}, "logits": {0: "batch"}, "state_out": {1: "batch"},
-             **{name: memory[name] for name in decoder_inputs if name in memory}})
-
-
-def build_topk_graph(path: Path, vocab: int) -> None:
-    """The search's candidate graph: logits (N,V), k (1,) -> log_probs (N,k), ids (N,k).
-
-    TopK runs on the logits (a row's order by logit is its order by log-probability; ties: lower id
-    first, as the torch search's lexsort), and the ids' LogSoftmax values are gathered.
-    """
-    from onnx import TensorProto, helper
-
-    logits, k = TOPK_INPUTS
-    log_probs, ids = TOPK_OUTPUTS
-    nodes = [helper.make_node("TopK", [logits, k], ["top_logits", ids], axis=1, largest=1, sorted=1),
-             helper.make_node("LogSoftmax", [logits], ["all_log_probs"], axis=1),
-             helper.make_node("GatherElements", ["all_log_probs", ids], [log_probs], axis=1)]
-    graph = helper.make_graph(
-        nodes, "topk", [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", vocab]),
-                        helper.make_tensor_value_info(k, TensorProto.INT64, [1])],
-        [helper.make_tensor_value_info(log_probs, TensorProto.FLOAT, ["batch", "k"]),
-         helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "k"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-                              producer_name="rnnlab seq2seq.export")
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    outputs["prev"] = torch.tensor([2, 2], dtype=torch.int64)
+    outputs["k"] = torch.tensor([2], dtype=torch.int64)
+    _export(DecoderStepGraph(model), tuple(outputs[name] for name in decoder_inputs), decoder_path,
+            decoder_inputs, DECODER_OUTPUTS,
+            {"prev": {0: "batch"}, "state": {1: "batch"}, "state_out": {1: "batch"},
+             "log_probs": {0: "batch", 1: "k"}, "ids": {0: "batch", 1: "k"},
+             # a row per sentence, not per decoder row: an axis of its own, or onnxruntime would take
+             # the two for equal and simplify the per-sentence reshapes away
+             **{name: {0: "sentences", 1: "memory"} for name in decoder_inputs if name in memory_names}})
 
 
 def _max_diff(got: np.ndarray, want: Tensor) -> float:
@@ -201,12 +257,14 @@ def _max_diff(got: np.ndarray, want: Tensor) -> float:
 def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
                  shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES, seed: int = 0) -> ParityReport:
     """Random sources of each (batch, length) with varied lengths, then PARITY_STEPS decoder steps fed
-    the torch encoder's outputs and random previous tokens; max abs differences per tensor kind."""
+    the torch encoder's outputs and random previous tokens; max abs differences per tensor kind. The
+    decoder graph is asked for all V tokens, so every log-probability is compared with torch's."""
     encoder, decoder = open_session(encoder_path), open_session(decoder_path)
     encoder_outputs, decoder_inputs = graph_names(model)
     config = model.config
+    weight = context_weight(model)
     gen = torch.Generator().manual_seed(seed)
-    worst = {"encoder": 0.0, "logits": 0.0, "state": 0.0}
+    worst = {"encoder": 0.0, "log_probs": 0.0, "state": 0.0}
     worst_case, worst_value, cases = "", -1.0, 0
     for batch, length in shapes:
         src_len = torch.randint(1, length + 1, (batch,), generator=gen)
@@ -215,28 +273,30 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
         src = src.masked_fill(torch.arange(length)[None, :] >= src_len[:, None], config.pad_id)
         with torch.no_grad():
             enc_out, mask, state = model.encode(src, src_len)
-        memory, keys = model._split(enc_out)
-        want = {"memory": memory, "keys": keys, "mask": mask, "state": state}
+            memory, keys = model._split(enc_out)
+            want = {"projected_memory": memory @ weight.t(), "keys": keys, "mask": mask, "state": state,
+                    "k": torch.tensor([config.tgt_vocab])}
         got = dict(zip(encoder_outputs, encoder.run(None, {"src": src.numpy(), "src_len": src_len.numpy()}),
                        strict=True))
         diffs = {"encoder": max(0.0 if np.array_equal(got[name], want[name].numpy()) else np.inf
                                 if name == "mask" else _max_diff(got[name], want[name]) for name in got)}
-        diffs["logits"] = diffs["state"] = 0.0
+        diffs["log_probs"] = diffs["state"] = 0.0
         for _ in range(PARITY_STEPS):
             prev = torch.randint(0, config.tgt_vocab, (batch,), generator=gen)
             with torch.no_grad():
                 logits, new_state = model.decode_step(prev, state, enc_out, mask)
             feed = {**want, "prev": prev, "state": state}
-            out = decoder.run(None, {name: feed[name].numpy() for name in decoder_inputs})
-            diffs["logits"] = max(diffs["logits"], _max_diff(out[0], logits))
-            diffs["state"] = max(diffs["state"], _max_diff(out[1], new_state))
+            log_probs, ids, out_state = decoder.run(None, {n: feed[n].numpy() for n in decoder_inputs})
+            want_log_probs = torch.log_softmax(logits, dim=1).gather(1, torch.from_numpy(ids))
+            diffs["log_probs"] = max(diffs["log_probs"], _max_diff(log_probs, want_log_probs))
+            diffs["state"] = max(diffs["state"], _max_diff(out_state, new_state))
             state = new_state
         cases += 1
         for key, value in diffs.items():
             worst[key] = max(worst[key], value)
         if max(diffs.values()) > worst_value:
             worst_value, worst_case = max(diffs.values()), f"B={batch} S={length}"
-    return ParityReport(worst["encoder"], worst["logits"], worst["state"], worst_case, cases)
+    return ParityReport(worst["encoder"], worst["log_probs"], worst["state"], worst_case, cases)
 
 
 def check_search(model: Seq2Seq, runtime: Seq2SeqRuntime, sentences: list[str], beam: int = SEARCH_BEAM,
@@ -253,7 +313,7 @@ def check_search(model: Seq2Seq, runtime: Seq2SeqRuntime, sentences: list[str], 
         raise ExportError("no usable sentence for the search check (all empty or too long)")
     report: dict = {"sentences": len(sources), "beam": beam}
     for label, k in (("greedy", 1), ("beam", beam)):
-        ours = runtime.search(sources, OrtSearchParams(beam=k, n_best=k))
+        ours = runtime.search(sources, SearchParams(beam=k, n_best=k))
         theirs = torch_search(model, sources, SearchParams(beam=k, n_best=k), runtime.bos, runtime.eos)
         differ = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
                   if [h.tokens for h in a] != [h.tokens for h in b]]
@@ -277,20 +337,21 @@ def _signatures(model: Seq2Seq) -> dict:
     c = model.config
     encoder_outputs, decoder_inputs = graph_names(model)
     tensors = {"src": (["batch", "src_time"], "int64"), "src_len": (["batch"], "int64"),
-               "memory": (["batch", "memory", c.memory_features], "float32"),
+               "projected_memory": (["batch", "memory", 3 * c.dec_hidden + c.embed], "float32"),
                "keys": (["batch", "memory", c.attn_dim], "float32"), "mask": (["batch", "memory"], "bool"),
                "state": ([c.layers, "batch", c.dec_hidden], "float32"), "prev": (["batch"], "int64"),
-               "logits": (["batch", c.tgt_vocab], "float32"),
+               "k": ([1], "int64"), "log_probs": (["batch", "k"], "float32"),
+               "ids": (["batch", "k"], "int64"),
                "state_out": ([c.layers, "batch", c.dec_hidden], "float32")}
 
-    def t(name: str, shape: list | None = None, dtype: str = "float32") -> dict:
-        shape, dtype = (shape, dtype) if shape is not None else tensors[name]
-        return {"name": name, "shape": shape, "dtype": dtype}
+    def t(name: str, rows: str = "batch") -> dict:
+        shape, dtype = tensors[name]
+        return {"name": name, "shape": [rows if d == "batch" else d for d in shape], "dtype": dtype}
 
+    memory_names = ("projected_memory", "keys", "mask")  # the decoder reads them per sentence, not per row
     return {ENCODER: {"inputs": [t(n) for n in ENCODER_INPUTS], "outputs": [t(n) for n in encoder_outputs]},
-            DECODER: {"inputs": [t(n) for n in decoder_inputs], "outputs": [t(n) for n in DECODER_OUTPUTS]},
-            TOPK: {"inputs": [t("logits", ["batch", c.tgt_vocab]), t("k", [1], "int64")],
-                   "outputs": [t("log_probs", ["batch", "k"]), t("ids", ["batch", "k"], "int64")]}}
+            DECODER: {"inputs": [t(n, "sentences" if n in memory_names else "batch") for n in decoder_inputs],
+                      "outputs": [t(n) for n in DECODER_OUTPUTS]}}
 
 
 def export_seq2seq(model: Seq2Seq, src_tokenizer, tgt_tokenizer, out_dir: str | Path, *,
@@ -311,15 +372,15 @@ def export_seq2seq(model: Seq2Seq, src_tokenizer, tgt_tokenizer, out_dir: str | 
         parity = check_parity(model, tmp / ENCODER_FILE, tmp / DECODER_FILE)
         if not parity.worst <= tolerance:
             raise ExportError(
-                f"onnxruntime and torch disagree: max abs difference {parity.max_abs_logits:.3g} on logits, "
+                f"onnxruntime and torch disagree: max abs difference {parity.max_abs_log_probs:.3g} on "
+                f"log-probabilities, "
                 f"{parity.max_abs_state:.3g} on the decoder state, {parity.max_abs_encoder:.3g} on the "
                 f"encoder outputs (worst: {parity.worst_case}; tolerance {tolerance:g}); bundle not written")
-        build_topk_graph(tmp / TOPK_FILE, model.config.tgt_vocab)
         save_tokenizer(src_tokenizer, tmp / SRC_TOKENIZER_FILE)
         save_tokenizer(tgt_tokenizer, tmp / TGT_TOKENIZER_FILE)
         manifest = {
             "kind": "seq2seq", "name": name or out_dir.name, "architecture": _architecture(model),
-            "graphs": {ENCODER: ENCODER_FILE, DECODER: DECODER_FILE, TOPK: TOPK_FILE},
+            "graphs": {ENCODER: ENCODER_FILE, DECODER: DECODER_FILE},
             "signatures": _signatures(model),
             "state": [{"name": "state", "output": "state_out",
                        "shape": [model.config.layers, "batch", model.config.dec_hidden], "dtype": "float32"}],
@@ -372,5 +433,6 @@ def describe(bundle_dir: str | Path) -> str:
     data = json.loads((Path(bundle_dir) / "manifest.json").read_text(encoding="utf-8"))
     parity, check = data["parity"], data.get("search_check", {})
     return (f"{bundle_dir}: {data['name']} ({data['languages']['source']}->{data['languages']['target']}), "
-            f"max |ORT - torch| logits {parity['max_abs_logits']:.2g}, greedy and beam-{check.get('beam')} "
+            f"max |ORT - torch| log-probabilities {parity['max_abs_log_probs']:.2g}, "
+            f"greedy and beam-{check.get('beam')} "
             f"identical on {check.get('sentences')} sentences")

@@ -1,38 +1,56 @@
-"""Greedy and beam search over any step function, in numpy (torch-free).
+"""Greedy and beam search over any step/top-k decoder, vectorised in numpy (torch-free).
 
-The same code drives the PyTorch model (``seq2seq.decode``) and can drive the exported ONNX decoder:
-a ``StepDecoder`` only has to run one decoder step for a batch of rows and to select rows of its
-state and memory. Every decision is taken per sentence (its own beam, its own finished list, its
-own length limit from its own source length), so a sentence's output does not depend on the other
-sentences of its batch; finished sentences leave the batch.
+The same code drives the PyTorch model (``seq2seq.decode``) and the exported ONNX graphs
+(``serving.translator``): a ``StepDecoder`` runs one decoder step for a batch of rows and returns each
+row's k best next tokens with their log-probabilities, and selects rows of its state and memory.
+Every decision is taken per sentence (its own beam, its own finished list, its own length limit from
+its own source length), so a sentence's output does not depend on the other sentences of its batch;
+finished sentences leave the batch.
 
 Beam search, per sentence, per step: the live hypotheses' scores (sum of log-probabilities) plus
 each next token's log-probability give K*V candidates; the best 2K are visited in order of score
-(ties: lower candidate index first). An end-of-sentence candidate among the first K becomes a
-finished hypothesis; the first K others become the next beam. A sentence is done when it has K
-finished hypotheses or reaches its length limit (its live hypotheses then count as unfinished
+(ties: lower candidate index = row * V + token first). An end-of-sentence candidate among the first K
+becomes a finished hypothesis; the first K others become the next beam. A sentence is done when it
+has K finished hypotheses or reaches its length limit (its live hypotheses then count as unfinished
 ones). Hypotheses are ranked by score / ((5 + length) / 6) ** length_penalty (GNMT; length counts
 the end token). With K = 1 this is exactly greedy search.
+
+Only each row's 2K best tokens are asked of the decoder: a sentence's 2K best candidates are always
+among them, so no (rows, vocabulary) array reaches numpy.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+State = TypeVar("State")
+Memory = TypeVar("Memory")
 
-class StepDecoder(Protocol):
-    """The decoder half of a model, over rows that each belong to one source sentence."""
 
-    def step(self, prev: np.ndarray, state: Any, memory: Any) -> tuple[np.ndarray, Any]:
-        """prev (N,) int64 -> logits (N,V) float, new state (for the same N rows)."""
+class StepDecoder(Protocol[State, Memory]):
+    """The decoder half of a model, over rows that each belong to one source sentence.
+
+    ``state`` holds the recurrent state of N rows, ``memory`` what the encoder left for their n
+    sentences, one row per sentence (both in the decoder's own types: torch tensors, numpy arrays).
+    The N = n * R rows are R consecutive rows per sentence (R = K in a beam), so a beam's rows share
+    their sentence's memory instead of each carrying a copy.
+    """
+
+    def step(self, prev: np.ndarray, state: State, memory: Memory, k: int,
+             ) -> tuple[np.ndarray, np.ndarray, State]:
+        """prev (N,) int64 -> log_probs (N,k') float64, ids (N,k') int64, new state: each row's k' =
+        min(k, V) best next tokens, best first (equal log-probabilities: lower id first)."""
         ...
 
-    def select(self, state: Any, memory: Any, rows: np.ndarray) -> tuple[Any, Any]:
-        """Keeps rows ``rows`` (int64 (N',), may repeat) of the state and the memory."""
+    def select_state(self, state: State, rows: np.ndarray) -> State:
+        """Rows ``rows`` (N',) int64 (may repeat) of the state."""
+        ...
+
+    def select_memory(self, memory: Memory, sentences: np.ndarray) -> Memory:
+        """Rows ``sentences`` (n',) int64 of the memory."""
         ...
 
 
@@ -70,150 +88,164 @@ class Hypothesis:
     finished: bool
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(N,V) -> (N,V) float64, row by row."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
 def length_normalize(score: float, length: int, alpha: float) -> float:
     return score / (((5.0 + length) / 6.0) ** alpha)
 
 
-def greedy_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.ndarray, bos: int, eos: int,
-                  params: SearchParams | None = None) -> list[Hypothesis]:
-    """The arg-max continuation of each sentence (row b of state/memory is sentence b)."""
+def _top(decoder: StepDecoder, prev: np.ndarray, state: State, memory: Memory, width: int, eos: int,
+         eos_allowed: bool) -> tuple[np.ndarray, np.ndarray, State]:
+    """One step: each row's ``width`` best (log-probability (N,width), id (N,width)), best first; when
+    EOS is not allowed yet it counts as -inf (it is then last: one more candidate is asked for)."""
+    if eos_allowed:
+        return decoder.step(prev, state, memory, width)
+    log_probs, ids, state = decoder.step(prev, state, memory, width + 1)
+    log_probs = np.where(ids == eos, -np.inf, log_probs)
+    order = np.argsort(-log_probs, axis=1, kind="stable")[:, :width]  # EOS last, the others keep order
+    return np.take_along_axis(log_probs, order, axis=1), np.take_along_axis(ids, order, axis=1), state
+
+
+def greedy_search(decoder: StepDecoder[State, Memory], state: State, memory: Memory, src_lens: np.ndarray,
+                  bos: int, eos: int, params: SearchParams | None = None) -> list[Hypothesis]:
+    """The arg-max continuation of each of B sentences (row b of state/memory is sentence b).
+
+    src_lens (B,): source lengths (EOS included), for the length limits. A sentence leaves the batch
+    when it emits EOS or reaches its limit.
+    """
     params = params or SearchParams()
+    alpha = params.length_penalty
     count = len(src_lens)
-    limits = [params.max_len(int(n)) for n in src_lens]
-    outputs: list[list[int]] = [[] for _ in range(count)]
-    scores = [0.0] * count
+    limits = np.array([params.max_len(int(n)) for n in src_lens], dtype=np.int64)
+    outputs = np.zeros((count, int(limits.max()) if count else 0), dtype=np.int64)
+    lengths = np.zeros(count, dtype=np.int64)
+    scores = np.zeros(count, dtype=np.float64)
     results: list[Hypothesis | None] = [None] * count
     alive = np.arange(count)
     prev = np.full(count, bos, dtype=np.int64)
-    step = 0
+    step_no = 0
     while len(alive):
-        step += 1
-        logits, state = decoder.step(prev, state, memory)
-        logp_all = log_softmax(logits)
-        if step <= params.min_len:
-            logp_all[:, eos] = -np.inf
-        tokens = logp_all.argmax(axis=1)
-        logp = logp_all[np.arange(len(alive)), tokens]
-        keep = []
-        for row, sentence in enumerate(alive):
-            token = int(tokens[row])
-            scores[sentence] += float(logp[row])
-            if token != eos:
-                outputs[sentence].append(token)
-                if len(outputs[sentence]) < limits[sentence]:
-                    keep.append(row)
-                    continue
-            length = len(outputs[sentence]) + (token == eos)
-            results[sentence] = Hypothesis(tuple(outputs[sentence]), scores[sentence],
-                                           length_normalize(scores[sentence], length, params.length_penalty),
-                                           token == eos)
-        keep_rows = np.array(keep, dtype=np.int64)
-        if 0 < len(keep_rows) < len(alive):
-            state, memory = decoder.select(state, memory, keep_rows)
-        alive, prev = alive[keep_rows], tokens[keep_rows].astype(np.int64)
+        step_no += 1
+        log_probs, ids, state = _top(decoder, prev, state, memory, 1, eos, step_no > params.min_len)
+        tokens = ids[:, 0]
+        scores[alive] += log_probs[:, 0]
+        ended = tokens == eos
+        going = alive[~ended]
+        outputs[going, lengths[going]] = tokens[~ended]
+        lengths[going] += 1
+        keep = ~ended & (lengths[alive] < limits[alive])
+        for row in np.flatnonzero(~keep):
+            sentence, done = int(alive[row]), bool(ended[row])
+            score, length = float(scores[sentence]), int(lengths[sentence])
+            results[sentence] = Hypothesis(tuple(outputs[sentence, :length].tolist()), score,
+                                           length_normalize(score, length + done, alpha), done)
+        if not keep.all():
+            rows = np.flatnonzero(keep)
+            if len(rows):
+                state, memory = decoder.select_state(state, rows), decoder.select_memory(memory, rows)
+        alive, prev = alive[keep], tokens[keep].astype(np.int64)
     return results  # type: ignore[return-value]
 
 
 @dataclass
-class _Beam:
-    """The search state of one sentence."""
+class _Beams(Generic[State, Memory]):
+    """The live part of a beam search: n sentences, R rows each (R = 1 at the first step, then K)."""
 
-    limit: int
-    tokens: list[tuple[int, ...]]
+    alive: np.ndarray
+    """(n,) the sentences' indices in the batch."""
+    rows: int
     scores: np.ndarray
-    finished: list[Hypothesis]
-    done: bool = False
+    """(n, R) float64 sum of log-probabilities of each row's hypothesis (-inf: a dead row)."""
+    history: np.ndarray
+    """(n, R, t) int64 each row's tokens so far."""
+    state: State
+    """n * R rows."""
+    memory: Memory
+    """One row per sentence."""
 
 
-def beam_search(decoder: StepDecoder, state: Any, memory: Any, src_lens: np.ndarray, bos: int, eos: int,
-                params: SearchParams) -> list[list[Hypothesis]]:
-    """The ``params.n_best`` best hypotheses of each sentence, best first.
+def beam_search(decoder: StepDecoder[State, Memory], state: State, memory: Memory, src_lens: np.ndarray,
+                bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
+    """The ``params.n_best`` best hypotheses of each of B sentences, best first.
 
-    On entry row b of state/memory is sentence b; rows are expanded to K per sentence here.
+    On entry row b of state/memory is sentence b. The first step runs one row per sentence (the K-1
+    other rows of a fresh beam would be K copies of <bos>), then K rows per sentence; the memory is
+    re-gathered only when sentences leave the batch.
     """
     k, count = params.beam, len(src_lens)
-    beams = []
-    for n in src_lens:
-        # Only the first row of a fresh beam is live: K copies of <bos> must not become K equal hypotheses.
-        scores = np.full(k, -np.inf)
-        scores[0] = 0.0
-        beams.append(_Beam(params.max_len(int(n)), [()] * k, scores, []))
-    alive = list(range(count))
-    state, memory = decoder.select(state, memory, np.repeat(np.arange(count), k))
-    prev = np.full(count * k, bos, dtype=np.int64)
-    step = 0
-    while alive:
-        step += 1
-        logits, state = decoder.step(prev, state, memory)
-        logp = log_softmax(logits)
-        if step <= params.min_len:
-            logp[:, eos] = -np.inf
-        vocab = logp.shape[1]
-        rows, next_tokens, still = [], [], []
-        for slot, sentence in enumerate(alive):
-            beam = beams[sentence]
-            candidates = (beam.scores[:, None] + logp[slot * k:(slot + 1) * k]).reshape(-1)
-            origins, tokens, scores = _advance(beam, candidates, vocab, eos, k, step, params)
-            if beam.done:
-                continue
-            still.append(sentence)
-            rows.extend(slot * k + origin for origin in origins)
-            next_tokens.extend(tokens)
-            beam.scores = scores
-        alive = still
-        if alive:
-            state, memory = decoder.select(state, memory, np.array(rows, dtype=np.int64))
-            prev = np.array(next_tokens, dtype=np.int64)
-    return [_n_best(beam, params) for beam in beams]
+    limits = np.array([params.max_len(int(n)) for n in src_lens], dtype=np.int64)
+    finished: list[list[Hypothesis]] = [[] for _ in range(count)]
+    beams = _Beams(np.arange(count), 1, np.zeros((count, 1)), np.zeros((count, 1, 0), dtype=np.int64),
+                   state, memory)
+    prev = np.full(count, bos, dtype=np.int64)
+    step_no = 0
+    while len(beams.alive):
+        step_no += 1
+        log_probs, ids, state = _top(decoder, prev, beams.state, beams.memory, 2 * k, eos,
+                                     step_no > params.min_len)
+        beams.state = state
+        prev = _advance(decoder, beams, log_probs, ids, finished, limits, step_no, eos, params)
+    return [_n_best(hyps, params.n_best) for hyps in finished]
 
 
-def _advance(beam: _Beam, candidates: np.ndarray, vocab: int, eos: int, k: int, step: int,
-             params: SearchParams) -> tuple[list[int], list[int], np.ndarray]:
-    """Extends one sentence's beam by a step; returns (origin rows, tokens, scores) of the new beam."""
-    top = min(2 * k, len(candidates))
-    best = np.argpartition(-candidates, top - 1)[:top]
-    best = best[np.lexsort((best, -candidates[best]))]
-    origins, tokens, scores, old_tokens = [], [], [], beam.tokens
-    new_tokens = []
-    for rank, index in enumerate(best):
-        score = float(candidates[index])
-        if score == -math.inf:
-            break
-        origin, token = divmod(int(index), vocab)
-        if token == eos:
-            if rank < k:
-                beam.finished.append(Hypothesis(old_tokens[origin], score,
-                                                length_normalize(score, step, params.length_penalty), True))
-            continue
-        origins.append(origin)
-        tokens.append(token)
-        scores.append(score)
-        new_tokens.append((*old_tokens[origin], token))
-        if len(origins) == k:
-            break
-    if len(beam.finished) >= k or step >= beam.limit or not origins:
-        beam.done = True
-        if len(beam.finished) < k:
-            beam.finished.extend(Hypothesis(t, s, length_normalize(s, step, params.length_penalty), False)
-                                 for t, s in zip(new_tokens, scores, strict=True))
-        return [], [], np.empty(0)
-    # A beam narrower than K (few live candidates) is padded with dead rows, so every sentence keeps K rows.
-    while len(origins) < k:
-        origins.append(origins[0])
-        tokens.append(tokens[0])
-        scores.append(-math.inf)
-        new_tokens.append(new_tokens[0])
-    beam.tokens = new_tokens
-    return origins, tokens, np.array(scores)
+def _advance(decoder: StepDecoder[State, Memory], beams: _Beams[State, Memory], log_probs: np.ndarray,
+             ids: np.ndarray, finished: list[list[Hypothesis]], limits: np.ndarray, step_no: int, eos: int,
+             params: SearchParams) -> np.ndarray:
+    """Extends every live beam by one step from its rows' best tokens (log_probs, ids (n*R, 2K)):
+    records finished hypotheses, drops done sentences, returns the next step's tokens (n'*K,)."""
+    k, alpha, rows = params.beam, params.length_penalty, beams.rows
+    best_scores, origin, token = _ranked(beams, log_probs, ids, k)
+    live = best_scores > -np.inf
+    is_eos = token == eos
+    ends = live & is_eos & (np.arange(best_scores.shape[1]) < k)[None, :]
+    for slot, rank in zip(*np.nonzero(ends), strict=True):
+        score = float(best_scores[slot, rank])
+        finished[beams.alive[slot]].append(Hypothesis(tuple(beams.history[slot, origin[slot, rank]].tolist()),
+                                                      score, length_normalize(score, step_no, alpha), True))
+    going = live & ~is_eos
+    chosen = going & (np.cumsum(going, axis=1) <= k)
+    n_chosen = chosen.sum(axis=1)
+    picks = np.argsort(~chosen, axis=1, kind="stable")[:, :k]  # chosen ranks first, in rank order
+    new_origin = np.take_along_axis(origin, picks, axis=1)
+    new_token = np.take_along_axis(token, picks, axis=1)
+    new_scores = np.take_along_axis(best_scores, picks, axis=1)
+    new_history = np.concatenate(
+        [np.take_along_axis(beams.history, new_origin[:, :, None], axis=1), new_token[:, :, None]], axis=2)
+    n_finished = np.array([len(finished[s]) for s in beams.alive])
+    done = (n_finished >= k) | (step_no >= limits[beams.alive]) | (n_chosen == 0)
+    for slot in np.flatnonzero(done & (n_finished < k)):  # its live hypotheses count as unfinished ones
+        finished[beams.alive[slot]].extend(
+            Hypothesis(tuple(new_history[slot, j].tolist()), float(new_scores[slot, j]),
+                       length_normalize(float(new_scores[slot, j]), step_no, alpha), False)
+            for j in range(int(n_chosen[slot])))
+    slots = np.flatnonzero(~done)
+    # A beam narrower than K keeps K rows: the missing ones repeat the first, with score -inf.
+    pad = (np.arange(k)[None, :] >= n_chosen[:, None])[slots]
+    new_origin, new_token = new_origin[slots], new_token[slots]
+    new_origin = np.where(pad, new_origin[:, :1], new_origin)
+    new_token = np.where(pad, new_token[:, :1], new_token)
+    beams.scores = np.where(pad, -np.inf, new_scores[slots])
+    beams.history = np.where(pad[:, :, None], new_history[slots, :1], new_history[slots])
+    if len(slots):
+        beams.state = decoder.select_state(beams.state, (slots[:, None] * rows + new_origin).reshape(-1))
+        if len(slots) < len(beams.alive):
+            beams.memory = decoder.select_memory(beams.memory, slots)
+    beams.alive, beams.rows = beams.alive[slots], k
+    return new_token.reshape(-1).astype(np.int64)
 
 
-def _n_best(beam: _Beam, params: SearchParams) -> list[Hypothesis]:
-    ranked = sorted(enumerate(beam.finished), key=lambda item: (-item[1].normalized, item[0]))
-    return [hyp for _, hyp in ranked[: params.n_best]]
+def _ranked(beams: _Beams, log_probs: np.ndarray, ids: np.ndarray, k: int,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sentence's best 2K candidates from its R rows' best tokens (log_probs, ids (n*R, W)), in
+    order of score (sum of log-probabilities), then lower row, then lower token:
+    -> scores (n, 2K) float64, origin rows (n, 2K), tokens (n, 2K)."""
+    n, rows, width = len(beams.alive), beams.rows, ids.shape[1]
+    candidates = (beams.scores[:, :, None] + log_probs.reshape(n, rows, width)).reshape(n, rows * width)
+    tokens = ids.reshape(n, rows * width)
+    origins = np.broadcast_to(np.repeat(np.arange(rows), width), (n, rows * width))
+    order = np.lexsort((tokens, origins, -candidates), axis=1)[:, :min(2 * k, rows * width)]
+    return (np.take_along_axis(candidates, order, axis=1), np.take_along_axis(origins, order, axis=1),
+            np.take_along_axis(tokens, order, axis=1))
+
+
+def _n_best(finished: list[Hypothesis], n_best: int) -> list[Hypothesis]:
+    ranked = sorted(enumerate(finished), key=lambda item: (-item[1].normalized, item[0]))
+    return [hyp for _, hyp in ranked[:n_best]]

@@ -1,5 +1,6 @@
 """Decoding a (tiny, briefly trained) translator: results do not depend on the batch."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +54,24 @@ def test_translator_n_best_and_bad_lines(trained_run):
     assert results[1].error == "empty line" and results[1].text == ""
     assert results[2].error.startswith("too long")
     assert results[3].error is None and "☃" in results[3].warning
+
+
+def test_torch_decoder_rows_share_their_sentence_memory(run_and_sources):
+    """R rows per sentence over a memory with a row per sentence = the memory repeated R times."""
+    run, sources = run_and_sources
+    src, src_len = pad_batch(sources[:5], 0)
+    with torch.inference_mode():
+        enc_out, mask, state = run.model.encode(src, src_len)
+    state = state.repeat_interleave(3, dim=1)
+    prev = np.arange(4, 4 + 15, dtype=np.int64)
+    decoder = TorchStepDecoder(run.model)
+    shared = decoder.step(prev, state, (enc_out, mask), 4)
+    repeated = decoder.step(prev, state, (enc_out.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)), 4)
+    np.testing.assert_array_equal(shared[1], repeated[1])
+    np.testing.assert_allclose(shared[0], repeated[0])
+    fewer = decoder.select_memory((enc_out, mask), np.array([0, 2]))  # a new memory: no stale repetition
+    assert decoder.step(prev[:6], state[:, :6], fewer, 4)[0].shape == (6, 4)
+    log_probs, ids, _ = decoder.step(prev[:5], state[:, ::3], (enc_out, mask), 10 ** 6)
+    assert ids.shape == (5, run.model.config.tgt_vocab)  # k beyond the vocabulary: every token
+    np.testing.assert_allclose(np.exp(log_probs).sum(axis=1), 1.0, atol=1e-5)
+    assert (np.diff(log_probs, axis=1) <= 0).all()  # best first

@@ -17,24 +17,28 @@ TABLE = {(): {A: 0.5, B: 0.4, EOS: 0.1},
 
 
 class ScriptedDecoder:
-    """State: the prefix (a tuple) of every row; memory: unused."""
+    """State: the prefix (a tuple) of every row; memory: unused. Log-probabilities from TABLE."""
 
     def __init__(self):
         self.batch_sizes = []
 
-    def step(self, prev, state, memory):
+    def step(self, prev, state, memory, k):
         self.batch_sizes.append(len(prev))
         new_state = np.empty(len(prev), dtype=object)
-        logits = np.full((len(prev), VOCAB), -1e9)
+        log_probs = np.full((len(prev), VOCAB), -1e9)
         for row, (token, prefix) in enumerate(zip(prev, state, strict=True)):
             prefix = prefix if token == BOS else (*prefix, int(token))
             new_state[row] = prefix
             for next_token, p in TABLE.get(prefix, {EOS: 1.0}).items():
-                logits[row, next_token] = math.log(p)
-        return logits, new_state
+                log_probs[row, next_token] = math.log(p)
+        ids = np.argsort(-log_probs, axis=1, kind="stable")[:, :k]  # best first, lower id on ties
+        return np.take_along_axis(log_probs, ids, axis=1), ids, new_state
 
-    def select(self, state, memory, rows):
-        return state[rows], memory
+    def select_state(self, state, rows):
+        return state[rows]
+
+    def select_memory(self, memory, rows):
+        return memory
 
 
 def start(count):
@@ -82,7 +86,7 @@ def test_finished_sentences_leave_the_batch():
     assert decoder.batch_sizes == [2, 1, 1]
     decoder = ScriptedDecoder()
     beam_search(decoder, state, memory, lens, BOS, EOS, params)
-    assert decoder.batch_sizes[:2] == [4, 2]
+    assert decoder.batch_sizes[:2] == [2, 2]  # first step: a row per sentence; then K rows of the one left
 
 
 def test_search_params_are_checked():
