@@ -1,12 +1,12 @@
 """One decode step and prompt prefill: onnxruntime (exported bundle) vs eager torch on the same weights.
 
-2-layer GRU, hidden 256, 80-symbol vocabulary. The step is timed with one thread on each side, then
-with two on each side (the B = 1 latency case of a single stream: with two cores the weights are
-split over two L2 caches). Calls are interleaved (ORT, torch, ORT, ...) in the same process and the
-medians of many repetitions compared, so machine load affects both sides alike; "alone" figures time
-back-to-back calls, as in a decode loop. Writes bench/results/export_step.json.
+2-layer GRU, hidden 256, 80-symbol vocabulary, one thread on each side (``--threads 1,2`` adds two on
+each side: two cores split the weights over two L2 caches; only meaningful on an otherwise idle
+machine, as onnxruntime's thread pool spins). Calls are interleaved (ORT, torch, ORT, ...) in the same
+process and the medians of many repetitions compared, so machine load affects both sides alike;
+"alone" figures time back-to-back calls, as in a decode loop. Writes bench/results/export_step.json.
 
-    python -m bench.export_step [--reps 2000] [--cell gru] [--threads 1,2]
+    python -m bench.export_step [--reps 2000] [--cell gru] [--threads 1]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=80)
     parser.add_argument("--reps", type=int, default=2000, help="repetitions of the batch-1 step")
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (both sides)")
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts (both sides)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
