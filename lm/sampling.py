@@ -47,11 +47,11 @@ def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     only on that row's inputs, never on the other rows of the batch.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    vocab = logits.shape[1]
+    plain = unfiltered(temperature, top_k, top_p, logits.shape[1])
+    if plain.all():  # the usual server batch: no row gathers are needed
+        return sample_unfiltered(logits, temperature, uniforms)
+    filtered = (temperature > 0) & ~plain
     out = logits.argmax(axis=1)
-    sampled = temperature > 0
-    filtered = sampled & (((top_k > 0) & (top_k < vocab)) | (top_p < 1))
-    plain = sampled & ~filtered
     if plain.any():
         out[plain] = _sample_plain(logits[plain] / temperature[plain, None], uniforms[plain])
     if filtered.any():
@@ -60,11 +60,26 @@ def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     return out
 
 
+def unfiltered(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, vocab: int) -> np.ndarray:
+    """temperature, top_p: (B,) float; top_k: (B,) int -> (B,) bool: the row samples from the whole
+    distribution (temperature > 0, top-k and top-p off)."""
+    return (temperature > 0) & ~(((top_k > 0) & (top_k < vocab)) | (top_p < 1))
+
+
+def sample_unfiltered(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """``sample_next`` for a batch whose rows are all ``unfiltered``, without checking that they are.
+
+    logits: (B, V) float; temperature: (B,) float > 0; uniforms: (B,) in [0, 1) -> (B,) int64, the tokens
+    ``sample_next`` gives these rows.
+    """
+    return _sample_plain(np.asarray(logits, dtype=np.float64) / temperature[:, None], uniforms)
+
+
 def _inverse_cdf(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """probs: (N, V) unnormalised, uniforms: (N,) -> (N,) column index where the CDF passes u·total."""
     cdf = np.cumsum(probs, axis=1)
     targets = uniforms * cdf[:, -1]
-    return (cdf <= targets[:, None]).sum(axis=1).clip(max=probs.shape[1] - 1)
+    return np.minimum((cdf <= targets[:, None]).sum(axis=1), probs.shape[1] - 1)
 
 
 def _sample_plain(scaled: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
