@@ -14,11 +14,19 @@ endif
 # Every target below installs the project first when pyproject.toml is newer than the last install.
 INSTALLED := .make/installed
 
-.PHONY: help install protos protos-check data train-lm eval-lm train-mt eval-mt export export-mt serve demo \
+.PHONY: FORCE help install protos protos-check data train-lm eval-lm train-mt eval-mt export export-mt serve demo \
 	bench bench-all lint test
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+# The stamp is stale too when Python imports rnnlab from another checkout (an editable install made
+# elsewhere, e.g. by a CI clone since deleted).
+INSTALLED_FROM := $(shell cd / && $(PYTHON) -c "import importlib.util as u; s = u.find_spec('lm'); print(s.origin if s else '')" 2>/dev/null)
+ifneq ($(INSTALLED_FROM),$(CURDIR)/lm/__init__.py)
+$(INSTALLED): FORCE
+endif
+FORCE:
 
 # torch first, so that the project's `torch>=2.5` resolves to the CPU build instead of pulling CUDA wheels.
 $(INSTALLED): pyproject.toml
