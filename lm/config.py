@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lm.model import CELLS, IMPLS, ModelConfig
 from lm.schedule import LR_SCHEDULES
@@ -25,6 +25,17 @@ RUN_CONTROL_FIELDS = frozenset({
     "epochs", "max_minutes", "max_steps", "patience", "min_delta", "eval_every", "checkpoint_every",
     "log_every", "threads", "progress",
 })
+
+
+_Config = TypeVar("_Config")
+
+
+def project(cls: type[_Config], source: object, **given: Any) -> _Config:
+    """The dataclass ``cls`` with each field from ``given``, else from ``source``'s attribute of that
+    name, else its own default: a flat command-line config hands out its part by field name."""
+    values = {f.name: given[f.name] if f.name in given else getattr(source, f.name)
+              for f in fields(cls) if f.init and (f.name in given or hasattr(source, f.name))}
+    return cls(**values)
 
 
 class ConfigError(ValueError):
@@ -106,9 +117,7 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, embed=self.embed,
-                           hidden=self.hidden, dropout=self.dropout, tie=self.tie, impl=self.impl,
-                           forget_bias=self.forget_bias, orthogonal=self.orthogonal)
+        return project(ModelConfig, self, vocab_size=vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from lm.config import project
 from lm.metrics import MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, perplexity
 from lm.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -98,12 +99,10 @@ class TrainConfig:
     """torch intra-op threads; 0 keeps torch's default."""
 
     def data_config(self) -> DataConfig:
-        return DataConfig(self.dataset, self.src, self.tgt, self.lowercase, self.max_words,
-                          self.valid_fraction, self.test_fraction)
+        return project(DataConfig, self)
 
     def model_config(self, src_vocab: int, tgt_vocab: int) -> Seq2SeqConfig:
-        return Seq2SeqConfig(src_vocab, tgt_vocab, self.embed, self.enc_hidden, self.dec_hidden, self.layers,
-                             self.bidirectional, self.attention, self.attn_dim, self.dropout, self.tie)
+        return project(Seq2SeqConfig, self, src_vocab=src_vocab, tgt_vocab=tgt_vocab)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
