@@ -1,13 +1,16 @@
 """Load benchmark of rnnlab-serve: concurrent streams, batched vs unbatched, against the ORT ceiling.
 
-    python -m bench.serve_load [--bundle DIR] [--streams 1,8,64,256] [--tokens 256] [--sessions 10000]
+    python -m bench.serve_load [--bundle DIR] [--streams 1,8,64,256] [--tokens 256] [--repeats 5]
+                               [--sessions 10000]
 
 For each stream count N, N concurrent streams of ``--tokens`` tokens each (temperature 1, seeded, no stop:
 the length is fixed) run against a server process; the client load runs in this process (asyncio,
 grpc.aio), the server in another. Reported side by side in the same run:
 - ``ceiling``: onnxruntime alone stepping a batch of N in a loop (the same bundle, 1 thread);
 - ``batched``: the server with continuous batching; ``unbatched``: the server with ``--no-batching``.
-Then the server's RSS with ``--sessions`` idle sessions open, against the same server empty.
+A 64-stream run lasts about a quarter of a second, so each figure is the median of ``--repeats`` runs,
+ceiling and servers taking turns (the unbatched server, seconds per run, runs once); every run's figure is
+kept in the JSON. Then the server's RSS with ``--sessions`` idle sessions open, against the same server empty.
 Without ``--bundle``, a 2-layer GRU (hidden 256, 80-symbol character vocabulary) with random weights is
 exported first (needs torch). Writes bench/results/serve_load.json.
 """
@@ -19,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,11 +140,33 @@ async def open_sessions(target: str, model: str, count: int, concurrency: int = 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+def measure(runtime: LMRuntime, servers: dict[str, ServerProcess], model: str, streams: int, tokens: int,
+            repeats: int) -> dict:
+    """Ceiling, batched and unbatched figures for ``streams`` concurrent streams, taking turns."""
+    ceilings, runs = [], {mode: [] for mode in servers}
+    for repeat in range(repeats):
+        ceilings.append(ceiling(runtime, streams, max(256, 16384 // streams)))
+        for mode, server in servers.items():
+            if mode == "unbatched" and repeat > 0:
+                continue
+            runs[mode].append(asyncio.run(load(server.target, model, streams, tokens)))
+            print(f"{mode:9s} {streams:4d} streams: {runs[mode][-1]}", file=sys.stderr)
+    row: dict = {"ceiling_tokens_per_s": round(statistics.median(ceilings), 1),
+                 "ceiling_runs": [round(c, 1) for c in ceilings]}
+    for mode, figures in runs.items():
+        ranked = sorted(figures, key=lambda f: f["tokens_per_s"])
+        row[mode] = {**ranked[len(ranked) // 2], "runs_tokens_per_s": [f["tokens_per_s"] for f in figures]}
+    row["batched_vs_ceiling"] = round(row["batched"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3)
+    row["batched_vs_unbatched"] = round(row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"], 2)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="LM bundle directory (default: a random-weight 2x256 GRU)")
     parser.add_argument("--streams", default="1,8,64,256")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (median reported)")
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -151,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         model = runtime.manifest.name
         results: dict = {"bundle": str(args.bundle or "random 2-layer GRU hidden 256, vocab 80"),
                          "architecture": runtime.manifest.architecture, "tokens_per_stream": args.tokens,
+                         "repeats": args.repeats,
                          "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                          "streams": {}}
         # Both servers stay up (idle ones sleep), so that each stream count is measured three ways
@@ -158,19 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         servers = {"batched": ServerProcess(bundle), "unbatched": ServerProcess(bundle, "--no-batching")}
         try:
             for n in counts:
-                row = results["streams"][str(n)] = {
-                    "ceiling_tokens_per_s": round(ceiling(runtime, n, max(64, 4096 // n)), 1)}
-                for mode, server in servers.items():
-                    row[mode] = asyncio.run(load(server.target, model, n, args.tokens))
-                    print(f"{mode:9s} {n:4d} streams: {row[mode]}", file=sys.stderr)
+                results["streams"][str(n)] = measure(runtime, servers, model, n, args.tokens, args.repeats)
         finally:
             for server in servers.values():
                 server.stop()
-        for n in counts:
-            row = results["streams"][str(n)]
-            row["batched_vs_ceiling"] = round(row["batched"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3)
-            row["batched_vs_unbatched"] = round(
-                row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"], 2)
         if args.sessions:
             server = ServerProcess(bundle)
             try:
