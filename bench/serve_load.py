@@ -7,12 +7,16 @@ For each stream count N, N concurrent streams of ``--tokens`` tokens each (tempe
 the length is fixed) run against a server process; the client load runs in this process (asyncio,
 grpc.aio), the server in another. Reported side by side in the same run:
 - ``ceiling``: onnxruntime alone stepping a batch of N in a loop (the same bundle, 1 thread);
-- ``batched``: the server with continuous batching; ``unbatched``: the server with ``--no-batching``.
+- ``batched``: the server with continuous batching; ``unbatched``: the server with ``--no-batching``;
+- ``batched_no_prompt_cache``: batching with ``--prompt-cache-entries 0``. Every stream sends the same
+  prompt, so the default server reads it once and later streams start from its cached state (as clients
+  sharing a system prompt would); this row shows what reading every prompt costs.
 A 64-stream run lasts about a quarter of a second, so each figure is the median of ``--repeats`` runs,
 ceiling and servers taking turns (the unbatched server, seconds per run, runs once); every run's figure is
 kept in the JSON. Then the server's RSS with ``--sessions`` idle sessions open, against the same server empty.
-Without ``--bundle``, a 2-layer GRU (hidden 256, 80-symbol character vocabulary) with random weights is
-exported first (needs torch). Writes bench/results/serve_load.json.
+The bundle is ``--bundle``, else the default pipeline's (``bundles/lm-timemachine``, from ``make export``),
+else a 2-layer GRU (hidden 256, 80-symbol character vocabulary) with random weights, exported first (needs
+torch): the same shapes, so the same speed. Writes bench/results/serve_load.json.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from serving.runtime import LMRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve_load.json"
+DEFAULT_BUNDLE = ROOT / "bundles" / "lm-timemachine"
 PROMPT = "The Time Traveller "
 
 
@@ -134,8 +139,8 @@ async def open_sessions(target: str, model: str, count: int, concurrency: int = 
         queue = iter(range(count))
 
         async def worker() -> None:
-            for _ in queue:
-                await stub.Open(pb.OpenSessionRequest(model=model, prompt=PROMPT))
+            for i in queue:  # distinct prompts: every session holds a state of its own, none from the cache
+                await stub.Open(pb.OpenSessionRequest(model=model, prompt=f"{PROMPT}{i}"))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -157,13 +162,16 @@ def measure(runtime: LMRuntime, servers: dict[str, ServerProcess], model: str, s
         ranked = sorted(figures, key=lambda f: f["tokens_per_s"])
         row[mode] = {**ranked[len(ranked) // 2], "runs_tokens_per_s": [f["tokens_per_s"] for f in figures]}
     row["batched_vs_ceiling"] = round(row["batched"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3)
+    row["batched_no_prompt_cache_vs_ceiling"] = round(
+        row["batched_no_prompt_cache"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3)
     row["batched_vs_unbatched"] = round(row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"], 2)
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", help="LM bundle directory (default: a random-weight 2x256 GRU)")
+    parser.add_argument("--bundle", help="LM bundle directory (default: bundles/lm-timemachine if it exists, "
+                                         "else a random-weight 2x256 GRU)")
     parser.add_argument("--streams", default="1,8,64,256")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (median reported)")
@@ -172,17 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(args.bundle) if args.bundle else random_bundle(Path(tmp))
+        if args.bundle or DEFAULT_BUNDLE.is_dir():
+            bundle = Path(args.bundle or DEFAULT_BUNDLE)
+            described = str(bundle)
+        else:
+            bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
         runtime = LMRuntime.load(bundle)
         model = runtime.manifest.name
-        results: dict = {"bundle": str(args.bundle or "random 2-layer GRU hidden 256, vocab 80"),
+        results: dict = {"bundle": described,
                          "architecture": runtime.manifest.architecture, "tokens_per_stream": args.tokens,
                          "repeats": args.repeats,
                          "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                          "streams": {}}
-        # Both servers stay up (idle ones sleep), so that each stream count is measured three ways
+        # The servers stay up (idle ones sleep), so that each stream count is measured every way
         # back to back: the machine's load drifts less between them.
-        servers = {"batched": ServerProcess(bundle), "unbatched": ServerProcess(bundle, "--no-batching")}
+        servers = {"batched": ServerProcess(bundle), "unbatched": ServerProcess(bundle, "--no-batching"),
+                   "batched_no_prompt_cache": ServerProcess(bundle, "--prompt-cache-entries", "0")}
         try:
             for n in counts:
                 results["streams"][str(n)] = measure(runtime, servers, model, n, args.tokens, args.repeats)

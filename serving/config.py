@@ -30,7 +30,9 @@ class ServerConfig:
     max_batch: int = 256              # streams per batched decode step; more wait in the queue
     prefill_chunk: int = 256          # prompt tokens read per step, so prefill never stalls decoding long
     flush_ms: float = 1.0             # hand tokens to the event loop at most this often (first/last at once)
-    max_messages_per_s: float = 4000  # ... and rarely enough to send at most this many stream messages per s
+    max_messages_per_s: float = 2000  # ... and rarely enough to send at most this many stream messages per s
+    prompt_cache_entries: int = 4096  # prompt states kept per model: shared prompts skip prefill (0: off)
+    prompt_cache_bytes: int = 64 * 2**20
     max_prompt_chars: int = 32_768
     max_prompt_tokens: int = 8_192
     max_tokens: int = 4_096           # cap on max_tokens per call
@@ -61,6 +63,9 @@ class ServerConfig:
                      "max_message_bytes", "ort_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("prompt_cache_entries", "prompt_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
         if not (math.isfinite(self.flush_ms) and self.flush_ms >= 0):
             raise ConfigError(f"flush_ms must be >= 0, not {self.flush_ms}")
         if not self.max_messages_per_s > 0:

@@ -42,6 +42,7 @@ import numpy as np
 
 from lm.sampling import SamplingParams, StopMatcher, sample_next, sample_unfiltered, unfiltered
 from serving.metrics import ModelMetrics
+from serving.prompt_cache import PromptCache
 from serving.runtime import LMRuntime
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,10 @@ class Stream:
         self.request = request
         self.submitted = submitted
         self.cancelled = False  # set by the loop, read by the step thread
+        self.fresh = request.state is None  # read from the initial state: the prompt cache may keep its state
         # step-thread side
         self.remaining = list(request.ids)
-        self.rng = request.params.generator()
+        self.rng: np.random.Generator | None = None  # made by the step thread, off the event loop
         self.matcher = StopMatcher(request.stop)
         self.held = ""  # generated text not sent yet because it could begin a stop string
         self.unsent: list[str] = []  # text of a stream with stop strings, produced since the last hand-over
@@ -228,8 +230,8 @@ class ModelEngine:
     """The step loop of one model. ``submit``/``cancel`` are called from the event loop."""
 
     def __init__(self, name: str, runtime: LMRuntime, metrics: ModelMetrics, max_batch: int = 256,
-                 prefill_chunk: int = 256, flush_interval: float = 0.001, max_messages_per_s: float = 4000.0,
-                 ) -> None:
+                 prefill_chunk: int = 256, flush_interval: float = 0.001, max_messages_per_s: float = 2000.0,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.name = name
         self.runtime = runtime
         self.metrics = metrics
@@ -237,6 +239,7 @@ class ModelEngine:
         self.prefill_chunk = prefill_chunk
         self.flush_interval = flush_interval
         self.max_messages_per_s = max_messages_per_s
+        self.prompt_cache = PromptCache() if prompt_cache is None else prompt_cache
         self.eos = runtime.manifest.special_ids.get("<eos>")
         self._pieces = [runtime.tokenizer.piece(i, False) for i in range(runtime.vocab_size)]
         # (V,) object: the text each token adds to a stream without stop strings (EOS ends it, adding none)
@@ -245,6 +248,7 @@ class ModelEngine:
             self._texts[self.eos] = ""
         self._cond = threading.Condition()
         self._incoming: list[Stream] = []
+        self._cancellations = False  # set after a stream's ``cancelled``: the batch has rows to drop
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -285,10 +289,10 @@ class ModelEngine:
             self._cond.notify()
         return stream
 
-    @staticmethod
-    def cancel(stream: Stream) -> None:
+    def cancel(self, stream: Stream) -> None:
         """The stream leaves the batch before the next step (its client went away)."""
         stream.cancelled = True
+        self._cancellations = True  # after the stream's flag, so the step thread's scan sees both
 
     # -- step thread -------------------------------------------------------------------------------
 
@@ -370,11 +374,16 @@ class ModelEngine:
     def _iterate(self, incoming: list[Stream], events: list[_Update]) -> np.ndarray | None:
         """Admits, reads prompts and samples a decode step; returns the tokens (B,) the batch reads next."""
         for stream in incoming:
+            stream.rng = stream.request.params.generator()
             request = stream.request
-            if stream.remaining:
-                self._prefilling.append(stream)
-            else:
+            if not stream.remaining:
                 self._ready.append((stream, request.state or self.runtime.init_state(1), request.logits))
+            elif stream.fresh and (cached := self.prompt_cache.get(request.ids)) is not None:
+                self.metrics.prompt_cache_hits.inc()
+                stream.remaining = []
+                self._prompt_read(stream, *cached, events)
+            else:
+                self._prefilling.append(stream)
         self._prefill_some(events)
         return self._decode_step()
 
@@ -411,22 +420,34 @@ class ModelEngine:
                     continue
                 self._prefilling.remove(stream)
                 last = logits[row, -1].copy()
-                if stream.request.max_tokens == 0:
-                    outcome = Outcome(Finish.APPENDED, len(stream.request.ids), 0, row_state, last, None)
-                    updates.append((stream, "", [], [], outcome))
-                else:
-                    self._ready.append((stream, row_state, last))
+                if stream.fresh:
+                    self.prompt_cache.put(stream.request.ids, row_state, last)
+                self._prompt_read(stream, row_state, last, updates)
 
-    def _admit(self) -> None:
-        """Removes cancelled rows and adds ready streams up to ``max_batch`` (vectorised gathers)."""
-        keep = [i for i, s in enumerate(self._batch) if not s.cancelled]
+    def _prompt_read(self, stream: Stream, state: list[np.ndarray], logits: np.ndarray,
+                     updates: list[_Update]) -> None:
+        """A stream whose prompt is read (state (L, 1, H) arrays, next logits (V,)) decodes, or ends if it
+        only appends."""
+        if stream.request.max_tokens == 0:
+            outcome = Outcome(Finish.APPENDED, len(stream.request.ids), 0, state, logits, None)
+            updates.append((stream, "", [], [], outcome))
+        else:
+            self._ready.append((stream, state, logits))
+
+    def _admit(self) -> int:
+        """Removes cancelled rows and adds ready streams up to ``max_batch`` (vectorised gathers); returns
+        how many streams joined, at the end of the batch."""
+        keep = range(len(self._batch))
+        if self._cancellations:  # scanning every row every step would cost ~10 µs at B = 64
+            self._cancellations = False
+            keep = [i for i, s in enumerate(self._batch) if not s.cancelled]
         joining = []
         while self._ready and len(keep) + len(joining) < self.max_batch:
             entry = self._ready.popleft()
             if not entry[0].cancelled:
                 joining.append(entry)
         if len(keep) == len(self._batch) and not joining:
-            return
+            return 0
         state, logits, rows = self._state, self._logits, self._rows
         if len(keep) != len(self._batch):
             index = np.array(keep, dtype=np.int64)
@@ -446,11 +467,12 @@ class ModelEngine:
             rows = rows.extend(_Rows(rows.vocab, streams, rows.cursor))
             self._batch = [*self._batch, *streams]  # a new list: logged steps keep the old membership
         self._state, self._logits, self._rows = state, logits, rows
+        return len(joining)
 
     def _decode_step(self) -> np.ndarray | None:
         """Samples a token for every row, logs them and retires finished rows; returns the remaining rows'
         tokens (B',) int64, which ``_advance`` feeds to the model, or None when no row remains."""
-        self._admit()
+        joined = self._admit()
         batch, rows = self._batch, self._rows
         if not batch:
             return None
@@ -460,7 +482,7 @@ class ModelEngine:
         else:
             tokens = sample_next(logits, rows.temperature, rows.top_k, rows.top_p, uniforms)
         now = time.perf_counter()
-        self._observe_step(batch, rows, now)
+        self._observe_step(batch, joined, now)
         rows.count += 1
         self._steps.append(_Step(batch, tokens, self._logprobs(logits, tokens, rows)))
         finished = self._finishes(batch, tokens, rows)
@@ -479,11 +501,11 @@ class ModelEngine:
         step_logits, self._state = self.runtime.step(tokens[:, None].astype(np.int64), self._state)
         self._logits = step_logits[:, 0]
 
-    def _observe_step(self, batch: list[Stream], rows: _Rows, now: float) -> None:
-        """Step metrics, and the time to first token of rows sampling their first token."""
-        for row in np.flatnonzero(rows.count == 0).tolist():
-            self.metrics.ttft.observe(now - batch[row].submitted)
-            self._urgent.add(batch[row])
+    def _observe_step(self, batch: list[Stream], joined: int, now: float) -> None:
+        """Step metrics, and the time to first token of the ``joined`` last rows (their first token)."""
+        for stream in batch[len(batch) - joined:]:
+            self.metrics.ttft.observe(now - stream.submitted)
+            self._urgent.add(stream)
         self.metrics.batch.observe(len(batch))
         self.metrics.tokens.inc(len(batch))
         if self._last_step:

@@ -20,6 +20,7 @@ class ModelMetrics:
     batch: Histogram
     tokens: Counter
     prompt_tokens: Counter
+    prompt_cache_hits: Counter
 
 
 class ServerMetrics:
@@ -41,6 +42,9 @@ class ServerMetrics:
         self.tokens = Counter("rnnlab_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("rnnlab_prompt_tokens", "Prompt and appended tokens read", ["model"],
                                      registry=r)
+        self.prompt_cache_hits = Counter("rnnlab_prompt_cache_hits",
+                                         "Prompts whose state came from the prompt cache, not a prefill",
+                                         ["model"], registry=r)
         self.active_streams = Gauge("rnnlab_active_streams", "Generation calls in progress", registry=r)
         self.sessions = Gauge("rnnlab_sessions", "Open sessions", registry=r)
         self.session_bytes = Gauge("rnnlab_session_bytes", "Bytes held by open sessions", registry=r)
@@ -51,7 +55,7 @@ class ServerMetrics:
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self.ttft.labels(model), self.inter_token.labels(model),
                             self.queue.labels(model), self.batch.labels(model), self.tokens.labels(model),
-                            self.prompt_tokens.labels(model))
+                            self.prompt_tokens.labels(model), self.prompt_cache_hits.labels(model))
 
     def serve_http(self, port: int, host: str) -> int:
         """Starts the /metrics endpoint on a daemon thread; returns the bound port."""

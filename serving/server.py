@@ -35,6 +35,7 @@ from serving.bundle import BundleError, discover_bundles
 from serving.config import ConfigError, ServerConfig, load_config
 from serving.engine import EngineStopped, Finish, ModelEngine, Request, Stream
 from serving.metrics import ServerMetrics
+from serving.prompt_cache import PromptCache
 from serving.runtime import LMRuntime
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, StoreFull, StoreLimits
 
@@ -189,7 +190,8 @@ class App:
         for name, (runtime, digest) in runtimes.items():
             engine = ModelEngine(name, runtime, self.metrics.for_model(name), config.batch_limit,
                                  config.prefill_chunk, config.flush_ms / 1000,
-                                 config.max_messages_per_s)
+                                 config.max_messages_per_s,
+                                 PromptCache(config.prompt_cache_entries, config.prompt_cache_bytes))
             self.models[name] = Model(name, runtime, engine, digest, model_info(runtime, digest))
         self.sessions = SessionStore(StoreLimits(config.max_sessions, config.max_session_bytes,
                                                  config.session_ttl_s, config.evict_idle_sessions))
@@ -670,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--max-streams", type=int)
     parser.add_argument("--max-sessions", type=int)
+    parser.add_argument("--prompt-cache-entries", type=int, help="prompt states cached per model (0: off)")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--grace", dest="grace_s", type=float, help="SIGTERM drain grace period in seconds")
