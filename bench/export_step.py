@@ -1,12 +1,14 @@
 """One decode step and prompt prefill: onnxruntime (exported bundle) vs eager torch on the same weights.
 
-2-layer GRU, hidden 256, 80-symbol vocabulary, one thread on each side (``--threads 1,2`` adds two on
-each side: two cores split the weights over two L2 caches; only meaningful on an otherwise idle
-machine, as onnxruntime's thread pool spins). Calls are interleaved (ORT, torch, ORT, ...) in the same
+2-layer GRU, hidden 256, 80-symbol vocabulary. ``--threads`` lists the thread settings to measure, the
+same on both sides; ``default`` leaves both libraries at their own defaults (one intra-op thread per
+physical core for onnxruntime, ``torch.get_num_threads()`` for torch: 2 on the 2-core reference machine),
+which is the headline comparison; ``1`` pins both to one core. More than one thread is only meaningful on
+an otherwise idle machine, as both thread pools spin. Calls are interleaved (ORT, torch, ORT, ...) in the same
 process and the medians of many repetitions compared, so machine load affects both sides alike;
 "alone" figures time back-to-back calls, as in a decode loop. Writes bench/results/export_step.json.
 
-    python -m bench.export_step [--reps 2000] [--cell gru] [--threads 1]
+    python -m bench.export_step [--reps 2000] [--cell gru] [--threads default,1]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from lm.vocab import Vocab
 from serving.runtime import LMRuntime
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_step.json"
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read before any case changes it
 
 
 def interleaved(a: tuple[str, Callable[[], object]], b: tuple[str, Callable[[], object]], reps: int,
@@ -74,11 +77,13 @@ def build(cell: str, vocab: int, hidden: int, layers: int, out: Path) -> tuple[R
     return model, export_lm(model, tokenizer, out)
 
 
-def threads_case(model: RNNLM, bundle: Path, threads: int, reps: int) -> dict:
-    """The decode step at batch 1 and 64 with ``threads`` on both sides."""
-    torch.set_num_threads(threads)
-    runtime = LMRuntime.load(bundle, threads=threads)
+def threads_case(model: RNNLM, bundle: Path, threads: str, reps: int) -> dict:
+    """The decode step at batch 1 and 64 with ``threads`` (a count, or "default") on both sides."""
+    torch.set_num_threads(TORCH_DEFAULT_THREADS if threads == "default" else int(threads))
+    ort_threads = 0 if threads == "default" else int(threads)  # 0: onnxruntime's own default
+    runtime = LMRuntime.load(bundle, threads=ort_threads)
     return {"threads": threads, "torch_threads": torch.get_num_threads(),
+            "ort_intra_op_threads": ort_threads or "default (one per physical core)",
             "step": [step_case(model, runtime, 1, reps), step_case(model, runtime, 64, max(50, reps // 8))]}
 
 
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=80)
     parser.add_argument("--reps", type=int, default=2000, help="repetitions of the batch-1 step")
-    parser.add_argument("--threads", default="1", help="comma-separated thread counts (both sides)")
+    parser.add_argument("--threads", default="default,1",
+                        help="comma-separated thread settings, the same on both sides: counts or 'default'")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
             "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-            "by_threads": [threads_case(model, bundle, int(t), args.reps) for t in args.threads.split(",")],
+            "by_threads": [threads_case(model, bundle, t, args.reps) for t in args.threads.split(",")],
         }
         torch.set_num_threads(1)
         result["prefill_threads"] = 1

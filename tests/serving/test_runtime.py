@@ -137,6 +137,13 @@ def test_bad_inputs_are_refused_before_onnxruntime(trained):
         runtime.step(np.full((2, 3), runtime.vocab_size, dtype=np.int64), state)
     with pytest.raises(ValueError, match="tokens: id -1 out of range"):
         runtime.step(np.full((2, 3), -1, dtype=np.int64), state)
+    long_prompt = np.zeros((2, 900), dtype=np.int64)  # a prompt-sized array takes the other path
+    long_prompt[1, 700] = -5
+    with pytest.raises(ValueError, match="tokens: id -5 out of range"):
+        runtime.step(long_prompt, state)
+    long_prompt[1, 700] = runtime.vocab_size + 3
+    with pytest.raises(ValueError, match=rf"tokens: id {runtime.vocab_size + 3} out of range"):
+        runtime.step(long_prompt, state)
     with pytest.raises(ValueError, match=r"tokens must be a \(batch, time\) int64 array, got int32"):
         runtime.step(ok.astype(np.int32), state)
     with pytest.raises(ValueError, match="tokens must have batch and time >= 1"):
