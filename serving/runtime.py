@@ -20,7 +20,7 @@ from lm.streaming import sample_ids, stream_text
 from lm.tokenizers import load_tokenizer
 from serving.bundle import BundleError, Manifest, load_manifest
 
-# Compared by identity: ``dtype != np.int64`` converts the type on every call, and validation runs every step.
+# dtype instances: ``dtype != np.int64`` converts the type on every call, and validation runs every step.
 _INT64, _FLOAT32 = np.dtype(np.int64), np.dtype(np.float32)
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
                "tensor(bool)": "bool"}
@@ -151,7 +151,7 @@ class LMRuntime:
 
     def validate(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> None:
         """Raises ValueError naming the tensor when tokens (B, T) or the state do not fit the graph."""
-        if not isinstance(tokens, np.ndarray) or tokens.dtype is not _INT64 or tokens.ndim != 2:
+        if not isinstance(tokens, np.ndarray) or tokens.dtype != _INT64 or tokens.ndim != 2:
             raise ValueError(f"tokens must be a (batch, time) int64 array, got {_describe(tokens)}")
         batch, time = tokens.shape
         if batch < 1 or time < 1:
@@ -164,7 +164,7 @@ class LMRuntime:
                              f"got {len(state)}")
         want = (self.layers, batch, self.hidden)
         for name, value in zip(self.state_names, state, strict=True):
-            if not isinstance(value, np.ndarray) or value.dtype is not _FLOAT32 or value.shape != want:
+            if not isinstance(value, np.ndarray) or value.dtype != _FLOAT32 or value.shape != want:
                 raise ValueError(f"state {name!r}: expected float32 {want}, got {_describe(value)}")
 
     def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 import subprocess
 import sys
 
@@ -137,6 +138,8 @@ def test_bad_inputs_are_refused_before_onnxruntime(trained):
         runtime.step(np.full((2, 3), runtime.vocab_size, dtype=np.int64), state)
     with pytest.raises(ValueError, match="tokens: id -1 out of range"):
         runtime.step(np.full((2, 3), -1, dtype=np.int64), state)
+    pickled = pickle.loads(pickle.dumps(ok))  # equal dtypes, not the same dtype object: accepted
+    assert runtime.step(pickled, state)[0].shape == (2, 3, runtime.vocab_size)
     long_prompt = np.zeros((2, 900), dtype=np.int64)  # a prompt-sized array takes the other path
     long_prompt[1, 700] = -5
     with pytest.raises(ValueError, match="tokens: id -5 out of range"):
