@@ -100,6 +100,8 @@ class Outcome:
 class Stream:
     """A request in flight. Fields under "loop side" are touched by the event loop only."""
 
+    rng: np.random.Generator  # sampling streams only; made by the step thread (``_iterate``), off the loop
+
     def __init__(self, request: Request, submitted: float) -> None:
         self.request = request
         self.submitted = submitted
@@ -107,7 +109,6 @@ class Stream:
         self.fresh = request.state is None  # read from the initial state: the prompt cache may keep its state
         # step-thread side
         self.remaining = list(request.ids)
-        self.rng: np.random.Generator | None = None  # made by the step thread, off the event loop
         self.matcher = StopMatcher(request.stop)
         self.held = ""  # generated text not sent yet because it could begin a stop string
         self.unsent: list[str] = []  # text of a stream with stop strings, produced since the last hand-over
@@ -248,7 +249,7 @@ class ModelEngine:
             self._texts[self.eos] = ""
         self._cond = threading.Condition()
         self._incoming: list[Stream] = []
-        self._cancellations = False  # set after a stream's ``cancelled``: the batch has rows to drop
+        self._cancellations = False  # set after a stream's ``cancelled``: rescan the batch
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -374,8 +375,9 @@ class ModelEngine:
     def _iterate(self, incoming: list[Stream], events: list[_Update]) -> np.ndarray | None:
         """Admits, reads prompts and samples a decode step; returns the tokens (B,) the batch reads next."""
         for stream in incoming:
-            stream.rng = stream.request.params.generator()
             request = stream.request
+            if not request.params.greedy:
+                stream.rng = request.params.generator()
             if not stream.remaining:
                 self._ready.append((stream, request.state or self.runtime.init_state(1), request.logits))
             elif stream.fresh and (cached := self.prompt_cache.get(request.ids)) is not None:

@@ -336,7 +336,9 @@ class App:
     async def _read_into(self, model: Model, session: Session, ids: list[int], counted: int) -> None:
         """Reads ``ids`` (after the pending token, if any) into a busy session."""
         feed = [session.pending, *ids] if session.pending is not None else ids
-        stream = await self.read(model, Request(feed, 0, state=session.state))
+        # A session that has read nothing is at the initial state: None lets the prompt cache serve it.
+        initial = session.tokens == 0 and session.pending is None
+        stream = await self.read(model, Request(feed, 0, state=None if initial else session.state))
         outcome = stream.outcome
         session.state, session.logits, session.pending = outcome.state, outcome.logits, None
         session.tokens += counted

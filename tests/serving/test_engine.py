@@ -9,11 +9,15 @@ import numpy as np
 from lm.sampling import SamplingParams
 from serving.engine import EngineStopped, Finish, ModelEngine, Request, Stream
 from serving.metrics import ServerMetrics
+from serving.prompt_cache import PromptCache
 
 PROMPT = "The Time Traveller"
 
 
 def engine_for(runtime, name: str = "tiny", **options) -> ModelEngine:
+    """An engine without a prompt cache, so that every stream here reads its prompt while others decode
+    (tests/serving/test_prompt_cache.py covers streams that start from the cache)."""
+    options = {"prompt_cache": PromptCache(0), **options}
     return ModelEngine(name, runtime, ServerMetrics().for_model(name), **options)
 
 

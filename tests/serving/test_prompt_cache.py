@@ -67,7 +67,7 @@ def test_streams_sharing_a_prompt_read_it_once_and_decode_exactly_as_if_each_had
         try:
             first = await read_all(engine.submit(greedy))  # reads the prompt, fills the cache
             later = await asyncio.gather(*(read_all(engine.submit(r)) for r in (greedy, sampled)))
-            opened = engine.submit(Request(ids, 0, SamplingParams()))  # a session's opening prompt
+            opened = engine.submit(Request(ids, 0, SamplingParams()))  # as a new session reads its prompt
             await read_all(opened)
             return [first, *later, opened.outcome]
         finally:

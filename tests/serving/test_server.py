@@ -177,3 +177,19 @@ def test_unbatched_server_with_chunked_prefill_gives_the_same_streams(models_dir
         steps = server.app.metrics.registry.get_sample_value("rnnlab_batch_size_count", {"model": "tiny"})
     assert outputs == ["".join(runtime.generate(prompts[i], 30, params[i])) for i in range(8)]
     assert steps == 8 * 30  # one row per decode step
+
+
+@pytest.mark.parametrize("cache_entries", [4096, 0])
+def test_a_prompt_shared_by_a_call_and_a_new_session_is_read_once(models_dir, cache_entries):
+    with ServerThread(config(models_dir, prompt_cache_entries=cache_entries)) as server:
+        stubs = Stubs(server.port)
+        call, _ = joined(generate(stubs, max_tokens=30))
+        info = stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
+        in_session, _ = joined(list(stubs.sessions.Generate(pb.SessionGenerateRequest(
+            session_id=info.session_id, max_tokens=30))))
+        stubs.channel.close()
+        registry = server.app.metrics.registry
+        hits = registry.get_sample_value("rnnlab_prompt_cache_hits_total", {"model": "tiny"})
+        read = registry.get_sample_value("rnnlab_prompt_tokens_total", {"model": "tiny"})
+    assert in_session == call
+    assert (hits, read) == ((1, len(PROMPT)) if cache_entries else (0, 2 * len(PROMPT)))
