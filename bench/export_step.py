@@ -6,7 +6,9 @@ physical core for onnxruntime, ``torch.get_num_threads()`` for torch: 2 on the 2
 which is the headline comparison; ``1`` pins both to one core. More than one thread is only meaningful on
 an otherwise idle machine, as both thread pools spin. Calls are interleaved (ORT, torch, ORT, ...) in the same
 process and the medians of many repetitions compared, so machine load affects both sides alike;
-"alone" figures time back-to-back calls, as in a decode loop. Writes bench/results/export_step.json.
+"alone" figures time back-to-back calls, as in a decode loop. Each batch measures ``LMRuntime.step`` (state in
+and out as numpy arrays) and ``StatefulDecoder.step``, the decode loop's step (the state stays in bound
+buffers): the headline is the decoder's. Writes bench/results/export_step.json.
 
     python -m bench.export_step [--reps 2000] [--cell gru] [--threads default,1]
 """
@@ -32,6 +34,7 @@ from lm.model import RNNLM, ModelConfig
 from lm.tokenizers import CharTokenizer
 from lm.vocab import Vocab
 from serving.runtime import LMRuntime
+from serving.stateful_decoder import StatefulDecoder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_step.json"
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read before any case changes it
@@ -99,13 +102,17 @@ def step_case(model: RNNLM, runtime: LMRuntime, batch: int, reps: int) -> dict:
             model(t_tokens, t_state)
 
     ort_step = lambda: runtime.step(tokens, state)  # noqa: E731
+    decoder, ids = StatefulDecoder(runtime, state), tokens[:, 0].tolist() if batch == 1 else tokens[:, 0]
     medians = interleaved(("ort_step_us", ort_step), ("torch_eager_us", torch_step), reps)
     warm = {"ort_step_alone_us": alone(ort_step, reps),
+            "ort_decoder_step_alone_us": alone(lambda: decoder.step(ids), reps),
             "ort_session_run_alone_us": alone(lambda: runtime.session.run(None, feed), reps),
             "torch_eager_alone_us": alone(torch_step, reps)}
+    torch_alone = warm["torch_eager_alone_us"]
     return {"batch": batch, "reps": reps, **{k: round(v, 1) for k, v in (medians | warm).items()},
             "ratio_ort_to_torch_interleaved": round(medians["ort_step_us"] / medians["torch_eager_us"], 3),
-            "ratio_ort_to_torch_alone": round(warm["ort_step_alone_us"] / warm["torch_eager_alone_us"], 3),
+            "ratio_ort_to_torch_alone": round(warm["ort_step_alone_us"] / torch_alone, 3),
+            "ratio_decoder_to_torch_alone": round(warm["ort_decoder_step_alone_us"] / torch_alone, 3),
             "ort_tokens_per_s": round(batch / medians["ort_step_us"] * 1e6)}
 
 
