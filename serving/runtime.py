@@ -110,7 +110,8 @@ class LMRuntime:
         self._output_names = ["logits", *self.state_output_names]
         self._eos = manifest.special_ids.get("<eos>")
         self._run_sequence = _raw_run(session)
-        self._run_token = _raw_run(decode_session if decode_session is not None else session)
+        self.token_session = decode_session if decode_session is not None else session  # runs T = 1
+        self._run_token = _raw_run(self.token_session)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int = 1) -> LMRuntime:

@@ -26,19 +26,19 @@ class StatefulDecoder:
     """
 
     def __init__(self, runtime: LMRuntime, state: Sequence[np.ndarray] | None = None, batch: int = 1) -> None:
-        if state is not None:
+        if state is None:
+            if batch < 1:
+                raise ValueError(f"batch must be >= 1, got {batch}")
+            state = runtime.init_state(batch)
+        else:
             batch = _batch_of(state)
             runtime.validate(np.zeros((batch, 1), dtype=np.int64), state)
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
         self.batch, self.vocab_size = batch, runtime.vocab_size
         self._check_ids = runtime.check_ids
         self._tokens = np.zeros((batch, 1), dtype=np.int64)
         self._logits = np.empty((batch, 1, runtime.vocab_size), dtype=np.float32)
-        self._buffers = [runtime.init_state(batch), runtime.init_state(batch)]
-        for buffer, value in zip(self._buffers[0], state or (), strict=False):
-            buffer[...] = value
-        self._session = runtime.decode_session or runtime.session
+        self._buffers = [[np.array(value, order="C") for value in state], runtime.init_state(batch)]
+        self._session = runtime.token_session
         names = list(zip(runtime.state_names, runtime.state_output_names, strict=True))
         self._bindings = [self._bind(names, self._buffers[i], self._buffers[1 - i]) for i in (0, 1)]
         self._current = 0  # the buffer that holds the state now
