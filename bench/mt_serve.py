@@ -1,14 +1,17 @@
 """Translator serving figures, measured side by side in one run -> bench/results/mt_serve.json.
 
-    python -m bench.mt_serve --run runs/mt-fra-eng [--sentences 400] [--clients 16]
+    python -m bench.mt_serve --run runs/mt-fra-eng [--sentences N] [--clients 16]
 
-1. Export the run (``seq2seq.export``), then translate the first N test-split source sentences:
+1. Export the run (``seq2seq.export``), then translate the test split's source sentences (all, or the
+   first N):
    torch (``seq2seq.decode``: eager ``decode_step`` under inference_mode) vs onnxruntime
    (``serving.translator``), both through the same search (``seq2seq.search``) and front end
    (``seq2seq.frontend``), same batches of 64 sentences, greedy and beam 4/5, one thread each; plus the
    batch job (``seq2seq.batch_job``, token batches, bundle loading and output fsync included) on the
    same sentences as a file; outputs compared sentence by sentence. Runs are interleaved and the best
    of three is kept (shared machine).
+   Then both cores, greedy and beam 4: each runtime with 2 workers (``--workers 2``: two batches at
+   once, one thread each) and with 2 intra-op threads, and the batch job with ``--workers 2``.
 2. A real ``rnnlab-serve`` process over the bundle, 16 client threads sending Translate calls (1 and
    8 sentences per call, beam 4): sentences/s and per-call p50/p99 latency, beside the local job.
 """
@@ -38,7 +41,7 @@ def split_sentences(train_config: dict, count: int) -> list[str]:
 
     config = TrainConfig.from_dict(train_config)
     groups = group_references(load_splits(config.data_config())["test"], config.src, config.tgt)
-    return [g.source for g in groups[:count]]
+    return [g.source for g in (groups[:count] if count else groups)]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -81,6 +84,60 @@ def local_figures(run, bundle: Path, texts: list[str], beams: list[int], work: P
                                                        if t.hypotheses])), 1),
         }
         print(f"{label}: {figures[label]}", file=sys.stderr)
+    return figures
+
+
+def two_core_figures(run, bundle: Path, texts: list[str], beams: list[int], work: Path) -> dict:
+    """Both cores: each runtime with 2 workers of 1 thread and with 1 worker of 2 intra-op threads;
+    the batch job with --workers 2. The ratio divides by torch's better configuration."""
+    import torch
+
+    from seq2seq.batch_job import JobConfig, run_job
+    from seq2seq.search import SearchParams
+    from serving.translator import Seq2SeqRuntime
+
+    one_thread, two_threads = Seq2SeqRuntime.load(bundle, threads=1), Seq2SeqRuntime.load(bundle, threads=2)
+    torch_translator = run.translator()
+    source = work / "test.src.txt"
+    figures = {}
+    for beam in beams:
+        label = "greedy" if beam == 1 else f"beam{beam}"
+        params = SearchParams(beam)
+        job = JobConfig(input=str(source), output=str(work / f"job2.{label}.txt"), bundle=str(bundle),
+                        beam=beam, workers=2, progress=False)
+
+        def torch_threads(count: int, workers: int, params: SearchParams = params):
+            torch.set_num_threads(count)
+            try:
+                return torch_translator.translate(texts, params, 64, workers=workers)
+            finally:
+                torch.set_num_threads(1)
+
+        cases = {"torch_2_workers": lambda: torch_threads(1, 2),
+                 "torch_2_threads": lambda: torch_threads(2, 1),
+                 "ort_2_workers": lambda p=params: one_thread.translate(texts, p, 64, workers=2),
+                 "ort_2_threads": lambda p=params: two_threads.translate(texts, p, 64),
+                 "batch_job_2_workers": lambda j=job: run_job(j)}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        outputs: dict[str, object] = {}
+        for _ in range(REPEATS):
+            for name, case in cases.items():
+                seconds, outputs[name] = timed(case)
+                times[name].append(seconds)
+        rates = {name: round(len(texts) / min(values), 1) for name, values in times.items()}
+        best_torch = max(rates["torch_2_workers"], rates["torch_2_threads"])
+        reference = [t.text for t in outputs["torch_2_threads"]]
+        job_lines = Path(job.output).read_text(encoding="utf-8").split("\n")[:-1]
+        figures[label] = {
+            **{f"{name}_sentences_per_s": rate for name, rate in rates.items()},
+            "ort_2_workers_over_best_torch": round(rates["ort_2_workers"] / best_torch, 2),
+            "ort_2_workers_over_torch_2_workers": round(rates["ort_2_workers"] / rates["torch_2_workers"], 2),
+            "identical_to_torch": min(
+                sum(a.text == b for a, b in zip(outputs[name], reference, strict=True))
+                for name in ("torch_2_workers", "ort_2_workers", "ort_2_threads")),
+            "batch_job_identical_to_torch": sum(a == b for a, b in zip(job_lines, reference, strict=True)),
+        }
+        print(f"two cores, {label}: {figures[label]}", file=sys.stderr)
     return figures
 
 
@@ -146,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(ROOT / "runs" / "mt-fra-eng"), help="trained translation run")
     parser.add_argument("--which", choices=("best", "last"), default="best")
-    parser.add_argument("--sentences", type=int, default=400, help="test-split sentences to translate")
+    parser.add_argument("--sentences", type=int, default=0,
+                        help="translate the first N test-split sentences (default 0: all of them)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", default=str(RESULT))
     parser.add_argument("--train-minutes", type=float, default=3.0,
@@ -166,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = split_sentences(run.train_config, args.sentences)
         bundle = export_run(run_dir, work / "models" / "mt", which=args.which, sample=32)
         local = local_figures(run, bundle, texts, [1, 4, 5], work)
+        two_cores = two_core_figures(run, bundle, texts, [1, 4], work)
         server, target = start_server(work / "models")
         try:
             remote = [grpc_figures(target, "mt", texts, args.clients, per_call, 4) for per_call in (1, 8)]
@@ -186,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation": run.evaluation, "threads": 1, "batch_size": 64,
         "timing": f"best of {REPEATS}, interleaved",
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
-        "local": local, "grpc": remote,
+        "local": local, "two_cores": two_cores, "grpc": remote,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -70,6 +70,9 @@ class JobConfig:
     shard: tuple[int, int] = (0, 1)
     references: str | None = None
     threads: int = 1
+    """onnxruntime intra-op threads per worker."""
+    workers: int = 1
+    """Batches translated at once (threads over one bundle); the output does not depend on it."""
     progress: bool | None = None
     """None: a bar when stderr is a terminal."""
 
@@ -116,7 +119,7 @@ def local_backend(config: JobConfig) -> tuple[Backend, str]:
 
     def translate(texts: list[str]) -> list[Translation]:
         # length-sorted batches of at most batch_tokens (sentences x longest source)
-        return runtime.translate(texts, params, batch_tokens=config.batch_tokens)
+        return runtime.translate(texts, params, batch_tokens=config.batch_tokens, workers=config.workers)
 
     digest = hashlib.sha256((Path(config.bundle) / "manifest.json").read_bytes()).hexdigest()
     return translate, f"bundle:{digest}"
@@ -210,7 +213,8 @@ def format_line(fmt: str, item_id: str, source: str, result: Translation, error:
 # --- resumable output --------------------------------------------------------------------------------
 def args_hash(config: JobConfig, backend_identity: str) -> str:
     """What the output depends on: the input file (path, size, mtime), model, search and layout options."""
-    fields = {k: v for k, v in asdict(config).items() if k not in ("progress", "threads", "references")}
+    fields = {k: v for k, v in asdict(config).items() if k not in ("progress", "threads", "workers",
+                                                                       "references")}
     source = Path(config.input)
     stat = source.stat() if config.input != "-" else None
     fields["input_identity"] = [str(source.resolve()), stat.st_size, stat.st_mtime_ns] if stat else "-"
@@ -325,8 +329,8 @@ def run_job(config: JobConfig, backend: tuple[Backend, str] | None = None) -> Jo
     """Runs (or resumes) the job; per-line problems go to stderr, job-level ones raise JobError."""
     if (config.bundle is None) == (config.server is None):
         raise JobError("give exactly one of --bundle B or --server HOST:PORT")
-    if config.batch_tokens < 1 or config.chunk_lines < 1:
-        raise JobError("--batch-tokens and --chunk-lines must be at least 1")
+    if min(config.batch_tokens, config.chunk_lines, config.workers, config.threads) < 1:
+        raise JobError("--batch-tokens, --chunk-lines, --workers and --threads must be at least 1")
     try:
         config.params()
     except ValueError as exc:
@@ -446,7 +450,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      server=args.server, model=args.model, format=args.format, beam=args.beam,
                      length_penalty=args.length_penalty, max_len_ratio=args.max_len_ratio, n_best=args.n_best,
                      batch_tokens=args.batch_tokens, chunk_lines=args.chunk_lines, shard=args.shard,
-                     references=args.references, threads=args.threads or 1, progress=args.progress)
+                     references=args.references, threads=args.threads or 1, workers=args.workers,
+                     progress=args.progress)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -85,21 +85,29 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
                         help="at most ratio * source tokens + 10 output tokens (default 2.0)")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads: torch's (default: torch's choice), onnxruntime's per worker "
+                             "with --bundle (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="batches translated at once, in threads (default 1; on a multi-core CPU "
+                             "N workers of 1 thread each beat 1 worker of N threads; same output)")
 
 
-def _set_threads(threads: int) -> None:
+def _set_threads(threads: int, workers: int = 1) -> None:
+    """torch's intra-op threads: ``threads``, or by default its own choice shared among the workers."""
+    import torch
+
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
+    elif workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 def _search_params(args: argparse.Namespace, n_best: int = 1):
     from seq2seq.search import SearchParams
 
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    if args.batch_size < 1 or args.workers < 1:
+        raise UsageError("--batch-size and --workers must be at least 1")
     try:
         return SearchParams(beam=args.beam, length_penalty=args.length_penalty,
                             max_len_ratio=args.max_len_ratio, n_best=n_best)
@@ -125,10 +133,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from seq2seq.run import load_run
 
     params = _search_params(args)
-    _set_threads(args.threads)
+    _set_threads(args.threads, args.workers)
     run = load_run(args.run_dir, args.which)
     hyp_out = args.hyp_out or default_hyp_path(args.run_dir, args.split, params.beam)
-    result = evaluate(run, args.split, params, hyp_out, args.batch_size, args.limit)
+    result = evaluate(run, args.split, params, hyp_out, args.batch_size, args.limit, args.workers)
     write_evaluation(args.run_dir, result)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -186,12 +194,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if not args.run_dir:
         raise CommandError("give RUN_DIR, --bundle B or --server HOST:PORT")
     params = _search_params(args, n_best=args.n_best)
-    _set_threads(args.threads)
+    _set_threads(args.threads, args.workers)
     translator = load_run(args.run_dir, args.which).translator(args.max_src_tokens or None)
     source = open(args.input, "rb") if args.input else sys.stdin.buffer  # noqa: SIM115
     target: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    # A terminal gets each line answered at once; files and pipes are decoded in batches.
-    chunk = 1 if source.isatty() else args.batch_size
+    # A terminal gets each line answered at once; files and pipes are decoded in batches, one per worker.
+    chunk = 1 if source.isatty() else args.batch_size * args.workers
     number, failed = 0, 0
     try:
         for raw_lines in read_lines(source, chunk):
@@ -202,7 +210,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
                 except ValueError as exc:
                     texts.append("")
                     errors[k] = str(exc)
-            for k, result in enumerate(translator.translate(texts, params, args.batch_size)):
+            for k, result in enumerate(translator.translate(texts, params, args.batch_size,
+                                                            workers=args.workers)):
                 number += 1
                 error = errors.get(k, result.error)
                 if error:

@@ -101,12 +101,13 @@ def search(model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: 
 
 
 class Translator(TextTranslator):
-    """Text in, text out over the torch model (eval mode)."""
+    """Text in, text out over the torch model, which it puts in eval mode (a translator only infers)."""
 
     def __init__(self, model: Seq2Seq, src_tok: SentencePieceTokenizer, tgt_tok: SentencePieceTokenizer,
                  max_src_tokens: int = 100, normalize_fn: Callable[[str], str] | None = None) -> None:
         super().__init__(src_tok, tgt_tok, max_src_tokens, normalize_fn)
-        self.model = model
+        self.model = model.eval()
 
     def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
-        return search(self.model, sources, params, self.bos, self.eos, batch_size=len(sources))
+        # no train/eval toggling here: batches may run in several threads at once (``search``)
+        return search_batch(self.model, sources, params, self.bos, self.eos)

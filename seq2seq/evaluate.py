@@ -20,14 +20,16 @@ def default_hyp_path(run_dir: str | Path, split: str, beam: int) -> Path:
 
 
 def evaluate(run: LoadedRun, split: str, params: SearchParams, hyp_out: str | Path,
-             batch_size: int = 64, limit: int = 0) -> dict[str, Any]:
-    """Translates the split's source sentences (grouped), scores them, writes the hypotheses (one a line)."""
+             batch_size: int = 64, limit: int = 0, workers: int = 1) -> dict[str, Any]:
+    """Translates the split's source sentences (grouped), scores them, writes the hypotheses (one a line);
+    ``workers`` batches at once (``TextTranslator.search``)."""
     config = TrainConfig.from_dict(run.train_config)
     groups = group_references(load_splits(config.data_config())[split], config.src, config.tgt)
     if limit:
         groups = groups[:limit]
     start = time.perf_counter()
-    translations = run.translator().translate([g.source for g in groups], params, batch_size)
+    translations = run.translator().translate([g.source for g in groups], params, batch_size,
+                                               workers=workers)
     seconds = time.perf_counter() - start
     hypotheses = [t.text for t in translations]
     atomic_write_bytes(hyp_out, "".join(h + "\n" for h in hypotheses).encode("utf-8"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +86,29 @@ class TextTranslator(ABC):
         """One batch of source id lists (EOS included, non-empty) -> ``params.n_best`` hypotheses each."""
 
     def search(self, sources: list[list[int]], params: SearchParams, batch_size: int = 64,
-               batch_tokens: int | None = None) -> list[list[Hypothesis]]:
-        """Any number of sources in length-sorted batches (``sorted_batches``); input order out."""
+               batch_tokens: int | None = None, workers: int = 1) -> list[list[Hypothesis]]:
+        """Any number of sources in length-sorted batches (``sorted_batches``); input order out.
+
+        ``workers`` > 1 searches that many batches at once, in threads: both runtimes release the GIL
+        in their matrix work, so on a multi-core machine this scales where a runtime's own intra-op
+        threads hardly do (steps of a few hundred rows are too small to split). The batches are the
+        same whatever the number of workers, and so are the results.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        batches = list(sorted_batches(sources, batch_size, batch_tokens))
+
+        def run(batch: list[int]) -> list[list[Hypothesis]]:
+            return self.search_batch([sources[i] for i in batch], params)
+
         results: list[list[Hypothesis]] = [[] for _ in sources]
-        for batch in sorted_batches(sources, batch_size, batch_tokens):
-            found = self.search_batch([sources[i] for i in batch], params)
-            for index, hyps in zip(batch, found, strict=True):
+        if workers > 1 and len(batches) > 1:
+            with ThreadPoolExecutor(min(workers, len(batches)), thread_name_prefix="search") as pool:
+                found = list(pool.map(run, batches))
+        else:
+            found = [run(batch) for batch in batches]
+        for batch, hyps_of_batch in zip(batches, found, strict=True):
+            for index, hyps in zip(batch, hyps_of_batch, strict=True):
                 results[index] = hyps
         return results
 
@@ -117,8 +135,9 @@ class TextTranslator(ABC):
                            source_tokens=source_tokens)
 
     def translate(self, texts: list[str], params: SearchParams | None = None, batch_size: int = 64,
-                  batch_tokens: int | None = None) -> list[Translation]:
-        """One Translation per text, failures included (``error`` set, empty text); greedy by default."""
+                  batch_tokens: int | None = None, workers: int = 1) -> list[Translation]:
+        """One Translation per text, failures included (``error`` set, empty text); greedy by default.
+        ``workers``: batches searched at once (``search``)."""
         results: list[Translation | None] = [None] * len(texts)
         good, sources, warnings = [], [], []
         for i, text in enumerate(texts):
@@ -130,7 +149,7 @@ class TextTranslator(ABC):
             good.append(i)
             sources.append(ids)
             warnings.append(warning)
-        found = self.search(sources, params or SearchParams(), batch_size, batch_tokens)
+        found = self.search(sources, params or SearchParams(), batch_size, batch_tokens, workers)
         for i, ids, hyps, warning in zip(good, sources, found, warnings, strict=True):
             results[i] = self.finish(hyps, len(ids) - 1, warning)
         return results  # type: ignore[return-value]

@@ -25,7 +25,8 @@ class ServerConfig:
     host: str = "127.0.0.1"           # "0.0.0.0" / "[::]" to listen on every interface
     port: int = 50151                 # 0 picks a free port (printed on stdout)
     metrics_port: int | None = None   # Prometheus /metrics over HTTP; None disables, 0 picks a free port
-    ort_threads: int = 1              # onnxruntime intra-op threads per model
+    ort_threads: int = 1              # onnxruntime intra-op threads per model (per translation worker)
+    translate_workers: int = 2        # translation batches searched at once per translator (threads)
     batching: bool = True             # False: one stream per ORT call (max_batch 1), for comparison
     max_batch: int = 256              # streams per batched decode step; more wait in the queue
     prefill_chunk: int = 256          # prompt tokens read per step, so prefill never stalls decoding long
@@ -60,7 +61,7 @@ class ServerConfig:
                 raise ConfigError(f"TLS file {path} does not exist")
         for name in ("max_batch", "prefill_chunk", "max_prompt_chars", "max_prompt_tokens", "max_tokens",
                      "default_max_tokens", "max_streams", "max_sessions", "max_session_bytes",
-                     "max_message_bytes", "ort_threads"):
+                     "max_message_bytes", "ort_threads", "translate_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
         for name in ("prompt_cache_entries", "prompt_cache_bytes"):

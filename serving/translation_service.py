@@ -79,15 +79,20 @@ class SentenceBatcher:
     """Batches the sentences of concurrent calls for one model (see the module docstring).
 
     Only the drain task touches ``pending``; it runs while sentences are queued and then ends, so an
-    idle model holds no task.
+    idle model holds no task. A batch is taken only when a worker is free, so a busy model's batches
+    fill up instead of queueing small.
     """
 
     def __init__(self, name: str, runtime: Seq2SeqRuntime, metrics: TranslationMetrics,
-                 gather_ms: float = 3.0, batch_tokens: int = 600) -> None:
+                 gather_ms: float = 3.0, batch_tokens: int = 600, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
         self.name, self.runtime = name, runtime
         self.gather_s, self.batch_tokens = gather_ms / 1000, batch_tokens
         self.pending: list[_Item] = []
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"translate-{name}")
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"translate-{name}")
+        self._free_workers = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._more = asyncio.Event()
         self._batch = metrics.batch.labels(name)
@@ -111,6 +116,7 @@ class SentenceBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self.pending:
+            await self._free_workers.acquire()
             # Wait for company at most gather_ms after the oldest sentence arrived (not after the last batch).
             deadline = self.pending[0].queued + self.gather_s
             while self._queued_tokens() < self.batch_tokens and (left := deadline - loop.time()) > 0:
@@ -121,20 +127,30 @@ class SentenceBatcher:
                     break
             batch = self._take()
             if not batch:
+                self._free_workers.release()
                 continue
-            try:
-                results = await loop.run_in_executor(self.executor, self._search, batch)
-            except Exception as exc:  # a failing ORT call fails its sentences, not the batcher
-                log.exception("translation batch of model %s failed", self.name)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            now = loop.time()
-            for item, hyps in zip(batch, results, strict=True):
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """Searches one batch in a worker thread and resolves its sentences' futures."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.executor, self._search, batch)
+        except Exception as exc:  # a failing ORT call fails its sentences, not the batcher
+            log.exception("translation batch of model %s failed", self.name)
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(hyps)
-                    self._latency.observe(now - item.queued)
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._free_workers.release()
+        now = loop.time()
+        for item, hyps in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(hyps)
+                self._latency.observe(now - item.queued)
 
     def _take(self) -> list[_Item]:
         """The oldest live sentences with the oldest one's options, while sentences x longest stays
@@ -341,8 +357,9 @@ async def _pump(request_iterator: AsyncIterator, done: asyncio.Queue) -> None:
 
 
 def load_translators(bundles: Iterable[Path], threads: int = 1, metrics: TranslationMetrics | None = None,
-                     gather_ms: float = 3.0) -> dict[str, Translator]:
-    """Every loadable seq2seq bundle by manifest name; bad ones are logged and skipped."""
+                     gather_ms: float = 3.0, workers: int = 1) -> dict[str, Translator]:
+    """Every loadable seq2seq bundle by manifest name, each searching up to ``workers`` batches at once
+    (threads of ``threads`` onnxruntime threads each); bad bundles are logged and skipped."""
     metrics = metrics or TranslationMetrics()
     translators: dict[str, Translator] = {}
     for path in bundles:
@@ -356,7 +373,8 @@ def load_translators(bundles: Iterable[Path], threads: int = 1, metrics: Transla
         if name in translators:
             log.warning("refusing translation bundle %s: model name %r is already served", path, name)
             continue
-        translators[name] = Translator(name, runtime, SentenceBatcher(name, runtime, metrics, gather_ms),
+        translators[name] = Translator(name, runtime, SentenceBatcher(name, runtime, metrics, gather_ms,
+                                                                       workers=workers),
                                        translator_info(runtime))
         log.info("serving translator %r from %s (%.2f s to load)", name, path, time.perf_counter() - started)
     return translators
@@ -365,7 +383,8 @@ def load_translators(bundles: Iterable[Path], threads: int = 1, metrics: Transla
 def add_to_server(server: grpc.aio.Server, bundles: list[Path], config,
                   registry: CollectorRegistry | None = None) -> list[str]:
     """Registers the Translation service for the loadable bundles -> [its full name] (or [] if none)."""
-    translators = load_translators(bundles, config.ort_threads, TranslationMetrics(registry))
+    translators = load_translators(bundles, config.ort_threads, TranslationMetrics(registry),
+                                   workers=config.translate_workers)
     if not translators:
         return []
     tpb_grpc.add_TranslationServicer_to_server(TranslationService(translators), server)

@@ -16,6 +16,7 @@ tests/serving/test_translator.py on a trained model.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,9 @@ class Seq2SeqRuntime(TextTranslator):
     """A loaded seq2seq bundle: tokenizers, the encoder and decoder-step ORT sessions, batched search.
 
     ``encoder_calls`` counts encoder runs and ``encoder_rows`` the sentences they held (the batching
-    figures the translation service reports).
+    figures the translation service reports). Batches may be searched from several threads at once
+    (``search(..., workers=N)``): onnxruntime sessions allow concurrent runs, and each run of a
+    one-thread session computes on its caller's thread.
     """
 
     def __init__(self, manifest: Manifest, encoder: ort.InferenceSession, decoder: ort.InferenceSession,
@@ -85,6 +88,7 @@ class Seq2SeqRuntime(TextTranslator):
         self.decoder = OrtStepDecoder(decoder, self.tgt_vocab)
         self.encoder_calls = 0
         self.encoder_rows = 0
+        self._count_lock = threading.Lock()
         self._encoder_outputs = [a.name for a in encoder.get_outputs()]
         self._memory_names = [a.name for a in decoder.get_inputs()][3:]
 
@@ -119,8 +123,9 @@ class Seq2SeqRuntime(TextTranslator):
     def encode(self, src: np.ndarray, src_len: np.ndarray) -> tuple[Memory, np.ndarray]:
         """src (B,S) int64, src_len (B,) int64 >= 1 -> the decoder's memory inputs (row b = sentence b:
         projected_memory (B,M,G) [, keys (B,M,A), mask (B,M)]), state (L,B,H)."""
-        self.encoder_calls += 1
-        self.encoder_rows += len(src)
+        with self._count_lock:
+            self.encoder_calls += 1
+            self.encoder_rows += len(src)
         outputs = dict(zip(self._encoder_outputs, self.encoder.run(None, {"src": src, "src_len": src_len}),
                            strict=True))
         return {name: outputs[name] for name in self._memory_names}, outputs["state"]

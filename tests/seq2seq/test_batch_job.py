@@ -72,6 +72,32 @@ def test_text_job_keeps_order_and_one_line_per_input_line(bundle, lines, tmp_pat
     assert not (tmp_path / "out.txt.progress").exists()
 
 
+def test_workers_give_the_same_output_and_may_differ_on_resume(bundle, lines, tmp_path, capsys):
+    """--workers is how the job runs, not what it writes: the output is byte-identical, and a job
+    stopped with one worker count resumes with another."""
+    source = write_input(tmp_path / "in.txt", lines * 3, final_newline=True)
+    args = ["--bundle", bundle, "--input", source, "--beam", 2, "--batch-tokens", 30, "--chunk-lines", 40]
+    assert run([*args, "--output", tmp_path / "one.txt"], capsys)[0] == 0
+    assert run([*args, "--output", tmp_path / "two.txt", "--workers", 2], capsys)[0] == 0
+    assert (tmp_path / "two.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
+    half = tmp_path / "half.txt"
+    progress = half.with_name(half.name + ".progress")
+    head = (tmp_path / "one.txt").read_bytes().split(b"\n")[:40]
+    half.write_bytes(b"\n".join(head) + b"\n")
+    from seq2seq.batch_job import JobConfig, _write_json_atomic, args_hash
+
+    config = JobConfig(input=str(source), output=str(half), bundle=str(bundle), beam=2, batch_tokens=30,
+                       chunk_lines=40, workers=1)
+    digest = __import__("hashlib").sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
+    _write_json_atomic(progress, {"version": 1, "args_hash": args_hash(config, f"bundle:{digest}"),
+                                  "lines_done": 40, "output_bytes": half.stat().st_size})
+    status, captured = run([*args, "--output", half, "--workers", 2], capsys)
+    assert status == 0 and "resumed after line 40" in captured.err
+    assert half.read_bytes() == (tmp_path / "one.txt").read_bytes() and not progress.exists()
+    status, captured = run([*args, "--output", tmp_path / "x.txt", "--workers", 0], capsys)
+    assert status == 1 and "--workers" in captured.err
+
+
 def test_jsonl_in_and_out(bundle, tmp_path, capsys):
     items = [json.dumps({"id": "a", "text": "Hello."}), json.dumps({"text": "I am cold."}), "{not json",
              json.dumps({"id": 7, "text": ""})]

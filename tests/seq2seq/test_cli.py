@@ -51,3 +51,17 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["translate", str(tmp_path), "--beam", "2", "--n-best", "3"]) == 2  # a usage error
     assert "n_best" in capsys.readouterr().err
+
+
+def test_translate_with_workers_writes_what_one_worker_writes(trained_run, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"{line}\n" for line in ("Go.", "Who?", "I see.", "", "Help me.", "Run!") * 3),
+                      encoding="utf-8")
+    outputs = []
+    for workers in ("1", "3"):
+        target = tmp_path / f"out.{workers}.txt"
+        assert main(["translate", str(trained_run), "--input", str(source), "--output", str(target),
+                     "--beam", "3", "--batch-size", "2", "--workers", workers, "--threads", "1"]) == 0
+        outputs.append(target.read_bytes())
+    assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 18
+    assert main(["translate", str(trained_run), "--workers", "0"]) == 2

@@ -1,5 +1,6 @@
 """The Translation service on a real server (127.0.0.1, port 0): results, errors, streams, shared batches."""
 
+import asyncio
 import json
 import logging
 import shutil
@@ -15,7 +16,7 @@ from serving.client import Client
 from serving.client_cli import main as client_main
 from serving.config import ServerConfig
 from serving.server import ServerThread
-from serving.translation_service import MAX_SENTENCES
+from serving.translation_service import MAX_SENTENCES, SentenceBatcher, TranslationMetrics
 from serving.translator import SearchParams, Seq2SeqRuntime
 from tests.tiny_translators import tiny_sources, tiny_translator
 
@@ -191,3 +192,44 @@ def test_a_deadline_ends_the_call_and_the_server_goes_on(client):
         client.translate(NAME, tiny_sources(300), beam=8, timeout=0.01)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert not client.translate(NAME, ["Hello."])[0].failed
+
+
+class CountingBatcher(SentenceBatcher):
+    """Records how many batches were being searched at once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active = self.most_active = 0
+        self.lock = threading.Lock()
+
+    def _search(self, batch):
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            return super()._search(batch)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_search_batches_at_once_with_the_same_results(bundle, workers):
+    runtime = Seq2SeqRuntime.load(bundle)
+    texts = tiny_sources(40, start=500)
+    sources = [runtime.encode_source(t)[0] for t in texts]
+    params = SearchParams(beam=4)
+
+    async def translate_all():
+        batcher = CountingBatcher(NAME, runtime, TranslationMetrics(), gather_ms=0.0, batch_tokens=40,
+                                  workers=workers)
+        futures = [batcher.submit(ids, params, call=i) for i, ids in enumerate(sources)]
+        results = await asyncio.gather(*futures)
+        return batcher, results
+
+    batcher, results = asyncio.run(translate_all())
+    assert batcher.most_active == workers and batcher.active == 0
+    local = runtime.translate(texts, params)
+    assert [list(hyps) for hyps in results] == [list(t.hypotheses) for t in local]
+    with pytest.raises(ValueError, match="workers"):
+        SentenceBatcher(NAME, runtime, TranslationMetrics(), workers=0)

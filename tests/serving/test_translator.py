@@ -66,6 +66,26 @@ def test_results_do_not_depend_on_the_batch(tiny):
     assert [t.text for t in runtime.translate(texts, SearchParams(beam=4))] == alone
 
 
+@pytest.mark.parametrize("beam", [1, 4])
+def test_workers_search_batches_at_once_with_the_same_results(tiny, beam):
+    """Two threads over one pair of sessions and over one torch model: the batches, and so the n-best
+    lists and scores, are those of one worker."""
+    torch_translator, runtime = tiny
+    texts = tiny_sources(48, start=1000)
+    params = SearchParams(beam=beam, n_best=beam)
+    calls_before = runtime.encoder_calls
+    one = runtime.translate(texts, params, batch_size=6)
+    calls_one = runtime.encoder_calls - calls_before
+    two = runtime.translate(texts, params, batch_size=6, workers=2)
+    assert runtime.encoder_calls - calls_before == 2 * calls_one == 16
+    for a, b in zip(one, two, strict=True):
+        assert a.hypotheses == b.hypotheses
+    _same(two, torch_translator.translate(texts, torch_search_module.SearchParams(beam=beam, n_best=beam),
+                                          batch_size=6, workers=2))
+    with pytest.raises(ValueError, match="workers"):
+        runtime.translate(texts, params, workers=0)
+
+
 def test_bad_lines_fail_alone(tiny):
     _, runtime = tiny
     texts = ["Hello.", "", "   ", "word " * 200, "I am cold."]
