@@ -12,8 +12,9 @@
    of three is kept (shared machine).
    Then both cores, greedy and beam 4: each runtime with 2 workers (``--workers 2``: two batches at
    once, one thread each) and with 2 intra-op threads, and the batch job with ``--workers 2``.
-2. A real ``rnnlab-serve`` process over the bundle, 16 client threads sending Translate calls (1 and
-   8 sentences per call, beam 4): sentences/s and per-call p50/p99 latency, beside the local job.
+2. A real ``rnnlab-serve`` process over the bundle (``--translate-workers`` 1, then 2), 16 client
+   threads sending Translate calls (1 and 8 sentences per call, beam 4): sentences/s and per-call
+   p50/p99 latency, beside the local batch job with as many workers.
 """
 
 from __future__ import annotations
@@ -141,9 +142,10 @@ def two_core_figures(run, bundle: Path, texts: list[str], beams: list[int], work
     return figures
 
 
-def start_server(models: Path) -> tuple[subprocess.Popen, str]:
+def start_server(models: Path, translate_workers: int) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen([sys.executable, "-m", "serving.server", "--models", str(models), "--port", "0",
-                               "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                               "--translate-workers", str(translate_workers), "--log-level", "WARNING"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline()
     if "listening on" not in line:
         server.kill()
@@ -225,15 +227,20 @@ def main(argv: list[str] | None = None) -> int:
         bundle = export_run(run_dir, work / "models" / "mt", which=args.which, sample=32)
         local = local_figures(run, bundle, texts, [1, 4, 5], work)
         two_cores = two_core_figures(run, bundle, texts, [1, 4], work)
-        server, target = start_server(work / "models")
-        try:
-            remote = [grpc_figures(target, "mt", texts, args.clients, per_call, 4) for per_call in (1, 8)]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        remote = []
+        for workers in (1, 2):
+            server, target = start_server(work / "models", workers)
+            try:
+                for per_call in (1, 8):
+                    figures = grpc_figures(target, "mt", texts, args.clients, per_call, 4)
+                    remote.append({"translate_workers": workers, **figures})
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
     for figures in remote:
-        figures["vs_local_batch_job_beam4"] = round(
-            figures["sentences_per_s"] / local["beam4"]["batch_job_sentences_per_s"], 2)
+        job = (local["beam4"]["batch_job_sentences_per_s"] if figures["translate_workers"] == 1
+               else two_cores["beam4"]["batch_job_2_workers_sentences_per_s"])
+        figures["vs_local_batch_job_same_workers"] = round(figures["sentences_per_s"] / job, 2)
         print(f"grpc: {figures}", file=sys.stderr)
     config = run.model_config.to_dict()
     trained_here = f"{args.run} missing: a {args.train_minutes:g}-minute model trained by this bench"
