@@ -104,6 +104,7 @@ class TextTranslator(ABC):
         results: list[list[Hypothesis]] = [[] for _ in sources]
         if workers > 1 and len(batches) > 1:
             with ThreadPoolExecutor(min(workers, len(batches)), thread_name_prefix="search") as pool:
+                # map cancels the batches not started yet when one fails or on Ctrl-C
                 found = list(pool.map(run, batches))
         else:
             found = [run(batch) for batch in batches]

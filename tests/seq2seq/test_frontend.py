@@ -1,5 +1,7 @@
 """The translators' shared front end: length-sorted batches, and per-line failures around any search."""
 
+import time
+
 import pytest
 
 from seq2seq.frontend import TextTranslator, sorted_batches
@@ -50,3 +52,25 @@ def test_bad_lines_fail_alone_and_results_keep_input_order(echo):
     assert results[0].source_tokens == len(echo.src_tokenizer.encode("Go now."))
     assert [len(b[0]) for b in echo.batches] == sorted(len(b[0]) for b in echo.batches)  # short first
     assert results[3].n_best == [(results[3].text, -float(results[3].source_tokens + 1))]
+
+
+class SlowEchoTranslator(EchoTranslator):
+    """EchoTranslator whose batches take 50 ms; the batch holding an empty source fails at once."""
+
+    def search_batch(self, sources, params):
+        if any(len(ids) == 1 for ids in sources):  # EOS alone
+            raise RuntimeError("this batch failed")
+        time.sleep(0.05)
+        return super().search_batch(sources, params)
+
+
+def test_workers_keep_input_order_and_a_failed_batch_stops_the_rest(echo):
+    sources = [[7 + i] * (2 + i % 5) + [echo.src_eos] for i in range(20)]
+    one = echo.search(sources, SearchParams(), batch_size=2)
+    three = echo.search(sources, SearchParams(), batch_size=2, workers=3)
+    assert three == one and [h[0].tokens for h in one] == [tuple(ids[:-1]) for ids in sources]
+    slow = SlowEchoTranslator(echo.src_tokenizer, echo.tgt_tokenizer)
+    short = [[slow.src_eos], *sources]  # the shortest: sorted into the first batch
+    with pytest.raises(RuntimeError, match="this batch failed"):
+        slow.search(short, SearchParams(), batch_size=2, workers=2)
+    assert len(slow.batches) < 4  # of 10 left: those not started when the failure arrived never ran
