@@ -26,7 +26,8 @@ class ServerConfig:
     port: int = 50151                 # 0 picks a free port (printed on stdout)
     metrics_port: int | None = None   # Prometheus /metrics over HTTP; None disables, 0 picks a free port
     ort_threads: int = 1              # onnxruntime intra-op threads per model (per translation worker)
-    translate_workers: int = 2        # translation batches searched at once per translator (threads)
+    # translation batches searched at once per translator (threads): 2, or 1 on a one-core machine
+    translate_workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
     batching: bool = True             # False: one stream per ORT call (max_batch 1), for comparison
     max_batch: int = 256              # streams per batched decode step; more wait in the queue
     prefill_chunk: int = 256          # prompt tokens read per step, so prefill never stalls decoding long

@@ -4,7 +4,9 @@ Every loaded translator has a ``SentenceBatcher``: sentences of all concurrent c
 batches, TranslateStream's items) queue there; a drain task waits up to ``gather_ms`` for more (or
 until ``batch_tokens`` source tokens are queued), takes the oldest queued sentences that share search
 options (sentences x longest source within ``batch_tokens``: on CPU, larger batches are slower per
-sentence), and runs encoder + search for them in the model's worker thread, off the event loop. Each
+sentence), and runs encoder + search for them in one of the model's ``workers`` threads, off the event
+loop. A short queue is shared out among the idle workers (two half batches decode faster on two cores
+than one whole batch on one); with every worker busy, the queue grows into the next batch. Each
 sentence's future is resolved with its hypotheses, so one encoder call may serve several RPCs.
 
 Status codes: unknown model NOT_FOUND; options out of range INVALID_ARGUMENT; more than
@@ -90,8 +92,10 @@ class SentenceBatcher:
         self.name, self.runtime = name, runtime
         self.gather_s, self.batch_tokens = gather_ms / 1000, batch_tokens
         self.pending: list[_Item] = []
+        self.workers = workers
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"translate-{name}")
-        self._free_workers = asyncio.Semaphore(workers)
+        self._busy = 0
+        self._worker_free = asyncio.Event()
         self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._more = asyncio.Event()
@@ -116,7 +120,9 @@ class SentenceBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self.pending:
-            await self._free_workers.acquire()
+            while self._busy == self.workers:
+                self._worker_free.clear()
+                await self._worker_free.wait()
             # Wait for company at most gather_ms after the oldest sentence arrived (not after the last batch).
             deadline = self.pending[0].queued + self.gather_s
             while self._queued_tokens() < self.batch_tokens and (left := deadline - loop.time()) > 0:
@@ -125,10 +131,11 @@ class SentenceBatcher:
                     await asyncio.wait_for(self._more.wait(), left)
                 except TimeoutError:
                     break
-            batch = self._take()
+            live = sum(not item.future.done() for item in self.pending)
+            batch = self._take(max_sentences=-(-live // (self.workers - self._busy)))
             if not batch:
-                self._free_workers.release()
                 continue
+            self._busy += 1
             task = loop.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -145,17 +152,18 @@ class SentenceBatcher:
                     item.future.set_exception(exc)
             return
         finally:
-            self._free_workers.release()
+            self._busy -= 1
+            self._worker_free.set()
         now = loop.time()
         for item, hyps in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(hyps)
                 self._latency.observe(now - item.queued)
 
-    def _take(self) -> list[_Item]:
-        """The oldest live sentences with the oldest one's options, while sentences x longest stays
-        within the token budget (first come, first served: long sentences are not starved); sorted by
-        length for the search."""
+    def _take(self, max_sentences: int) -> list[_Item]:
+        """The oldest live sentences with the oldest one's options, at most ``max_sentences`` and while
+        sentences x longest stays within the token budget (first come, first served: long sentences are
+        not starved); sorted by length for the search."""
         self.pending = [item for item in self.pending if not item.future.done()]  # cancelled calls
         if not self.pending:
             return []
@@ -166,7 +174,8 @@ class SentenceBatcher:
         for item in self.pending:
             if not full and item.params == params:
                 size = max(longest, len(item.ids))
-                full = bool(batch) and (len(batch) + 1) * size > self.batch_tokens
+                full = bool(batch) and ((len(batch) + 1) * size > self.batch_tokens
+                                        or len(batch) == max_sentences)
                 if not full:
                     batch.append(item)
                     longest = size

@@ -200,10 +200,12 @@ class CountingBatcher(SentenceBatcher):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.active = self.most_active = 0
+        self.sizes = []
         self.lock = threading.Lock()
 
     def _search(self, batch):
         with self.lock:
+            self.sizes.append(len(batch))
             self.active += 1
             self.most_active = max(self.most_active, self.active)
         try:
@@ -233,3 +235,17 @@ def test_workers_search_batches_at_once_with_the_same_results(bundle, workers):
     assert [list(hyps) for hyps in results] == [list(t.hypotheses) for t in local]
     with pytest.raises(ValueError, match="workers"):
         SentenceBatcher(NAME, runtime, TranslationMetrics(), workers=0)
+
+
+@pytest.mark.parametrize(("workers", "sizes"), [(1, [9]), (2, [5, 4]), (3, [3, 3, 3])])
+def test_a_short_queue_is_shared_out_among_idle_workers(bundle, workers, sizes):
+    runtime = Seq2SeqRuntime.load(bundle)
+    sources = [runtime.encode_source(t)[0] for t in tiny_sources(9, start=560)]
+
+    async def translate_all():
+        batcher = CountingBatcher(NAME, runtime, TranslationMetrics(), gather_ms=0.0, workers=workers)
+        await asyncio.gather(*[batcher.submit(ids, SearchParams(beam=2), call=1) for ids in sources])
+        return batcher
+
+    batcher = asyncio.run(translate_all())
+    assert batcher.sizes == sizes
