@@ -676,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--prompt-cache-entries", type=int, help="prompt states cached per model (0: off)")
     parser.add_argument("--translate-workers", type=int,
-                        help="translation batches searched at once per translator (default 2)")
+                        help="translation batches searched at once per translator (default 2; 1 on one core)")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--grace", dest="grace_s", type=float, help="SIGTERM drain grace period in seconds")
