@@ -51,15 +51,13 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def local_figures(run, bundle: Path, texts: list[str], beams: list[int], work: Path) -> dict:
+def local_figures(run, bundle: Path, texts: list[str], source: Path, beams: list[int], work: Path) -> dict:
     from seq2seq.batch_job import JobConfig, run_job
     from seq2seq.search import SearchParams
     from serving.translator import Seq2SeqRuntime
 
     runtime = Seq2SeqRuntime.load(bundle, threads=1)
     torch_translator = run.translator()
-    source = work / "test.src.txt"
-    source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
     figures = {}
     for beam in beams:
         label = "greedy" if beam == 1 else f"beam{beam}"
@@ -88,7 +86,8 @@ def local_figures(run, bundle: Path, texts: list[str], beams: list[int], work: P
     return figures
 
 
-def two_core_figures(run, bundle: Path, texts: list[str], beams: list[int], work: Path) -> dict:
+def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: list[int], work: Path,
+                     ) -> dict:
     """Both cores: each runtime with 2 workers of 1 thread and with 1 worker of 2 intra-op threads;
     the batch job with --workers 2. The ratio divides by torch's better configuration."""
     import torch
@@ -99,7 +98,6 @@ def two_core_figures(run, bundle: Path, texts: list[str], beams: list[int], work
 
     one_thread, two_threads = Seq2SeqRuntime.load(bundle, threads=1), Seq2SeqRuntime.load(bundle, threads=2)
     torch_translator = run.translator()
-    source = work / "test.src.txt"
     figures = {}
     for beam in beams:
         label = "greedy" if beam == 1 else f"beam{beam}"
@@ -225,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(run_dir, args.which)
         texts = split_sentences(run.train_config, args.sentences)
         bundle = export_run(run_dir, work / "models" / "mt", which=args.which, sample=32)
-        local = local_figures(run, bundle, texts, [1, 4, 5], work)
-        two_cores = two_core_figures(run, bundle, texts, [1, 4], work)
+        source = work / "test.src.txt"  # the batch job's input
+        source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+        local = local_figures(run, bundle, texts, source, [1, 4, 5], work)
+        two_cores = two_core_figures(run, bundle, texts, source, [1, 4], work)
         remote = []
         for workers in (1, 2):
             server, target = start_server(work / "models", workers)

@@ -131,8 +131,7 @@ class SentenceBatcher:
                     await asyncio.wait_for(self._more.wait(), left)
                 except TimeoutError:
                     break
-            live = sum(not item.future.done() for item in self.pending)
-            batch = self._take(max_sentences=-(-live // (self.workers - self._busy)))
+            batch = self._take(idle_workers=self.workers - self._busy)
             if not batch:
                 continue
             self._busy += 1
@@ -160,13 +159,14 @@ class SentenceBatcher:
                 item.future.set_result(hyps)
                 self._latency.observe(now - item.queued)
 
-    def _take(self, max_sentences: int) -> list[_Item]:
-        """The oldest live sentences with the oldest one's options, at most ``max_sentences`` and while
-        sentences x longest stays within the token budget (first come, first served: long sentences are
-        not starved); sorted by length for the search."""
+    def _take(self, idle_workers: int) -> list[_Item]:
+        """The oldest live sentences with the oldest one's options, at most an even share of the queue
+        per idle worker and while sentences x longest stays within the token budget (first come, first
+        served: long sentences are not starved); sorted by length for the search."""
         self.pending = [item for item in self.pending if not item.future.done()]  # cancelled calls
         if not self.pending:
             return []
+        max_sentences = -(-len(self.pending) // idle_workers)
         params = self.pending[0].params
         batch: list[_Item] = []
         rest: list[_Item] = []
