@@ -79,8 +79,9 @@ bench: $(INSTALLED) ## run the quick benchmarks; JSON results in bench/results/
 bench-all: $(INSTALLED) ## also the long ones (tiny Shakespeare 20 min, translator training ≤ 60 min)
 	$(PYTHON) -m bench.run_all --all
 
-lint: $(INSTALLED) ## ruff
+lint: $(INSTALLED) ## ruff, and the package layering (import-linter contracts in pyproject.toml)
 	$(PYTHON) -m ruff check .
+	lint-imports
 
 test: $(INSTALLED) ## the whole test suite
 	$(PYTHON) -m pytest -q -n 2

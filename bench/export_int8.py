@@ -26,8 +26,8 @@ from bench.export_step import alone, interleaved
 from lm.corpus import load_split
 from lm.export import export_lm
 from lm.model import RNNLM, ModelConfig
-from lm.tokenizers import CharTokenizer, Tokenizer
 from serving.runtime import LMRuntime
+from serving.tokenizers import CharTokenizer, Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_int8.json"
 

@@ -31,10 +31,10 @@ import torch
 
 from lm.export import export_lm
 from lm.model import RNNLM, ModelConfig
-from lm.tokenizers import CharTokenizer
-from lm.vocab import Vocab
 from serving.runtime import LMRuntime
 from serving.stateful_decoder import StatefulDecoder
+from serving.tokenizers import CharTokenizer
+from serving.vocab import Vocab
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_step.json"
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read before any case changes it

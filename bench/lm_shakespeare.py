@@ -25,7 +25,8 @@ from lm.corpus import load_split
 from lm.evaluate import evaluate_text
 from lm.model import RNNLM
 from lm.run import load_run
-from lm.train import start_run, write_json
+from lm.train import start_run
+from serving.files import atomic_write_json
 
 
 def seconds_per_step(config: TrainConfig, vocab_size: int, steps: int = 6) -> float:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         evaluation = evaluate_text(run.model, run.tokenizer, load_split("tinyshakespeare", "valid"), "valid")
         eval_s = time.perf_counter() - start
-        write_json(out / "eval.json", evaluation.to_dict())
+        atomic_write_json(out / "eval.json", evaluation.to_dict())
     valid = {r["step"]: round(r["loss"], 4) for r in result.history if r["split"] == "valid"}
     write_result("lm_shakespeare", {
         "budget_minutes": args.minutes, "config": config.to_dict(),

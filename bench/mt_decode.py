@@ -18,8 +18,8 @@ from seq2seq.data import group_references, load_splits
 from seq2seq.decode import search
 from seq2seq.model import Seq2Seq
 from seq2seq.run import load_run
-from seq2seq.search import SearchParams
 from seq2seq.train import TrainConfig, train_tokenizers
+from serving.search import SearchParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

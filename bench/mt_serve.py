@@ -5,9 +5,9 @@
 1. Export the run (``seq2seq.export``), then translate the test split's source sentences (all, or the
    first N):
    torch (``seq2seq.decode``: eager ``decode_step`` under inference_mode) vs onnxruntime
-   (``serving.translator``), both through the same search (``seq2seq.search``) and front end
-   (``seq2seq.frontend``), same batches of 64 sentences, greedy and beam 4/5, one thread each; plus the
-   batch job (``seq2seq.batch_job``, token batches, bundle loading and output fsync included) on the
+   (``serving.translator``), both through the same search (``serving.search``) and front end
+   (``serving.frontend``), same batches of 64 sentences, greedy and beam 4/5, one thread each; plus the
+   batch job (``serving.batch_job``, token batches, bundle loading and output fsync included) on the
    same sentences as a file; outputs compared sentence by sentence. Runs are interleaved and the best
    of three is kept (shared machine).
    Then both cores, greedy and beam 4: each runtime with 2 workers (``--workers 2``: two batches at
@@ -52,8 +52,8 @@ def timed(fn) -> tuple[float, object]:
 
 
 def local_figures(run, bundle: Path, texts: list[str], source: Path, beams: list[int], work: Path) -> dict:
-    from seq2seq.batch_job import JobConfig, run_job
-    from seq2seq.search import SearchParams
+    from serving.batch_job import JobConfig, run_job
+    from serving.search import SearchParams
     from serving.translator import Seq2SeqRuntime
 
     runtime = Seq2SeqRuntime.load(bundle, threads=1)
@@ -92,8 +92,8 @@ def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: l
     the batch job with --workers 2. The ratio divides by torch's better configuration."""
     import torch
 
-    from seq2seq.batch_job import JobConfig, run_job
-    from seq2seq.search import SearchParams
+    from serving.batch_job import JobConfig, run_job
+    from serving.search import SearchParams
     from serving.translator import Seq2SeqRuntime
 
     one_thread, two_threads = Seq2SeqRuntime.load(bundle, threads=1), Seq2SeqRuntime.load(bundle, threads=2)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from seq2seq.evaluate import default_hyp_path, evaluate, write_evaluation
 from seq2seq.run import load_run
-from seq2seq.search import SearchParams
 from seq2seq.train import TrainConfig, train
+from serving.search import SearchParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -52,7 +52,7 @@ def random_bundle(out_dir: Path) -> Path:
 
     from lm.export import export_lm
     from lm.model import RNNLM, ModelConfig
-    from lm.tokenizers import CharTokenizer
+    from serving.tokenizers import CharTokenizer
 
     torch.manual_seed(0)
     symbols = "".join(chr(c) for c in range(32, 111))  # 79 printable characters + <unk> = 80

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, and loads that refuse corrupt, truncated, foreign or unsafe files.
+"""Checkpoint files: atomic writes (serving.files); loads refuse corrupt, truncated, foreign or unsafe files.
 
 A checkpoint is a ``torch.save`` file holding a small envelope::
 
@@ -14,12 +14,9 @@ hold tensors, dicts, lists, tuples, str, int, float, bool and None only (optimiz
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
 import pickle
-import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -27,33 +24,16 @@ from typing import Any
 
 import torch
 
+from serving.errors import UserError
+from serving.files import atomic_write_bytes
+
 FORMAT = "rnnlab-checkpoint"
 VERSION = 1
 KINDS = ("lm", "mt")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or written; the message is one line naming the file."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    The temporary file sits in the same directory (``os.replace`` is atomic only within a file system),
-    is flushed and fsynced before the rename, and is removed if anything fails.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 _PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)

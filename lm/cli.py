@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,10 +17,7 @@ from typing import NoReturn
 
 from lm.config import LR_SCHEDULES, OPTIMIZERS, PARTITIONS, TOKENIZERS, ConfigError, build_config, read_toml
 from lm.model import CELLS, IMPLS
-
-
-class UsageError(Exception):
-    """A command-line usage error (exit code 2)."""
+from serving.errors import ExitCode, UsageError, run_command
 
 
 class Parser(argparse.ArgumentParser):
@@ -146,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"best valid loss {result.best_valid_loss:.4f} ppl {result.best_valid_ppl:.3f}", file=sys.stderr)
     if result.reason == "interrupted":
         print(f"interrupted; continue with: rnnlab-lm train --out {args.out} --resume", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     return 0
 
 
@@ -154,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lm.corpus import load_split
     from lm.evaluate import evaluate_text
     from lm.run import load_run
-    from lm.train import write_json
+    from serving.files import atomic_write_json
 
     run = load_run(args.run_dir, args.checkpoint)
     corpus = run.train_config.get("corpus")
@@ -163,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = load_split(corpus, args.split)
     result = evaluate_text(run.model, run.tokenizer, text, args.split).to_dict()
     result = {**result, "corpus": corpus, "checkpoint": run.checkpoint.name}
-    write_json(Path(args.run_dir) / "eval.json", result)
+    atomic_write_json(Path(args.run_dir) / "eval.json", result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -173,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lm.sampling import SamplingParams
+    from serving.sampling import SamplingParams
 
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -181,6 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be >= 0, not {args.max_tokens}")
+    if not args.prompt:
+        raise UsageError("--prompt: empty (no tokens to condition on)")
     path = Path(args.run_dir)
     start = time.perf_counter()
     if (path / "manifest.json").is_file():
@@ -227,40 +225,15 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "exp
             "data": cmd_data}
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is meant for the user (imported lazily: each command pulls in only its own)."""
-    from lm.checkpoint import CheckpointError
-    from lm.datasets import DatasetError
-    from lm.train import TrainError
-
-    errors: list[type[BaseException]] = [CheckpointError, DatasetError, TrainError, ValueError, OSError]
-    for module, name in (("serving.bundle", "BundleError"), ("lm.export", "ExportError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}".splitlines()[0], file=sys.stderr)
-    return code
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    def command() -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
+
+    try:
+        return run_command(command)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (UsageError, ConfigError) as exc:
-        return _fail(str(exc), 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except Exception as exc:
-        if os.environ.get("RNNLAB_DEBUG"):
-            raise
-        if isinstance(exc, _known_errors()):
-            return _fail(str(exc), 1)
-        return _fail(f"unexpected {type(exc).__name__}: {exc}", 1)
 
 
 if __name__ == "__main__":

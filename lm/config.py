@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from lm.model import CELLS, IMPLS, ModelConfig
 from lm.schedule import LR_SCHEDULES
+from serving.errors import UserError
 
 TOKENIZERS = ("char", "word", "spm")
 PARTITIONS = ("sequential", "random")
@@ -38,7 +39,7 @@ def project(cls: type[_Config], source: object, **given: Any) -> _Config:
     return cls(**values)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid setting or combination of settings; the message is one user-facing line."""
 
 

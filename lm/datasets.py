@@ -11,19 +11,19 @@ their digest at extraction time. Every write into the cache is atomic. Torch-fre
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from serving.errors import UserError
+from serving.files import atomic_target, sha256_file
 
 CACHE_ENV = "RNNLAB_CACHE"
 MIRROR_ENV = "RNNLAB_DATA_MIRROR"
@@ -31,7 +31,7 @@ TIMEOUT_S = 30.0
 _CHUNK = 1 << 16
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A corpus cannot be found, fetched, verified or decoded; the message is one user-facing line."""
 
 
@@ -87,31 +87,6 @@ def get_dataset(name: str) -> Dataset:
                            "(or give the path of a UTF-8 text file)") from None
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside ``path`` that replaces it on success and vanishes on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _sources(dataset: Dataset) -> list[str]:
     """Addresses to try in order: the mirror (folder path or URL), then the canonical URL."""
     mirror = os.environ.get(MIRROR_ENV, "").strip()
@@ -134,7 +109,7 @@ def _open_source(source: str) -> BinaryIO:
 def _download(dataset: Dataset, source: str, target: Path) -> None:
     """Copies ``source`` into ``target`` atomically, refusing it unless its sha256 matches."""
     digest = hashlib.sha256()
-    with _open_source(source) as response, _atomic_target(target) as out:
+    with _open_source(source) as response, atomic_target(target) as out:
         for chunk in iter(lambda: response.read(_CHUNK), b""):
             digest.update(chunk)
             out.write(chunk)
@@ -145,7 +120,7 @@ def _download(dataset: Dataset, source: str, target: Path) -> None:
 
 def _fetch_download(dataset: Dataset) -> Path:
     target = cache_dir() / dataset.filename
-    if target.is_file() and _sha256_file(target) == dataset.sha256:
+    if target.is_file() and sha256_file(target) == dataset.sha256:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -170,13 +145,13 @@ def _extract_member(dataset: Dataset, archive: Path) -> Path:
     assert dataset.member is not None
     target = cache_dir() / dataset.member
     marker = target.with_name(target.name + ".sha256")
-    if target.is_file() and marker.is_file() and _sha256_file(target) == marker.read_text().strip():
+    if target.is_file() and marker.is_file() and sha256_file(target) == marker.read_text().strip():
         return target
     try:
-        with zipfile.ZipFile(archive) as zf, zf.open(dataset.member) as src, _atomic_target(target) as out:
+        with zipfile.ZipFile(archive) as zf, zf.open(dataset.member) as src, atomic_target(target) as out:
             shutil.copyfileobj(src, out, _CHUNK)
-        with _atomic_target(marker) as out:
-            out.write(_sha256_file(target).encode("ascii") + b"\n")
+        with atomic_target(marker) as out:
+            out.write(sha256_file(target).encode("ascii") + b"\n")
     except KeyError:
         raise DatasetError(f"{archive}: archive has no member {dataset.member}") from None
     except zipfile.BadZipFile as exc:

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from lm.model import RNNLM
 from lm.progress import perplexity
-from lm.tokenizers import Tokenizer
+from serving.tokenizers import Tokenizer
 
 EVAL_CHUNK = 512
 

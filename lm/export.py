@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from lm.decode_graph import build_decode_graph
 from lm.model import RNNLM, ModelConfig
-from lm.tokenizers import Tokenizer, save_tokenizer
 from serving.bundle import publish_bundle, staging_dir, write_manifest
+from serving.errors import UserError
 from serving.runtime import open_session
+from serving.tokenizers import Tokenizer, save_tokenizer
 
 OPSET = 17
 GRAPH_FILE = "model.onnx"
@@ -41,7 +42,7 @@ PARITY_TEXT = ("The Time Traveller (for so it will be convenient to speak of him
                "was flushed and animated.\n")
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The model could not be exported faithfully; the message says why (with the measured numbers)."""
 
 

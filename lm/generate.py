@@ -1,6 +1,6 @@
 """Text generation with a PyTorch model, step for step as serving.runtime.LMRuntime does it in ORT.
 
-The prompt warms up the state in one call; each next token is drawn by lm.sampling (the shared numpy
+The prompt warms up the state in one call; each next token is drawn by serving.sampling (the shared numpy
 sampler) from a per-stream generator seeded by ``params.seed``, so the same seed gives the same text
 here and in onnxruntime. Generation stops after max_tokens, at <eos> if the vocabulary has one, or
 before the first stop string (which is never emitted).
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from lm.model import RNNLM
-from lm.sampling import SamplingParams
-from lm.streaming import sample_ids, stream_text
-from lm.tokenizers import Tokenizer
+from serving.sampling import SamplingParams
+from serving.streaming import sample_ids, stream_text
+from serving.tokenizers import Tokenizer
 
 
 def _last_logits(logits: torch.Tensor) -> np.ndarray:

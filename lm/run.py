@@ -9,7 +9,7 @@ from typing import Any
 
 from lm.checkpoint import CheckpointError, load_checkpoint
 from lm.model import RNNLM, ModelConfig
-from lm.tokenizers import Tokenizer, tokenizer_from_dict
+from serving.tokenizers import Tokenizer, tokenizer_from_dict
 
 CHECKPOINTS = ("best", "last")
 

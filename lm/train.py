@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from lm.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lm.config import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from lm.corpus import load_splits
 from lm.datasets import REGISTRY
@@ -49,12 +49,20 @@ from lm.partition import (
 from lm.progress import Progress, perplexity
 from lm.rng import capture_rng_state, restore_rng_state, seed_everything
 from lm.schedule import EarlyStopping, LRSchedule, TimeBudget, make_lr_scheduler
-from lm.tokenizers import CharTokenizer, SentencePieceTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
+from serving.errors import UserError
+from serving.files import atomic_write_bytes, atomic_write_json
+from serving.tokenizers import (
+    CharTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    tokenizer_from_dict,
+)
 
 RUN_FILES = ("config.json", "tokenizer.json", "last.pt", "best.pt", "metrics.jsonl", "metrics.png")
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A run cannot start or continue; the message is one user-facing line."""
 
 
@@ -383,10 +391,6 @@ class Trainer:
 
 
 # ----- run directories ---------------------------------------------------------------------------
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> Trainer:
     """A trainer for a new run in ``out`` (which must not hold a run); the directory is created last."""
     out = Path(out)
@@ -402,8 +406,9 @@ def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> T
     out.mkdir(parents=True, exist_ok=True)
     try:
         trainer = Trainer(config, corpus, out, **trainer_options)
-        write_json(out / "config.json", {"train": config.to_dict(), "model": trainer.model_config.to_dict()})
-        write_json(out / "tokenizer.json", corpus.tokenizer.to_dict())
+        atomic_write_json(out / "config.json",
+                          {"train": config.to_dict(), "model": trainer.model_config.to_dict()})
+        atomic_write_json(out / "tokenizer.json", corpus.tokenizer.to_dict())
     except BaseException:
         remove_run_files(out, created)
         raise
@@ -437,7 +442,8 @@ def resume_run(out: str | Path, overrides: dict[str, Any], **trainer_options: An
     trainer.restore(payload)
     trainer.saved_step = trainer.position.step
     truncate_metrics(out / "metrics.jsonl", trainer.position.step)
-    write_json(out / "config.json", {"train": config.to_dict(), "model": trainer.model_config.to_dict()})
+    atomic_write_json(out / "config.json",
+                      {"train": config.to_dict(), "model": trainer.model_config.to_dict()})
     return trainer
 
 

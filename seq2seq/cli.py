@@ -14,16 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, TextIO
 
-from lm.checkpoint import CheckpointError
-from lm.datasets import DatasetError
-
-
-class CommandError(Exception):
-    """A user-facing failure of a subcommand (one-line message); exit status 1."""
-
-
-class UsageError(CommandError):
-    """Options that do not make sense together or out of range; exit status 2, like argparse's."""
+from serving.errors import UsageError, UserError, run_command
 
 
 # --- train -------------------------------------------------------------------------------------------
@@ -59,7 +50,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from seq2seq.train import TrainConfig, TrainError, train
+    from seq2seq.train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if values["max_minutes"] is not None and values["max_minutes"] <= 0:
@@ -68,11 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig(**values)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        summary = train(config, args.out, resume=args.resume,
-                        show_progress=False if args.no_progress else None)
-    except TrainError as exc:
-        raise CommandError(str(exc)) from None
+    summary = train(config, args.out, resume=args.resume, show_progress=False if args.no_progress else None)
     print(json.dumps(summary))
     return 0
 
@@ -104,7 +91,7 @@ def _set_threads(threads: int, workers: int = 1) -> None:
 
 
 def _search_params(args: argparse.Namespace, n_best: int = 1):
-    from seq2seq.search import SearchParams
+    from serving.search import SearchParams
 
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
@@ -160,9 +147,9 @@ def add_translate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-src-tokens", type=int, default=0,
                         help="longer lines are refused (default: twice the training length cap)")
     _add_search_options(parser)
-    from seq2seq.batch_job import add_arguments as add_batch_job_arguments  # torch-free
+    from serving.batch_job import add_arguments as add_batch_job_arguments  # torch-free
 
-    add_batch_job_arguments(parser)  # --bundle/--server: seq2seq/batch_job.py (helper mt-serve)
+    add_batch_job_arguments(parser)  # --bundle/--server: serving/batch_job.py (helper mt-serve)
     parser.set_defaults(func=cmd_translate)
 
 
@@ -192,7 +179,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if args.bundle or args.server:
         return _batch_job(args)
     if not args.run_dir:
-        raise CommandError("give RUN_DIR, --bundle B or --server HOST:PORT")
+        raise UserError("give RUN_DIR, --bundle B or --server HOST:PORT")
     params = _search_params(args, n_best=args.n_best)
     _set_threads(args.threads, args.workers)
     translator = load_run(args.run_dir, args.which).translator(args.max_src_tokens or None)
@@ -233,17 +220,13 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- export and batch jobs (seq2seq/export.py, seq2seq/batch_job.py: helper mt-serve) -----------------
+# --- export and batch jobs (seq2seq/export.py, serving/batch_job.py: helper mt-serve) -----------------
 def _batch_job(args: argparse.Namespace) -> int:
-    from seq2seq.batch_job import JobError, run_from_args
-    from serving.bundle import BundleError
+    from serving.batch_job import run_from_args
 
     if args.run_dir:
-        raise CommandError("give either RUN_DIR or --bundle/--server, not both")
-    try:
-        return run_from_args(args)
-    except (JobError, BundleError) as exc:
-        raise CommandError(str(exc)) from None
+        raise UserError("give either RUN_DIR or --bundle/--server, not both")
+    return run_from_args(args)
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
@@ -262,17 +245,14 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from seq2seq.export import ExportError, describe, export_run
+    from seq2seq.export import describe, export_run
 
     sentences = None
     if args.sentences:
         with open(args.sentences, encoding="utf-8") as f:
             sentences = [line.rstrip("\n") for line in f if line.strip()]
-    try:
-        out = export_run(args.run_dir, args.out, sentences=sentences, sample=args.sample, which=args.which,
-                         name=args.name)
-    except ExportError as exc:
-        raise CommandError(str(exc)) from None
+    out = export_run(args.run_dir, args.out, sentences=sentences, sample=args.sample, which=args.which,
+                     name=args.name)
     print(describe(out))
     return 0
 
@@ -292,17 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CommandError, CheckpointError, DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

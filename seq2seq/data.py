@@ -10,16 +10,13 @@ translation of a source as its references (multi-reference BLEU). Torch-free.
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from serving.text import normalize
+
 LANGS = ("en", "fr")
 SPLITS = ("train", "valid", "test")
-_SPACES = re.compile(r"\s+")
-# U+00A0 and U+202F (narrow no-break space, French typography before ? ! : ;) are spaces here.
-_NBSP = str.maketrans({"\u00a0": " ", "\u202f": " ", "\u2007": " ", "\u2060": ""})
 
 
 @dataclass(frozen=True)
@@ -50,13 +47,6 @@ class DataConfig:
             raise ValueError(f"max_words must be positive, not {self.max_words}")
         if min(self.valid_fraction, self.test_fraction) < 0 or self.valid_fraction + self.test_fraction >= 1:
             raise ValueError("valid_fraction and test_fraction must be >= 0 and sum to less than 1")
-
-
-def normalize(text: str, lowercase: bool = False) -> str:
-    """NFC, no-break spaces to spaces, whitespace runs collapsed to one space, ends stripped."""
-    text = unicodedata.normalize("NFC", text).translate(_NBSP)
-    text = _SPACES.sub(" ", text).strip()
-    return text.lower() if lowercase else text
 
 
 def parse_pairs(lines: Iterable[str], lowercase: bool = False) -> list[Pair]:

@@ -1,6 +1,6 @@
 """Translating with the PyTorch model: the torch step decoder behind the shared search and front end.
 
-The search lives in ``seq2seq.search`` (numpy) and the text front end in ``seq2seq.frontend``; here
+The search lives in ``serving.search`` (numpy) and the text front end in ``serving.frontend``; here
 ``Seq2Seq.decode_step`` is wrapped as a ``StepDecoder`` (eager, ``torch.inference_mode``), so the torch
 translator and the onnxruntime one (``serving.translator``) take the same decisions by construction.
 """
@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lm.tokenizers import SentencePieceTokenizer
-from seq2seq import frontend
-from seq2seq.frontend import BOS, EOS, TextTranslator, Translation
 from seq2seq.model import Seq2Seq
-from seq2seq.search import Hypothesis, SearchParams, beam_search, greedy_search
+from serving import frontend
+from serving.frontend import BOS, EOS, TextTranslator, Translation
+from serving.search import Hypothesis, SearchParams, beam_search, greedy_search
+from serving.tokenizers import SentencePieceTokenizer
 
 __all__ = ["BOS", "EOS", "TorchStepDecoder", "Translation", "Translator", "pad_batch", "search",
            "search_batch"]

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lm.checkpoint import atomic_write_bytes
-from seq2seq.bleu import corpus_scores
 from seq2seq.data import group_references, load_splits
 from seq2seq.run import LoadedRun
-from seq2seq.search import SearchParams
 from seq2seq.train import TrainConfig
+from serving.bleu import corpus_scores
+from serving.files import atomic_write_bytes
+from serving.search import SearchParams
 
 
 def default_hyp_path(run_dir: str | Path, split: str, beam: int) -> Path:

@@ -43,12 +43,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lm.export import OPSET, PARITY_TOLERANCE, ExportError
-from lm.tokenizers import save_tokenizer
 from seq2seq.decode import search as torch_search
 from seq2seq.model import Seq2Seq
-from seq2seq.search import SearchParams
 from serving.bundle import publish_bundle, staging_dir, write_manifest
 from serving.runtime import open_session
+from serving.search import SearchParams
+from serving.tokenizers import save_tokenizer
 from serving.translator import (
     DECODER,
     DECODER_INPUTS,

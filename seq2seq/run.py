@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from lm.checkpoint import CheckpointError, load_checkpoint
-from lm.tokenizers import SentencePieceTokenizer, tokenizer_from_dict
-from seq2seq.data import normalize
 from seq2seq.decode import Translator
 from seq2seq.model import Seq2Seq, Seq2SeqConfig
 from seq2seq.train import CHECKPOINT_KIND, TrainConfig
+from serving.text import normalize
+from serving.tokenizers import SentencePieceTokenizer, tokenizer_from_dict
 
 WHICH = ("best", "last")
 

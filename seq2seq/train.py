@@ -22,20 +22,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.config import project
 from lm.metrics import MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, perplexity
 from lm.rng import capture_rng_state, restore_rng_state, seed_everything
 from lm.schedule import EarlyStopping, TimeBudget, make_lr_scheduler
-from lm.tokenizers import SentencePieceTokenizer, save_tokenizer, tokenizer_from_dict
 from seq2seq.batching import make_batches
-from seq2seq.bleu import corpus_scores
 from seq2seq.data import DataConfig, Pair, group_references, load_splits
 from seq2seq.decode import BOS, EOS, pad_batch, search
 from seq2seq.loss import masked_cross_entropy, token_nll
 from seq2seq.model import Seq2Seq, Seq2SeqConfig
-from seq2seq.search import SearchParams
+from serving.bleu import corpus_scores
+from serving.errors import UserError
+from serving.files import atomic_write_bytes
+from serving.search import SearchParams
+from serving.tokenizers import SentencePieceTokenizer, save_tokenizer, tokenizer_from_dict
 
 CHECKPOINT_KIND = "mt"
 SCHEDULES = ("constant", "noam", "plateau")
@@ -43,7 +45,7 @@ SCHEDULES = ("constant", "noam", "plateau")
 SRC_TOKENIZER, TGT_TOKENIZER = "src_tokenizer.json", "tgt_tokenizer.json"
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A user-facing training failure (bad run directory, no data); one-line message."""
 
 

@@ -18,7 +18,6 @@ Shapes list concrete ints except the symbolic axes ("batch", "time").
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from serving.errors import UserError
+from serving.files import sha256_file
+
 BUNDLE_FORMAT = "rnnlab-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,7 +37,7 @@ KINDS = ("lm", "seq2seq")
 DTYPES = ("float32", "int64", "int32", "bool")
 
 
-class BundleError(Exception):
+class BundleError(UserError):
     """A bundle that cannot be served; the message names the bundle file or tensor at fault."""
 
 
@@ -109,14 +111,6 @@ class Manifest:
     @property
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.state)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_relpath(relpath: object, where: str) -> str:

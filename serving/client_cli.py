@@ -20,6 +20,7 @@ from google.protobuf import json_format
 
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, sampling_options
+from serving.errors import ExitCode, UsageError, fail, run_command
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -155,18 +156,18 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         with Client(args.target, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
             return {"generate": _generate, "session": _session, "models": _models,
                     "health": _health, "translate": _translate}[args.command](client, args)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        return fail(f"{exc.code().name}: {exc.details()}", ExitCode.SOME_FAILED)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.errors import UserError
+
 AUTH_ENV = "RNNLAB_AUTH_TOKEN"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A one-line, user-facing configuration error."""
 
 

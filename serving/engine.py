@@ -6,7 +6,7 @@ event loop. Each iteration
 1. drops cancelled streams and admits new ones;
 2. reads prompts ("prefill") over the time axis for a bounded number of prompt tokens, joiners with equal
    remaining lengths batched together, so a long prompt never stalls decoding for long;
-3. runs one decode step for the batch: sample the next token of every row (``lm.sampling.sample_next``
+3. runs one decode step for the batch: sample the next token of every row (``serving.sampling.sample_next``
    with each row's own options and uniforms from each stream's own generator), log the tokens, retire
    finished streams, and feed the others' tokens to the model in one (B, 1) call.
 
@@ -40,10 +40,10 @@ from enum import Enum
 
 import numpy as np
 
-from lm.sampling import SamplingParams, StopMatcher, sample_next, sample_unfiltered, unfiltered
 from serving.metrics import ModelMetrics
 from serving.prompt_cache import PromptCache
 from serving.runtime import LMRuntime
+from serving.sampling import SamplingParams, StopMatcher, sample_next, sample_unfiltered, unfiltered
 
 log = logging.getLogger(__name__)
 

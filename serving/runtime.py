@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lm.sampling import SamplingParams
-from lm.streaming import sample_ids, stream_text
-from lm.tokenizers import load_tokenizer
 from serving.bundle import BundleError, Manifest, load_manifest
+from serving.sampling import SamplingParams
 from serving.stateful_decoder import StatefulDecoder
+from serving.streaming import sample_ids, stream_text
+from serving.tokenizers import load_tokenizer
 
 # dtype instances: ``dtype != np.int64`` converts the type on every call, and validation runs every step.
 _INT64, _FLOAT32 = np.dtype(np.int64), np.dtype(np.float32)
@@ -227,7 +227,7 @@ class LMRuntime:
 
     def generate(self, prompt: str, max_tokens: int, params: SamplingParams | None = None,
                  stop: Sequence[str] = ()) -> Iterator[str]:
-        """Streams the text pieces of a continuation of ``prompt`` (see lm.streaming.stream_text)."""
+        """Streams the text pieces of a continuation of ``prompt`` (see serving.streaming.stream_text)."""
         ids = self.generate_ids(self.encode(prompt), max_tokens, params or SamplingParams())
         return stream_text(ids, self.tokenizer, stop, self._eos)
 

@@ -27,16 +27,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lm.sampling import SamplingParams
 from serving import state_token
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.bundle import BundleError, discover_bundles
 from serving.config import ConfigError, ServerConfig, load_config
 from serving.engine import EngineStopped, Finish, ModelEngine, Request, Stream
+from serving.errors import run_command
 from serving.metrics import ServerMetrics
 from serving.prompt_cache import PromptCache
 from serving.runtime import LMRuntime
+from serving.sampling import SamplingParams
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, StoreFull, StoreLimits
 
 log = logging.getLogger("rnnlab.serve")
@@ -576,12 +577,15 @@ class RnnlabServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert:
-            credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
-                                                        Path(config.tls_cert).read_bytes())])
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if config.tls_cert:
+                credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                                            Path(config.tls_cert).read_bytes())])
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc.aio raises it when the address cannot be bound
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
         if self.port == 0:
             raise ConfigError(f"cannot listen on {address}")
         self.app.start(asyncio.get_running_loop())
@@ -701,18 +705,13 @@ async def _serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    try:
-        config = load_config(args.config, **overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _serve_from(load_config(args.config, **overrides)))
+
+
+def _serve_from(config: ServerConfig) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        asyncio.run(_serve(config))
-    except (ConfigError, BundleError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    asyncio.run(_serve(config))
     return 0
 
 

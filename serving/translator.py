@@ -1,4 +1,4 @@
-"""Translating with an exported seq2seq bundle: onnxruntime + numpy + lm.tokenizers, no torch.
+"""Translating with an exported seq2seq bundle: onnxruntime + numpy + serving.tokenizers, no torch.
 
 The bundle holds two graphs (see seq2seq/export.py)::
 
@@ -7,9 +7,9 @@ The bundle holds two graphs (see seq2seq/export.py)::
     decoder_step.onnx  prev (B,) int64, k (1,) int64, state (L,B,H), projected_memory, [keys, mask]
                                        -> log_probs (B,k) f32, ids (B,k) int64 (best first), state_out (L,B,H)
 
-``OrtStepDecoder`` is the ``seq2seq.search.StepDecoder`` over these graphs: greedy and beam search
-are the code that also drives the torch model (``seq2seq.search``), and the text front end
-(normalisation, sentencepiece, per-line failures, length-sorted batches) is ``seq2seq.frontend``'s,
+``OrtStepDecoder`` is the ``serving.search.StepDecoder`` over these graphs: greedy and beam search
+are the code that also drives the torch model (``serving.search``), and the text front end
+(normalisation, sentencepiece, per-line failures, length-sorted batches) is ``serving.frontend``'s,
 so both translators decide alike by construction; the export checks it on sample sentences and
 tests/serving/test_translator.py on a trained model.
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lm.tokenizers import SentencePieceTokenizer, load_tokenizer
-from seq2seq.data import normalize
-from seq2seq.frontend import TextTranslator, Translation, pad_batch
-from seq2seq.search import Hypothesis, SearchParams, beam_search, greedy_search
 from serving.bundle import BundleError, Manifest, load_manifest
+from serving.frontend import TextTranslator, Translation, pad_batch
 from serving.runtime import open_session
+from serving.search import Hypothesis, SearchParams, beam_search, greedy_search
+from serving.text import normalize
+from serving.tokenizers import SentencePieceTokenizer, load_tokenizer
 
 __all__ = ["Hypothesis", "OrtStepDecoder", "SearchParams", "Seq2SeqRuntime", "Translation"]
 

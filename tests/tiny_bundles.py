@@ -29,7 +29,7 @@ def train_tiny_model(cell: str = "gru", *, layers: int = 1, hidden: int = 32, em
     from torch.nn import functional as F
 
     from lm.model import RNNLM, ModelConfig
-    from lm.tokenizers import CharTokenizer
+    from serving.tokenizers import CharTokenizer
 
     torch.manual_seed(seed)
     tokenizer = CharTokenizer.train(text)

@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lm.sampling import SamplingParams
 from serving import client_cli, server
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client
 from serving.runtime import LMRuntime
+from serving.sampling import SamplingParams
 from tests.tiny_bundles import make_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,5 +95,5 @@ def test_client_cli_session_continues_each_line_of_stdin(serve, models, capsys, 
 def test_server_cli_usage_errors_are_one_line(tmp_path, capsys):
     assert server.main(["--models", str(tmp_path), "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip() == "error: port must be in 0..65535, not 70000"
-    assert server.main(["--models", str(tmp_path / "missing"), "--port", "0"]) == 1
+    assert server.main(["--models", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "not a directory" in capsys.readouterr().err

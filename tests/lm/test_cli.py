@@ -32,7 +32,7 @@ def assert_one_error_line(err: str, *fragments: str) -> None:
 
 def test_unknown_corpus_lists_the_known_ones(capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "train", "--corpus", "no-such-corpus", "--out", str(tmp_path / "run"))
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "no-such-corpus", "timemachine", "tinyshakespeare")
     assert not (tmp_path / "run").exists()
 
@@ -44,7 +44,7 @@ def test_checksum_mismatch_from_the_mirror(capsys, tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("RNNLAB_DATA_MIRROR", str(mirror))
     monkeypatch.setenv("RNNLAB_CACHE", str(tmp_path / "cache"))
     code, _, err = run_cli(capsys, "data", "fetch", "timemachine")
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "checksum mismatch")
     assert not list((tmp_path / "cache").glob("timemachine*"))
 
@@ -61,12 +61,12 @@ def test_corpus_too_short_and_not_utf8(capsys, tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("only a few characters here " * 3)
     code, _, err = run_cli(capsys, "train", "--corpus", str(short), "--out", str(tmp_path / "a"), *TINY_FLAGS)
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "too short", "batch-size 4 x bptt 16")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(b"caf\xe9 au lait " * 500)
     code, _, err = run_cli(capsys, "train", "--corpus", str(latin1), "--out", str(tmp_path / "b"))
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "latin1.txt", "offset 3")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -89,10 +89,10 @@ def test_invalid_flags_are_usage_errors(capsys, tmp_path: Path, corpus_file: Pat
 
 def test_resume_rules(capsys, tmp_path: Path, tiny_run: Path, corpus_file: Path) -> None:
     code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "none"), "--resume")
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "holds no run")
     code, _, err = run_cli(capsys, "train", "--corpus", str(corpus_file), "--out", str(tiny_run))
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "already holds a run", "--resume")
     code, _, err = run_cli(capsys, "train", "--out", str(tiny_run), "--resume", "--hidden", "64")
     assert code == 2
@@ -115,7 +115,7 @@ def test_corrupt_and_foreign_checkpoints(capsys, tmp_path: Path, tiny_run: Path)
                               (wrong_kind, "expected 'lm'"), (tmp_path / "missing", "no such run directory")):
         for command in (["eval", str(run_dir)], ["generate", str(run_dir), "--prompt", "The"]):
             code, out, err = run_cli(capsys, *command)
-            assert code == 1 and out == ""
+            assert code == 2 and out == ""
             assert_one_error_line(err, fragment)
 
 
@@ -124,7 +124,7 @@ def test_generate_flag_errors(capsys, tiny_run: Path) -> None:
     assert code == 2
     assert_one_error_line(err, "temperature")
     code, _, err = run_cli(capsys, "generate", str(tiny_run), "--prompt", "")
-    assert code == 1
+    assert code == 2
     assert_one_error_line(err, "empty")
 
 
@@ -141,7 +141,7 @@ def test_the_installed_entry_point_reports_errors_without_a_traceback(tmp_path: 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "lm.cli", "eval", str(tmp_path / "nothing-here")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert_one_error_line(proc.stderr, "no such run directory")

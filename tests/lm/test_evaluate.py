@@ -16,7 +16,7 @@ from lm.corpus import load_split
 from lm.evaluate import evaluate_text, stream_nll
 from lm.model import RNNLM, ModelConfig
 from lm.run import load_run
-from lm.tokenizers import CharTokenizer
+from serving.tokenizers import CharTokenizer
 from tests.lm.conftest import TINY_FLAGS
 
 

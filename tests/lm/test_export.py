@@ -10,9 +10,10 @@ import torch
 
 from lm.export import ExportError, export_lm
 from lm.model import RNNLM, ModelConfig
-from lm.tokenizers import CharTokenizer
-from serving.bundle import BundleError, load_manifest, sha256_file
+from serving.bundle import BundleError, load_manifest
+from serving.files import sha256_file
 from serving.runtime import LMRuntime
+from serving.tokenizers import CharTokenizer
 from tests.tiny_bundles import TINY_TEXT, train_tiny_model
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
@@ -193,6 +194,6 @@ def test_cli_exports_a_run_and_generates_from_the_bundle(tiny_run, tmp_path, cap
 def test_cli_export_of_a_missing_run_fails_cleanly(tmp_path, capsys):
     from lm.cli import main
 
-    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 1
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert list(tmp_path.iterdir()) == []

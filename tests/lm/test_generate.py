@@ -10,7 +10,7 @@ import torch
 from lm.cli import main
 from lm.generate import generate, generate_ids
 from lm.run import load_run
-from lm.sampling import SamplingParams
+from serving.sampling import SamplingParams
 
 PROMPT = "The Time Traveller "
 

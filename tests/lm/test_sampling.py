@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm.sampling import sample_next, sample_unfiltered, unfiltered
+from serving.sampling import sample_next, sample_unfiltered, unfiltered
 
 
 def batch(rows: int, vocab: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

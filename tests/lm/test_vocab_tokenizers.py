@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.tokenizers import (
+from serving.tokenizers import (
     CharTokenizer,
     SentencePieceTokenizer,
     WordTokenizer,
@@ -15,7 +15,7 @@ from lm.tokenizers import (
     save_tokenizer,
     tokenizer_from_dict,
 )
-from lm.vocab import BOS, EOS, PAD, UNK, Vocab
+from serving.vocab import BOS, EOS, PAD, UNK, Vocab
 
 TEXT = ("The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite\n"
         "matter to us. His grey eyes shone and twinkled, and his usually pale face was flushed and\n"

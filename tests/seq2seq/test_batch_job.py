@@ -84,18 +84,19 @@ def test_workers_give_the_same_output_and_may_differ_on_resume(bundle, lines, tm
     progress = half.with_name(half.name + ".progress")
     head = (tmp_path / "one.txt").read_bytes().split(b"\n")[:40]
     half.write_bytes(b"\n".join(head) + b"\n")
-    from seq2seq.batch_job import JobConfig, _write_json_atomic, args_hash
+    from serving.batch_job import JobConfig, args_hash
+    from serving.files import atomic_write_json
 
     config = JobConfig(input=str(source), output=str(half), bundle=str(bundle), beam=2, batch_tokens=30,
                        chunk_lines=40, workers=1)
     digest = __import__("hashlib").sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
-    _write_json_atomic(progress, {"version": 1, "args_hash": args_hash(config, f"bundle:{digest}"),
+    atomic_write_json(progress, {"version": 1, "args_hash": args_hash(config, f"bundle:{digest}"),
                                   "lines_done": 40, "output_bytes": half.stat().st_size})
     status, captured = run([*args, "--output", half, "--workers", 2], capsys)
     assert status == 0 and "resumed after line 40" in captured.err
     assert half.read_bytes() == (tmp_path / "one.txt").read_bytes() and not progress.exists()
     status, captured = run([*args, "--output", tmp_path / "x.txt", "--workers", 0], capsys)
-    assert status == 1 and "--workers" in captured.err
+    assert status == 2 and "--workers" in captured.err
 
 
 def test_jsonl_in_and_out(bundle, tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_resume_after_a_real_kill(bundle, lines, tmp_path, capsys):
     with open(out, "ab") as torn:  # as if the kill had hit the middle of the next chunk's write
         torn.write(b"half a chunk")
     other = subprocess.run(_job(bundle, out, "--beam", 3), cwd=ROOT, input=data, capture_output=True)
-    assert other.returncode == 1 and b"other arguments" in other.stderr
+    assert other.returncode == 2 and b"other arguments" in other.stderr
     again = subprocess.run(_job(bundle, out), cwd=ROOT, input=data, capture_output=True)
     assert again.returncode == 0, again.stderr
     assert b"resumed after line 10" in again.stderr and not sidecar.exists()
@@ -191,6 +192,6 @@ def test_references_print_bleu_and_chrf(bundle, tmp_path, capsys):
 def test_job_level_errors_are_one_line(bundle, tmp_path, capsys):
     status, captured = run(["--bundle", tmp_path / "missing", "--input", "-", "--output", tmp_path / "o"],
                            capsys)
-    assert status == 1 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert status == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     status, captured = run(["--bundle", bundle, "--input", tmp_path / "none.txt"], capsys)
-    assert status == 1 and "no such input file" in captured.err
+    assert status == 2 and "no such input file" in captured.err

@@ -46,7 +46,7 @@ def test_translate_files_and_n_best(trained_run, tmp_path, capsys):
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
-    assert main(["eval", str(tmp_path / "missing")]) == 1
+    assert main(["eval", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["translate", str(tmp_path), "--beam", "2", "--n-best", "3"]) == 2  # a usage error

@@ -1,5 +1,6 @@
 from lm.datasets import read_text
-from seq2seq.data import DataConfig, Pair, group_references, normalize, parse_pairs, split_of, split_pairs
+from seq2seq.data import DataConfig, Pair, group_references, parse_pairs, split_of, split_pairs
+from serving.text import normalize
 
 
 def test_normalize_nfc_no_break_spaces_and_whitespace():

@@ -7,8 +7,8 @@ import torch
 from seq2seq.data import load_splits
 from seq2seq.decode import TorchStepDecoder, pad_batch, search
 from seq2seq.run import load_run
-from seq2seq.search import SearchParams, beam_search, greedy_search
 from seq2seq.train import TrainConfig, build_corpus
+from serving.search import SearchParams, beam_search, greedy_search
 
 
 @pytest.fixture(scope="module")

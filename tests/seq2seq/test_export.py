@@ -137,7 +137,7 @@ def test_cli_export_and_its_errors(tiny, tmp_path, capsys):
                  str(sentences), "--name", "en-fr"]) == 0
     assert "identical on 6 sentences" in capsys.readouterr().out
     assert load_manifest(out).name == "en-fr"
-    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "x").exists()
     shutil.rmtree(out)

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from seq2seq.frontend import TextTranslator, sorted_batches
 from seq2seq.run import load_run
-from seq2seq.search import Hypothesis, SearchParams
+from serving.frontend import TextTranslator, sorted_batches
+from serving.search import Hypothesis, SearchParams
 
 
 def test_batches_are_length_sorted_and_cover_every_source_once():

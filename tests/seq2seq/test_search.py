@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from seq2seq.search import SearchParams, beam_search, greedy_search
+from serving.search import SearchParams, beam_search, greedy_search
 
 BOS, EOS, A, B = 2, 3, 4, 5
 VOCAB = 6

@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 
-from lm.sampling import SamplingParams
 from serving.engine import EngineStopped, Finish, ModelEngine, Request, Stream
 from serving.metrics import ServerMetrics
 from serving.prompt_cache import PromptCache
+from serving.sampling import SamplingParams
 
 PROMPT = "The Time Traveller"
 

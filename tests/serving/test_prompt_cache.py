@@ -8,10 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from lm.sampling import SamplingParams
 from serving.engine import Finish, ModelEngine, Request
 from serving.metrics import ServerMetrics
 from serving.prompt_cache import PromptCache
+from serving.sampling import SamplingParams
 from tests.serving.test_engine import PROMPT, joined, read_all, solo
 
 

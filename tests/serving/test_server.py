@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from lm.sampling import SamplingParams
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, sampling_options
 from serving.config import ServerConfig
+from serving.sampling import SamplingParams
 from serving.server import ServerThread
 from tests.serving.serve_helpers import STATE_KEY, Stubs, config
 

@@ -155,7 +155,7 @@ def test_batch_job_through_the_server_equals_the_local_job(server, bundle, tmp_p
     assert remote.read_text() == local.read_text() and len(remote.read_text().splitlines()) == 22
     assert "line 21: empty line" in capsys.readouterr().err
     assert mt_main(["translate", "--server", f"127.0.0.1:{server.port}", "--model", "nope", "--input",
-                    str(source), "--output", str(tmp_path / "x.txt")]) == 1
+                    str(source), "--output", str(tmp_path / "x.txt")]) == 2
     assert "has no translator 'nope'" in capsys.readouterr().err
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from seq2seq import search as torch_search_module
 from seq2seq.run import load_run
+from serving import search as torch_search_module
 from serving.bundle import BundleError
 from serving.translator import SearchParams, Seq2SeqRuntime
 from tests.tiny_translators import tiny_sources, tiny_translator
@@ -116,7 +116,7 @@ def test_serving_side_never_imports_torch(tmp_path_factory):
     _, bundle = tiny_translator(tmp_path_factory)
     code = ("import sys, json\n"
             "from serving.translator import Seq2SeqRuntime\n"
-            "import serving.translation_service, seq2seq.batch_job\n"
+            "import serving.translation_service, serving.batch_job\n"
             f"r = Seq2SeqRuntime.load({str(bundle)!r})\n"
             "print(json.dumps([r.translate(['Hello.'])[0].text, 'torch' in sys.modules]))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import sentencepiece as spm
 
-from lm.vocab import UNK, Vocab
+from serving.vocab import UNK, Vocab
 
 TOKENIZER_FORMAT = 1
 

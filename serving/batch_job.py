@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from serving.errors import UserError
+from serving.files import atomic_write_json
 from serving.translator import SearchParams, Seq2SeqRuntime, Translation
 
 FORMATS = ("auto", "text", "jsonl")
@@ -48,7 +49,7 @@ PROGRESS_SUFFIX = ".progress"
 PROGRESS_VERSION = 1
 
 
-class JobError(Exception):
+class JobError(UserError):
     """A user-facing failure of the job as a whole (one-line message)."""
 
 
@@ -222,20 +223,6 @@ def args_hash(config: JobConfig, backend_identity: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class ResumableOutput:
     """An output file appended chunk by chunk, with the sidecar that makes the job resumable."""
 
@@ -271,7 +258,7 @@ class ResumableOutput:
     def _record(self, lines: int) -> None:
         self.lines_done = lines
         self.bytes_done = self.path.stat().st_size if lines else 0
-        _write_json_atomic(self.sidecar, {"version": PROGRESS_VERSION, "args_hash": self.digest,
+        atomic_write_json(self.sidecar, {"version": PROGRESS_VERSION, "args_hash": self.digest,
                                           "lines_done": lines, "output_bytes": self.bytes_done})
 
     def append(self, text: str, lines: int) -> None:
@@ -411,7 +398,7 @@ def _run_chunk(chunk: list[tuple[int, bytes]], translate: Backend, fmt: str, n_b
 
 def score_output(config: JobConfig, fmt: str) -> dict:
     """BLEU and chrF of the finished output file against --references (line-aligned)."""
-    from seq2seq.bleu import corpus_scores
+    from serving.bleu import corpus_scores
 
     text = Path(config.output).read_text(encoding="utf-8").splitlines()
     hypotheses = [json.loads(line)["translation"] for line in text] if fmt == "jsonl" else text

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lm.tokenizers import SentencePieceTokenizer
-from seq2seq.search import Hypothesis, SearchParams
+from serving.search import Hypothesis, SearchParams
+from serving.tokenizers import SentencePieceTokenizer
 
 BOS, EOS, UNK = "<bos>", "<eos>", "<unk>"
 

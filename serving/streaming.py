@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lm.sampling import SamplingParams, StopMatcher, sample_one
-from lm.tokenizers import Tokenizer
+from serving.sampling import SamplingParams, StopMatcher, sample_one
+from serving.tokenizers import Tokenizer
 
 
 def sample_ids(logits: np.ndarray, step: Callable[[int], np.ndarray], max_tokens: int,
