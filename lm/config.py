@@ -169,7 +169,7 @@ class Sections:
     def from_dict(cls, data: dict[str, Any], source: str = "config", strict: bool = True) -> Any:
         """A config from flat keys or section tables (keys with ``_`` or ``-``, flag aliases accepted).
 
-        ``strict=False`` (reading a stored run's config) skips unknown keys and ``None`` values.
+        ``None`` values keep the default; ``strict=False`` (a stored run's config) skips unknown keys.
         """
         classes = cls.section_classes()
         owner = {f.name: (s, f) for s, c in classes.items() for f in fields(c)}
@@ -179,7 +179,9 @@ class Sections:
         for key, value in _flatten(data, classes).items():
             name = key.replace("-", "_")
             name = aliases.get(name, name)
-            if name not in owner or value is None:
+            if value is None:  # an older run's "no limit"; the default stands
+                continue
+            if name not in owner:
                 if strict:
                     raise ConfigError(f"{source}: unknown setting {key!r}")
                 continue

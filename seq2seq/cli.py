@@ -8,7 +8,6 @@ subcommand is one more pair, registered in ``SUBCOMMANDS``. Errors are one line 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -18,50 +17,39 @@ from serving.errors import UsageError, UserError, run_command
 
 
 # --- train -------------------------------------------------------------------------------------------
-def _field_type(field: dataclasses.Field) -> Callable[[str], object]:
-    text = str(field.type)
-    if "float" in text:
-        return float
-    if "int" in text:
-        return int
-    return str
-
-
 def add_train(subparsers: argparse._SubParsersAction) -> None:
+    from lm.config import add_config_arguments
     from seq2seq.train import TrainConfig
 
     parser = subparsers.add_parser("train", help="train a translator (default: attention, en→fr, 55 min)",
-                                   description="Train a GRU encoder-decoder on Tatoeba pairs.")
+                                   description="Train a GRU encoder-decoder on Tatoeba pairs.",
+                                   argument_default=argparse.SUPPRESS)
     parser.add_argument("--out", required=True, help="run directory to create (or resume with --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from last.pt (stopping rules may change)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            note = "; 0 = no limit" if field.name in ("max_minutes", "max_steps") else ""
-            parser.add_argument(flag, type=_field_type(field), default=default,
-                                help=f"(default {default}{note})")
+                        help="continue the run in --out exactly where it stopped ([run] settings may change)")
+    parser.add_argument("--config", help="TOML file of settings: [data] [model] [optim] [run] tables or flat "
+                                         "keys (flags override it)")
+    add_config_arguments(parser, TrainConfig)
     parser.set_defaults(func=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from seq2seq.train import TrainConfig, train
+TRAIN_ONLY = ("out", "resume", "config", "command", "func")
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values["max_minutes"] is not None and values["max_minutes"] <= 0:
-        values["max_minutes"] = None
-    try:
-        config = TrainConfig(**values)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    summary = train(config, args.out, resume=args.resume, show_progress=False if args.no_progress else None)
-    print(json.dumps(summary))
-    return 0
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lm.config import build_config, given_settings
+    from lm.loop import fit_command
+    from seq2seq.train import TrainConfig, resume_run, start_run, summary
+
+    flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
+    config_file = getattr(args, "config", None)
+    if getattr(args, "resume", False):
+        trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
+    else:
+        trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
+    result, code = fit_command(trainer, f"rnnlab-mt train --out {args.out} --resume")
+    print(json.dumps(summary(trainer, result.reason)))
+    return code
 
 
 # --- eval --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def tiny_translator(tmp_path_factory, attention: str = "additive") -> tuple[Path
         base = tmp_path_factory.mktemp(f"tiny-mt-{attention}")
         pairs = base / "pairs.txt"
         pairs.write_text("\n".join(pairs_lines()) + "\n", encoding="utf-8")
-        config = TrainConfig(dataset=str(pairs), valid_fraction=0.1, test_fraction=0.1, spm_vocab=300,
+        config = TrainConfig.of(dataset=str(pairs), valid_fraction=0.1, test_fraction=0.1, spm_vocab=300,
                              embed=32, enc_hidden=32, dec_hidden=32, attn_dim=16, dropout=0.1,
                              batch_tokens=600, warmup_steps=20, schedule="constant", lr=5e-3, max_steps=300,
                              epochs=1000, max_minutes=None, valid_bleu_sentences=20, checkpoint_every=0,
