@@ -47,7 +47,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_con
 def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, trained_run, tiny_config):
     with pytest.raises(TrainError, match="already holds a run"):
         train(tiny_config(), trained_run)
-    with pytest.raises(TrainError, match="no last.pt"):
+    with pytest.raises(TrainError, match=r"no last\.pt"):
         train(tiny_config(), tmp_path / "empty", resume=True)
 
 
