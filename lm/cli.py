@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from lm.config import ConfigError, TrainConfig, add_config_arguments, build_config, given_settings
 from serving.errors import UsageError, run_command
+from serving.sampling import DEFAULT_SAMPLING
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,19 +43,22 @@ def build_parser() -> Parser:
     p = sub.add_parser("eval", help="perplexity and bits/char of a run on a split")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", "--which", dest="checkpoint", choices=("best", "last"), default="best",
+                   help="checkpoint of the run (default best)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("generate", help="continue a prompt with a run or an exported bundle")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, or bundle directory (manifest.json)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature,
+                   help=f"0 = greedy (default {DEFAULT_SAMPLING.temperature})")
+    p.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k, help="0 = off")
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, help="1 = off")
+    p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", "--which", dest="checkpoint", choices=("best", "last"), default="best",
+                   help="checkpoint of the run (default best)")
 
     p = sub.add_parser("export", help="export a run to an ONNX bundle")
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -398,7 +398,7 @@ class Trainer:
                 if key not in ("split", "step", "epoch") and isinstance(value, int | float):
                     self._board.add_scalar(f"{record['split']}/{key}", value, pos.step)
         if record["split"] == "valid":
-            shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, int | float))
+            shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "ppl")
             tqdm.write(f"step {pos.step} epoch {record['epoch']:.2f}: valid {shown} ppl {record['ppl']:.3f}",
                        file=sys.stderr)
 

@@ -2,7 +2,8 @@
 
 One ``add_<name>`` function builds each subcommand's parser and one ``cmd_<name>`` runs it; a new
 subcommand is one more pair, registered in ``SUBCOMMANDS``. Errors are one line on stderr
-("error: ..."), exit status 1 (2 for usage errors).
+("error: ..."); exit codes follow serving.errors.ExitCode: 0 ok, 1 some input lines not translated,
+2 usage or user error, 3 training interrupted (resume with --resume), 70 internal error.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, TextIO
 
-from serving.errors import UsageError, UserError, run_command
+from serving.errors import ExitCode, UsageError, UserError, run_command
 
 
 # --- train -------------------------------------------------------------------------------------------
@@ -53,13 +54,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # --- eval --------------------------------------------------------------------------------------------
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", "--which", dest="which", choices=("best", "last"), default="best",
+                        help="checkpoint of the run (default best)")
+
+
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
-    parser.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha (default 0.6)")
-    parser.add_argument("--max-len-ratio", type=float, default=2.0,
-                        help="at most ratio * source tokens + 10 output tokens (default 2.0)")
+    from serving.search import DEFAULT_SEARCH as S
+
+    parser.add_argument("--beam", type=int, default=S.beam, help=f"beam size; 1 = greedy (default {S.beam})")
+    parser.add_argument("--length-penalty", type=float, default=S.length_penalty,
+                        help=f"GNMT alpha (default {S.length_penalty})")
+    parser.add_argument("--max-length-ratio", "--max-len-ratio", dest="max_len_ratio", type=float,
+                        default=S.max_len_ratio,
+                        help=f"at most ratio * source tokens + {S.max_len_extra} output tokens, capped at "
+                             f"{S.max_len_cap} (default {S.max_len_ratio})")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
+    _add_checkpoint_option(parser)
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads: torch's (default: torch's choice), onnxruntime's per worker "
                              "with --bundle (default 1)")
@@ -205,7 +216,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
             target.close()
     if failed:
         print(f"{failed} of {number} lines not translated", file=sys.stderr)
-    return 0
+        return ExitCode.SOME_FAILED
+    return ExitCode.OK
 
 
 # --- export and batch jobs (seq2seq/export.py, serving/batch_job.py: helper mt-serve) -----------------
@@ -224,7 +236,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
                                                "checking onnxruntime against torch (logits, greedy, beam).")
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
+    _add_checkpoint_option(parser)
     parser.add_argument("--name", help="model name in the manifest (default: the --out directory's name)")
     parser.add_argument("--sentences", help="file of source sentences for the search check "
                                             "(default: the first valid-split sentences)")
