@@ -174,7 +174,8 @@ class LanguageModelling:
     def restore(self, payload: dict[str, Any]) -> None:
         if payload.get("data", {}).get("sha256") != self.corpus.digest:
             raise TrainError(f"corpus {self.config.data.corpus!r} is not the one the run was trained on")
-        state = payload["carried_state"]
+        # (runs trained before the shared loop kept the state under "position")
+        state = payload["carried_state"] if "carried_state" in payload else payload["position"]["state"]
         self.state = tuple(state) if state is not None else None
 
     def run_files(self) -> dict[str, Any]:
