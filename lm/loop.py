@@ -39,7 +39,15 @@ The API a family implements (``F`` = the family object, built before the loop by
     F.run_files() -> dict[str, Any]    JSON documents written into the run directory
 
 and ``config`` is a :class:`lm.config.Sections` with ``optim`` (lm.config.OptimConfig) and ``run``
-(lm.config.RunConfig) sections. ``Trainer(family, config, out).fit() -> FitResult``.
+(lm.config.RunConfig) sections (a family's own recipe: lm.config.with_defaults; its model section:
+lm.config.section_of its model config). ``Trainer(family, config, out).fit() -> FitResult``.
+
+A new family: its config (data section + section_of(model config) + optim + run), the Family class,
+``start_run(config, out)`` = read data, ``loop.start_run(family, config, out)``, and ``resume_run(out,
+overrides)`` = ``loop.resume_run(family_for, ConfigClass, kind, out, overrides)``; its checkpoint kind
+goes into lm.checkpoint.KINDS; its CLI uses lm.config.add_config_arguments/build_config/given_settings
+and ``fit_command`` (see lm/cli.py and seq2seq/cli.py ``cmd_train``). lm/train.py and seq2seq/train.py
+are the two worked examples.
 """
 
 from __future__ import annotations
