@@ -122,9 +122,9 @@ class LMRuntime:
         arch = manifest.architecture
         for key in ("vocab_size", "layers", "hidden"):
             if not isinstance(arch.get(key), int) or arch[key] < 1:
-                raise BundleError(f"{manifest.path / 'manifest.json'}: architecture.{key} missing or invalid")
+                raise BundleError(f"{manifest.where}: architecture.{key} missing or invalid")
         if not manifest.state:
-            raise BundleError(f"{manifest.path / 'manifest.json'}: no state tensors listed")
+            raise BundleError(f"{manifest.where}: no state tensors listed")
         graph = manifest.graph("step")
         decode = manifest.graph("decode") if "decode" in manifest.graphs else None
         runtime = cls(manifest, open_session(graph, threads), threads,
@@ -145,7 +145,7 @@ class LMRuntime:
         want_out = {"logits": (("batch", time, self.vocab_size), "float32")}
         for spec, out_name in zip(self.manifest.state, self.state_output_names, strict=True):
             if spec.concrete_shape(batch=1) != (self.layers, 1, self.hidden) or spec.dtype != "float32":
-                raise BundleError(f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
+                raise BundleError(f"{self.manifest.where}: state {spec.name!r} "
                                   f"{list(spec.shape)} {spec.dtype} is not "
                                   f"[{self.layers}, batch, {self.hidden}] float32")
             want_in[spec.name] = (spec.shape, spec.dtype)
