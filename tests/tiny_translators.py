@@ -28,7 +28,7 @@ def tiny_sources(count: int, start: int = 0) -> list[str]:
 def make_tiny_translator(base: Path, bundle: Path, attention: str = "additive", **config: Any) -> Path:
     """Trains a GRU translator for 300 steps on 1200 pairs in ``base`` (run dir ``base/run``) and exports
     it to ``bundle`` -> the run directory. Seeded (TrainConfig.seed); ``config`` overrides TrainConfig
-    fields (dimensions: embed, enc_hidden, dec_hidden, attn_dim 32/32/32/16)."""
+    fields."""
     from seq2seq.export import export_seq2seq
     from seq2seq.run import load_run
     from seq2seq.train import TrainConfig, train
@@ -36,12 +36,12 @@ def make_tiny_translator(base: Path, bundle: Path, attention: str = "additive", 
     base.mkdir(parents=True, exist_ok=True)
     pairs = base / "pairs.txt"
     pairs.write_text("\n".join(pairs_lines()) + "\n", encoding="utf-8")
-    fields = {"embed": 32, "enc_hidden": 32, "dec_hidden": 32, "attn_dim": 16, **config}
-    train_config = TrainConfig(dataset=str(pairs), valid_fraction=0.1, test_fraction=0.1, spm_vocab=300,
-                               dropout=0.1, batch_tokens=600, warmup_steps=20, schedule="constant", lr=5e-3,
-                               max_steps=300, epochs=1000, max_minutes=None, valid_bleu_sentences=20,
-                               checkpoint_every=0, label_smoothing=0.1, patience=1000, attention=attention,
-                               **fields)
+    fields = {"valid_fraction": 0.1, "test_fraction": 0.1, "spm_vocab": 300, "embed": 32, "enc_hidden": 32,
+              "dec_hidden": 32, "attn_dim": 16, "dropout": 0.1, "batch_tokens": 600, "warmup_steps": 20,
+              "schedule": "constant", "lr": 5e-3, "max_steps": 300, "epochs": 1000, "max_minutes": None,
+              "valid_bleu_sentences": 20, "checkpoint_every": 0, "label_smoothing": 0.1, "patience": 1000,
+              "attention": attention, **config}
+    train_config = TrainConfig(dataset=str(pairs), **fields)
     run_dir = base / "run"
     train(train_config, run_dir, show_progress=False)
     run = load_run(run_dir, "last")

@@ -18,14 +18,15 @@ from serving.config import ServerConfig
 from serving.server import ServerThread
 from serving.translation_service import MAX_SENTENCES, SentenceBatcher, TranslationMetrics
 from serving.translator import SearchParams, Seq2SeqRuntime
-from tests.tiny_translators import tiny_sources, tiny_translator
+from tests.committed_bundles import TRANSLATOR, committed
+from tests.tiny_translators import tiny_sources
 
 NAME = "tiny-mt"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return tiny_translator(tmp_path_factory)[1]
+def bundle():
+    return committed(TRANSLATOR)
 
 
 @pytest.fixture(scope="module")
