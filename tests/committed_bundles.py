@@ -84,14 +84,15 @@ def _graph_differences(ours: Path, theirs: Path) -> list[str]:
 def compare_bundles(ours: Path, theirs: Path) -> list[str]:
     """What differs between bundle ``ours`` and ``theirs`` beyond measurements and float rounding."""
     from serving.bundle import MANIFEST
+    from serving.files import sha256_file
 
     a, b = (json.loads((d / MANIFEST).read_text(encoding="utf-8")) for d in (ours, theirs))
     problems = [f"{ours / MANIFEST}: {key!r} differs from the script's" for key in sorted(set(a) | set(b))
                 if key not in MEASURED and a.get(key) != b.get(key)]
     if sorted(a["files"]) != sorted(b["files"]):
         return [*problems, f"{ours}: files {sorted(a['files'])}, the script's {sorted(b['files'])}"]
-    for relpath, digest in a["files"].items():
-        if digest == b["files"][relpath]:
+    for relpath in a["files"]:
+        if sha256_file(ours / relpath) == sha256_file(theirs / relpath):
             continue
         if relpath.endswith(".onnx"):
             problems += _graph_differences(ours / relpath, theirs / relpath)

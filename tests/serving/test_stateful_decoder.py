@@ -67,7 +67,8 @@ def test_bad_ids_are_refused_and_leave_the_state_as_it_was(runtime):
 
 def test_a_state_that_does_not_fit_the_graph_is_refused_by_name(runtime):
     name = runtime.state_names[0]
-    with pytest.raises(ValueError, match=rf"state '{name}': expected float32 \({runtime.layers}, 3, 32\), got float64"):
+    wrong = rf"state '{name}': expected float32 \({runtime.layers}, 3, 32\), got float64"
+    with pytest.raises(ValueError, match=wrong):
         StatefulDecoder(runtime, [s.astype(np.float64) for s in random_state(runtime, 3)])
     with pytest.raises(ValueError, match="state: expected"):
         StatefulDecoder(runtime, random_state(runtime, 3)[:1] * 3)
