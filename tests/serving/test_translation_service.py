@@ -9,7 +9,6 @@ import threading
 import grpc
 import pytest
 
-from seq2seq.cli import main as mt_main
 from serving.api.rnnlab.v1 import translation_pb2 as tpb
 from serving.bundle import write_manifest
 from serving.client import Client
@@ -143,21 +142,6 @@ def test_concurrent_calls_share_encoder_batches(server, client):
         if shared() > before:
             break
     assert shared() > before
-
-
-def test_batch_job_through_the_server_equals_the_local_job(server, bundle, tmp_path, capsys):
-    source = tmp_path / "in.txt"
-    source.write_text("\n".join([*tiny_sources(20, start=700), "", "Go."]) + "\n", encoding="utf-8")
-    local, remote = tmp_path / "local.txt", tmp_path / "remote.txt"
-    assert mt_main(["translate", "--bundle", str(bundle), "--input", str(source), "--output",
-                    str(local)]) == 0
-    assert mt_main(["translate", "--server", f"127.0.0.1:{server.port}", "--model", NAME, "--input",
-                    str(source), "--output", str(remote)]) == 0
-    assert remote.read_text() == local.read_text() and len(remote.read_text().splitlines()) == 22
-    assert "line 21: empty line" in capsys.readouterr().err
-    assert mt_main(["translate", "--server", f"127.0.0.1:{server.port}", "--model", "nope", "--input",
-                    str(source), "--output", str(tmp_path / "x.txt")]) == 2
-    assert "has no translator 'nope'" in capsys.readouterr().err
 
 
 def test_client_cli_translate(server, capsys):
