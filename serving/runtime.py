@@ -145,7 +145,7 @@ class LMRuntime:
         want_out = {"logits": (("batch", time, self.vocab_size), "float32")}
         for spec, out_name in zip(self.manifest.state, self.state_output_names, strict=True):
             if spec.concrete_shape(batch=1) != (self.layers, 1, self.hidden) or spec.dtype != "float32":
-                raise BundleError(f"{self.manifest.where}: state {spec.name!r} "
+                raise BundleError(f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
                                   f"{list(spec.shape)} {spec.dtype} is not "
                                   f"[{self.layers}, batch, {self.hidden}] float32")
             want_in[spec.name] = (spec.shape, spec.dtype)
