@@ -100,5 +100,5 @@ test-serve: ## the serving tests in a fresh venv holding rnnlab[serve] alone (no
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit('torch is installed' if u.find_spec('torch') else 0)"
 	env -u PYTHONPATH $(SERVE_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/serving tests/e2e
 
-test-bundles: $(INSTALLED) ## regenerate the committed test bundles in tests/bundles (seeded, ~15 s)
+test-bundles: $(INSTALLED) ## regenerate the committed test bundles in tests/bundles (seeded, ~30 s)
 	$(PYTHON) scripts/make_test_bundles.py
