@@ -48,6 +48,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--forget-bias", type=float, help="LSTM forget-gate bias at init (0 = off)")
     model.add_argument("--orthogonal", action=argparse.BooleanOptionalAction,
                        help="orthogonal recurrent weights at init (--no-orthogonal: torch's uniform init)")
+    model.add_argument("--state-size", type=int, help="mamba: SSM state size N per head")
+    model.add_argument("--expand", type=int, help="mamba, mingru: inner width = expand x hidden")
+    model.add_argument("--conv-kernel", type=int, help="mamba: causal depthwise convolution width (>= 2)")
+    model.add_argument("--heads", type=int, help="mamba: heads (each with its own decay); divides expand x hidden")
     batches = p.add_argument_group("batches")
     batches.add_argument("--partition", choices=PARTITIONS)
     batches.add_argument("--bptt", type=int, help="truncated BPTT length T")

@@ -61,6 +61,11 @@ class TrainConfig:
     impl: str = "fused"
     forget_bias: float = 1.0
     orthogonal: bool = True
+    # mamba and mingru (see lm/ssm.py, lm/mingru.py)
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    heads: int = 4
     # batches
     partition: str = "sequential"
     bptt: int = 64
