@@ -51,7 +51,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--state-size", type=int, help="mamba: SSM state size N per head")
     model.add_argument("--expand", type=int, help="mamba, mingru: inner width = expand x hidden")
     model.add_argument("--conv-kernel", type=int, help="mamba: causal depthwise convolution width (>= 2)")
-    model.add_argument("--heads", type=int, help="mamba: heads (each with its own decay); divides expand x hidden")
+    model.add_argument("--heads", type=int,
+                       help="mamba: heads, each with its own decay (divides expand x hidden)")
     batches = p.add_argument_group("batches")
     batches.add_argument("--partition", choices=PARTITIONS)
     batches.add_argument("--bptt", type=int, help="truncated BPTT length T")

@@ -45,7 +45,8 @@ def _outputs_and_grads(block, u, state, parallel):
     out, new_state = _run(block, u, state, parallel)
     # Weights that differ per position and state element, so every gradient path is checked.
     loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
-    loss = loss + sum((s * torch.cos(torch.arange(s.numel(), dtype=s.dtype)).view_as(s)).sum() for s in new_state)
+    for s in new_state:
+        loss = loss + (s * torch.cos(torch.arange(s.numel(), dtype=s.dtype)).view_as(s)).sum()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     return out.detach(), [s.detach() for s in new_state], u.grad, [s.grad for s in state], grads
@@ -54,7 +55,8 @@ def _outputs_and_grads(block, u, state, parallel):
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("batch,time", SHAPES)
 @pytest.mark.parametrize("cell", ["mamba", "mingru"])
-def test_parallel_form_equals_the_step_by_step_reference(cell: str, batch: int, time: int, dtype, tol) -> None:
+def test_parallel_form_equals_the_step_by_step_reference(cell: str, batch: int, time: int, dtype,
+                                                         tol: float) -> None:
     block = _block(cell, dtype)
     u = torch.randn(batch, time, 8, generator=torch.Generator().manual_seed(time), dtype=dtype)
     state = _random_state(block, batch, dtype)
