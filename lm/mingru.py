@@ -40,20 +40,49 @@ def log_g(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
 
 
-def scan_doubling(gate: Tensor, candidate: Tensor, h0: Tensor) -> Tensor:
-    """gate, candidate: (B, T, D) pre-activations, h0: (B, D) -> h: (B, T, D).
+def _doubling(a: Tensor, b: Tensor) -> Tensor:
+    """h_t = a_t h_{t−1} + b_t along axis 1 from h_{−1} = 0, in log2 T rounds. a, b: (B, T, D), no autograd.
 
-    After the round with span w, (a_t, b_t) maps h_{t−w} to h_t (or h_0 to h_t when t < w).
+    After the round with span w, (a_t, b_t) maps h_{t−w} to h_t (or 0 to h_t when t < w).
     """
-    z = torch.sigmoid(gate)
-    keep, add = 1 - z, z * g(candidate)
-    add = torch.cat([add[:, :1] + keep[:, :1] * h0[:, None], add[:, 1:]], dim=1)
-    span = 1
-    while span < keep.shape[1]:
-        add = torch.cat([add[:, :span], torch.addcmul(add[:, span:], keep[:, span:], add[:, :-span])], dim=1)
-        keep = torch.cat([keep[:, :span], keep[:, span:] * keep[:, :-span]], dim=1)
+    a, b = a.clone(), b.clone()
+    span, time = 1, a.shape[1]
+    while span < time:
+        b[:, span:] = torch.addcmul(b[:, span:], a[:, span:], b[:, :-span])
+        if 2 * span < time:
+            a[:, span:] = a[:, span:] * a[:, :-span]
         span *= 2
-    return add
+    return b
+
+
+class LinearScan(torch.autograd.Function):
+    """h_t = a_t h_{t−1} + b_t. a, b: (B, T, D), h0: (B, D) -> h (B, T, D).
+
+    Forward and backward are each one ``_doubling`` scan (the backward one runs the adjoint recurrence
+    λ_t = ∂L/∂h_t + a_{t+1} λ_{t+1} backwards in time). Left to autograd, the rounds' slices cost 6x
+    more than the scan itself (measured: zero-filled slice gradients took 57 % of a training step).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+        first = torch.addcmul(b[:, :1], a[:, :1], h0[:, None])
+        h = _doubling(a, torch.cat([first, b[:, 1:]], dim=1))
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a, h, h0 = ctx.saved_tensors
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
+        lam = _doubling(a_next.flip(1), grad_h.flip(1)).flip(1)  # λ_t = ∂L/∂b_t
+        h_prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
+        return lam * h_prev, lam, lam[:, 0] * a[:, 0]
+
+
+def scan_doubling(gate: Tensor, candidate: Tensor, h0: Tensor) -> Tensor:
+    """gate, candidate: (B, T, D) pre-activations, h0: (B, D) -> h: (B, T, D)."""
+    z = torch.sigmoid(gate)
+    return LinearScan.apply(1 - z, z * g(candidate), h0)
 
 
 def scan_log(gate: Tensor, candidate: Tensor, h0: Tensor) -> Tensor:
