@@ -18,7 +18,7 @@ from lm.ssm import MambaBlock, RMSNorm
 State = tuple[Tensor, ...]
 """The recurrent state, a tuple of tensors each with the layers on axis 0 and the batch on axis 1:
 ``(h,)`` for rnn_tanh, rnn_relu and gru, ``(h, c)`` for lstm, each (L, B, H); ``(conv, ssm)`` for mamba,
-(L, B, E + 2N, k − 1) and (L, B, heads, E / heads, N) with E = expand · hidden; ``(h,)`` (L, B, E) for
+(L, B, k − 1, E + 2N) and (L, B, heads, E / heads, N) with E = expand · hidden; ``(h,)`` (L, B, E) for
 mingru."""
 
 PARALLEL_CELLS = ("mamba", "mingru")

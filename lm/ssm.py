@@ -17,7 +17,7 @@ few large matrix products over the whole window and never holds a (batch, time, 
 selective scan does). ``MambaBlock.step`` is the same block one token at a time: the reference the
 parallel form is tested against, and the decode graph the server runs.
 
-The state per layer is the convolution's last k − 1 inputs, conv (B, E + 2N, k − 1), and the SSM state,
+The state per layer is the convolution's last k − 1 inputs, conv (B, k − 1, E + 2N), and the SSM state,
 ssm (B, H, P, N): constant in the length of the text.
 """
 
@@ -113,7 +113,12 @@ class MambaBlock(nn.Module):
         self.conv_dim, self.kernel, self.chunk = inner + 2 * state_size, conv_kernel, chunk
         self.norm = RMSNorm(d)
         self.in_proj = nn.Linear(d, 2 * inner + 2 * state_size + heads, bias=False)
-        self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim)
+        # The depthwise convolution as k shifted multiply-adds: torch's CPU depthwise Conv1d backward took
+        # 42 % of a 3 M-parameter training step on 512-token windows; with the taps the step's CPU time
+        # fell from 27.9 s to 16.4 s (torch profiler, one step each).
+        bound = conv_kernel ** -0.5  # nn.Conv1d's initialisation (fan-in k)
+        self.conv_weight = nn.Parameter(torch.empty(conv_kernel, self.conv_dim).uniform_(-bound, bound))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim).uniform_(-bound, bound))
         # Mamba-2's initialisation: A uniform in [1, 16] per head, Δ log-uniform in [0.001, 0.1].
         self.a_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, heads)))
         dt = torch.exp(torch.linspace(math.log(1e-3), math.log(0.1), heads))
@@ -132,29 +137,30 @@ class MambaBlock(nn.Module):
         return u + self.out_proj(self.out_norm(y * F.silu(z)))
 
     def forward(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u: (B, T, d), conv_state: (B, E + 2N, k − 1), ssm_state: (B, H, P, N) -> (u', conv', ssm')."""
+        """u: (B, T, d), conv_state: (B, k − 1, E + 2N), ssm_state: (B, H, P, N) -> (u', conv', ssm')."""
         batch, time, _ = u.shape
         z, xbc, delta = self._project(u)
-        window = torch.cat([conv_state, xbc.transpose(1, 2)], dim=2)  # (B, E + 2N, k − 1 + T)
-        xbc = F.silu(self.conv(window)).transpose(1, 2)
+        window = torch.cat([conv_state, xbc], dim=1)  # (B, k − 1 + T, E + 2N)
+        taps = [window[:, j:j + time] * self.conv_weight[j] for j in range(self.kernel)]
+        xbc = F.silu(torch.stack(taps).sum(0) + self.conv_bias)
         x, b, c = xbc.split([self.inner, self.n, self.n], dim=-1)
         x = x.reshape(batch, time, self.heads, self.head_dim)
         # Short windows get one chunk of their own length; the traced export keeps the fixed chunk.
         chunk = self.chunk if torch.jit.is_tracing() else min(self.chunk, time)
         dt, a = F.softplus(delta + self.dt_bias), -torch.exp(self.a_log)
         y, ssm_state = ssd(x, dt, a, b, c, ssm_state, chunk)
-        return self._output(u, y, x, z), window[:, :, 1 - self.kernel:], ssm_state
+        return self._output(u, y, x, z), window[:, 1 - self.kernel:], ssm_state
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One token. u: (B, d), conv_state: (B, E + 2N, k − 1), ssm_state: (B, H, P, N)."""
+        """One token. u: (B, d), conv_state: (B, k − 1, E + 2N), ssm_state: (B, H, P, N)."""
         z, xbc, delta = self._project(u)
-        window = torch.cat([conv_state, xbc[:, :, None]], dim=2)  # (B, E + 2N, k)
-        xbc = F.silu((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)
+        window = torch.cat([conv_state, xbc[:, None]], dim=1)  # (B, k, E + 2N)
+        xbc = F.silu((window * self.conv_weight).sum(1) + self.conv_bias)
         x, b, c = xbc.split([self.inner, self.n, self.n], dim=-1)
         x = x.reshape(-1, self.heads, self.head_dim)
         y, ssm_state = ssd_step(x, F.softplus(delta + self.dt_bias), -torch.exp(self.a_log), b, c, ssm_state)
-        return self._output(u, y, x, z), window[:, :, 1:], ssm_state
+        return self._output(u, y, x, z), window[:, 1:], ssm_state
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-stream shapes of (conv, ssm), without the batch axis."""
-        return (self.conv_dim, self.kernel - 1), (self.heads, self.head_dim, self.n)
+        return (self.kernel - 1, self.conv_dim), (self.heads, self.head_dim, self.n)

@@ -2,7 +2,7 @@
 
 The step graph maps (tokens (B, T) int64, state tensors) to (logits (B, T, V), the next state). The state
 tensors are the manifest's: each float32 with the layers on axis 0 and the symbolic "batch" axis on axis 1,
-e.g. h (L, B, H) [, c (L, B, H)] for the RNN cells, conv (L, B, C, k − 1) and ssm (L, B, heads, P, N) for
+e.g. h (L, B, H) [, c (L, B, H)] for the RNN cells, conv (L, B, k − 1, C) and ssm (L, B, heads, P, N) for
 mamba.
 Inputs are validated here, before ``InferenceSession.run``, so bad ids or states raise a ValueError that
 names the tensor instead of failing inside onnxruntime. Bundles may add a "decode" graph for T = 1 (see

@@ -206,7 +206,7 @@ def test_parallel_cells_export_step_and_decode_graphs_that_match_torch(cell, tok
                               heads=2, state_size=4, conv_kernel=3)).eval()
     bundle = export_lm(model, tokenizer, tmp_path / cell)
     data = json.loads((bundle / "manifest.json").read_text())
-    shapes = [[2, "batch", 40, 2], [2, "batch", 2, 16, 4]] if cell == "mamba" else [[2, "batch", 32]]
+    shapes = [[2, "batch", 2, 40], [2, "batch", 2, 16, 4]] if cell == "mamba" else [[2, "batch", 32]]
     assert [s["shape"] for s in data["state"]] == shapes
     assert data["parity"]["worst_case"] and data["parity"]["max_abs_logits"] <= 1e-4
     assert data["decode_parity"]["max_abs_state"] <= 1e-4
