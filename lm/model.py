@@ -180,7 +180,7 @@ class RNNLM(nn.Module):
             x, *layer_state = block.step(x, *layer_state) if step else block(x, *layer_state)
             layers.append(layer_state)
         if step:
-            x = x[:, None]
+            x = x.reshape(-1, 1, self.config.hidden)
         logits = self.head(self.drop(self.norm(x)))
         return logits, tuple(torch.stack(parts) for parts in zip(*layers, strict=True))
 

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · w over the last axis (written out so that the ONNX export is plain elementwise ops)."""
+    """x / rms(x) · w over the last axis, spelt as onnxruntime's SimplifiedLayerNormalization fusion
+    expects it (Pow, ReduceMean, Add, Sqrt, Div, Mul): one fused op per norm in the exported graphs."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -91,11 +92,19 @@ def ssd(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h0: Tensor, chun
     return y, states[:, :, -1]
 
 
-def ssd_step(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """One step of the same recurrence. x: (B, H, P), dt: (B, H), b, c: (B, N), h: (B, H, P, N)
-    -> y (B, H, P), h' (B, H, P, N)."""
-    h = torch.exp(dt * a)[..., None, None] * h + (x * dt[..., None])[..., None] * b[:, None, None, :]
-    return (h @ c[:, None, :, None])[..., 0], h
+def ssd_step(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h: Tensor, dims: tuple[int, int, int],
+             ) -> tuple[Tensor, Tensor]:
+    """One step of the same recurrence. x: (B, H, P), dt: (B, H), b, c: (B, N), h: (B, H, P, N),
+    dims: (H, P, N) -> y (B, H, P), h' (B, H, P, N).
+
+    Broadcast axes come from reshapes to constant shapes with the batch as −1 (``dims`` are Python ints,
+    not traced sizes): one ONNX op each, where ``[..., None]`` exports one Unsqueeze per axis; the decode
+    graph is op-bound at batch 1.
+    """
+    heads, p, n = dims
+    decay = torch.exp(dt * a).reshape(-1, heads, 1, 1)
+    h = decay * h + (x * dt.reshape(-1, heads, 1)).reshape(-1, heads, p, 1) * b.reshape(-1, 1, 1, n)
+    return (h @ c.reshape(-1, 1, n, 1)).reshape(-1, heads, p), h
 
 
 def inverse_softplus(y: Tensor) -> Tensor:
@@ -154,11 +163,12 @@ class MambaBlock(nn.Module):
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token. u: (B, d), conv_state: (B, k − 1, E + 2N), ssm_state: (B, H, P, N)."""
         z, xbc, delta = self._project(u)
-        window = torch.cat([conv_state, xbc[:, None]], dim=1)  # (B, k, E + 2N)
+        window = torch.cat([conv_state, xbc.reshape(-1, 1, self.conv_dim)], dim=1)  # (B, k, E + 2N)
         xbc = F.silu((window * self.conv_weight).sum(1) + self.conv_bias)
         x, b, c = xbc.split([self.inner, self.n, self.n], dim=-1)
         x = x.reshape(-1, self.heads, self.head_dim)
-        y, ssm_state = ssd_step(x, F.softplus(delta + self.dt_bias), -torch.exp(self.a_log), b, c, ssm_state)
+        dt, a = F.softplus(delta + self.dt_bias), -torch.exp(self.a_log)
+        y, ssm_state = ssd_step(x, dt, a, b, c, ssm_state, (self.heads, self.head_dim, self.n))
         return self._output(u, y, x, z), window[:, 1:], ssm_state
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
