@@ -207,7 +207,7 @@ def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tu
     """Replaces the fp32 ``graph`` by its int8 version -> sizes and the int8 graph's distance from torch."""
     fp32 = graph.with_name(graph.stem + ".fp32.onnx")
     graph.rename(fp32)
-    quantize_int8(fp32, graph)
+    quantize_int8(fp32, graph, symbolic_shapes=not model.parallel)
     parity = check_parity(model, graph, tokenizer, shapes)
     if not np.isfinite(parity.worst):
         raise ExportError(f"the int8 {graph.name} produces non-finite outputs ({parity.worst_case})")
@@ -217,14 +217,16 @@ def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tu
     return report
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, dst: Path, symbolic_shapes: bool = True) -> None:
     """Dynamic int8 quantisation of the weights (MatMul/Gemm, LSTM; ORT leaves GRU and RNN ops in fp32).
 
     On the decode graph every weight is a MatMul and becomes MatMulInteger. (MatMulNBits, weight-only
     int8 in blocks, was measured too: 15% faster at batch 1 but 3x slower at batch 64 on this CPU.)
 
     quant_pre_process (shape inference + optimisation) runs first, or quantize_dynamic skips ops it
-    cannot see the shapes of.
+    cannot see the shapes of. ``symbolic_shapes=False`` for the parallel cells: onnxruntime's symbolic
+    shape inference fails on their padded chunks (and then leaves temporary files in the working
+    directory); ONNX's own shape inference still sees every MatMul's weight.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -236,10 +238,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-            except Exception:  # ORT's symbolic inference gives up on mamba's padded chunks
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=not symbolic_shapes)
             quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.setLevel(level)
