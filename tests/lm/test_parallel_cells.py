@@ -4,12 +4,17 @@ a multiple of the chunk) and carried-in states; float64 within 1e-5, float32 wit
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from lm.cli import main
+from lm.config import ConfigError, TrainConfig
 from lm.mingru import MinGRUBlock, g, scan_chunked, scan_doubling, scan_log
 from lm.model import RNNLM, ModelConfig
 from lm.ssm import MambaBlock
+from tests.lm.conftest import TINY_FLAGS
 
 SHAPES = [(1, 1), (3, 1), (2, 7), (3, 8), (4, 13), (2, 40)]  # (batch, time); the test chunk is 8
 DTYPES = [(torch.float64, 1e-5), (torch.float32, 1e-4)]
@@ -114,3 +119,33 @@ def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
     for got, want in zip((state, step_state), (whole_state, whole_state), strict=True):
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_bad_settings_of_the_parallel_cells_are_refused_by_flag() -> None:
+    with pytest.raises(ConfigError, match=r"--heads \(3\) must divide expand x hidden"):
+        TrainConfig(cell="mamba", heads=3)
+    with pytest.raises(ConfigError, match="--conv-kernel must be >= 2"):
+        TrainConfig(cell="mamba", conv_kernel=1)
+    with pytest.raises(ConfigError, match="--state-size must be >= 1"):
+        TrainConfig(cell="mamba", state_size=0)
+    with pytest.raises(ConfigError, match="--impl scratch is for rnn/gru/lstm"):
+        TrainConfig(cell="mingru", impl="scratch")
+
+
+@pytest.mark.parametrize("cell", ["mamba", "mingru"])
+def test_cli_trains_resumes_evaluates_exports_and_generates(cell: str, corpus_file, tmp_path, capsys) -> None:
+    """The whole command line with a parallel cell: the torch run and its bundle sample the same text."""
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    flags = ["--corpus", str(corpus_file), "--out", str(run), "--cell", cell, "--heads", "2", "--state-size",
+             "4", *TINY_FLAGS]
+    assert main(["train", *flags, "--epochs", "1"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert main(["eval", str(run), "--json"]) == 0
+    assert main(["export", str(run), "--out", str(bundle)]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["architecture"]["cell"] == cell
+    capsys.readouterr()
+    args = ["--prompt", "The Time", "--max-tokens", "40", "--temperature", "0.8", "--seed", "3"]
+    assert main(["generate", str(bundle), *args]) == 0
+    from_bundle = capsys.readouterr().out
+    assert main(["generate", str(run), *args]) == 0
+    assert capsys.readouterr().out == from_bundle and from_bundle
