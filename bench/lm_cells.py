@@ -10,7 +10,9 @@ once in turn (round robin) and the medians are compared, so machine load affects
    against a Mamba-1 style selective scan over a (batch, time, channels, state) tensor; minGRU's
    doubling scan against the paper's log-space scan.
 3. Decode: ``StatefulDecoder.step`` (the server's decode loop) through onnxruntime on the exported
-   bundles of the 0.7 M models at batch 1 and 64, against the GRU bundle of the same size.
+   bundles of the 0.7 M models at batch 1 and 64, against the GRU bundle of the same size, with one
+   intra-op thread per session as the server runs them (four sessions with two spinning threads each,
+   called in turn, measured mamba's batch-64 step 13x slower than the same session alone).
 
     python -m bench.lm_cells [--reps 5] [--decode-reps 2000]
 """
@@ -139,8 +141,7 @@ def formulations(reps: int, batch: int = BATCH, time_: int = 128, inner: int = 4
 def decode(reps: int, tmp: Path) -> list[dict]:
     """StatefulDecoder.step of each 0.7 M bundle at batch 1 and 64, round robin over the cells."""
     tokenizer = CharTokenizer(Vocab(["<unk>", *[chr(c) for c in range(32, 32 + VOCAB - 1)]]))
-    runtimes = {cell: LMRuntime.load(export_lm(model_for(cell, "0.7M").eval(), tokenizer, tmp / cell),
-                                     threads=0)
+    runtimes = {cell: LMRuntime.load(export_lm(model_for(cell, "0.7M").eval(), tokenizer, tmp / cell))
                 for cell in SIZES["0.7M"]}
     rows = []
     for batch in (1, 64):

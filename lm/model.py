@@ -122,7 +122,9 @@ class RNNLM(nn.Module):
         nn.init.zeros_(self.head.bias)
         if not c.tie:
             nn.init.uniform_(self.head.weight, -0.1, 0.1)
-        for k in range(0 if self.parallel else c.layers):
+        if self.parallel:  # the blocks keep their own initialisation (lm/ssm.py, lm/mingru.py)
+            return
+        for k in range(c.layers):
             w_hh = getattr(self.rnn, f"weight_hh_l{k}")
             if c.orthogonal:
                 # Orthogonal blocks keep the recurrent Jacobian's spectrum near 1 at initialisation.
