@@ -22,13 +22,13 @@ from lm.train import start_run
 
 
 def run(partition: str, args: argparse.Namespace, root: Path) -> dict:
-    config = TrainConfig(corpus="timemachine", partition=partition, max_steps=args.steps, epochs=1000,
+    config = TrainConfig.of(corpus="timemachine", partition=partition, max_steps=args.steps, epochs=1000,
                          eval_every=args.eval_every, hidden=args.hidden, threads=args.threads,
                          lr_schedule="constant", patience=0, checkpoint_every=0, progress=False)
     start = time.perf_counter()
     result = start_run(config, root / partition).fit()
     valid = [r for r in result.history if r["split"] == "valid"]
-    return {"steps": result.step, "tokens_seen": result.step * config.batch_size * config.bptt,
+    return {"steps": result.step, "tokens_seen": result.step * config.data.batch_size * config.data.bptt,
             "wall_s": round(time.perf_counter() - start, 1),
             "valid_ppl_by_step": {r["step"]: round(r["ppl"], 3) for r in valid},
             "final_valid_ppl": round(valid[-1]["ppl"], 3), "best_valid_ppl": round(result.best_valid_ppl, 3)}

@@ -33,8 +33,8 @@ from serving.files import atomic_write_json
 def seconds_per_step(config: TrainConfig, vocab_size: int, steps: int = 6) -> float:
     """Median time of a training step of this config (on random tokens)."""
     model = RNNLM(config.model_config(vocab_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    x = torch.randint(vocab_size, (config.batch_size, config.bptt))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    x = torch.randint(vocab_size, (config.data.batch_size, config.data.bptt))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(corpus="tinyshakespeare", cell=args.cell, layers=args.layers, hidden=args.hidden,
+    config = TrainConfig.of(corpus="tinyshakespeare", cell=args.cell, layers=args.layers, hidden=args.hidden,
                          embed=args.embed, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
                          bptt=args.bptt, state_size=args.state_size, expand=args.expand, heads=args.heads,
                          weight_decay=0.01, clip=1.0, lr_schedule="cosine", warmup_steps=50,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     step_s = seconds_per_step(config, vocab_size=65)
     # Leave ~8% of the budget for the validations along the way (each reads 111k characters).
     planned = max(100, int(args.minutes * 60 * 0.92 / step_s))
-    config = TrainConfig(**{**config.to_dict(), "schedule_steps": planned,
+    config = TrainConfig.of(**{**config.to_dict(), "schedule_steps": planned,
                             "eval_every": max(1, planned // 4)})
     with tempfile.TemporaryDirectory() as tmp:
         out = args.keep or Path(tmp) / "run"

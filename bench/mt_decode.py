@@ -28,12 +28,12 @@ def load_model(run_dir: Path):
     """-> model, source tokenizer, test sources, description."""
     if (run_dir / "best.pt").is_file():
         run = load_run(run_dir)
-        config = TrainConfig.from_dict(run.train_config)
+        config = TrainConfig.from_dict(run.train_config, strict=False)
         splits = load_splits(config.data_config())
         return run.model, run.src_tokenizer, splits, config, f"trained ({run_dir})"
     config = TrainConfig()
     splits = load_splits(config.data_config())
-    src_tok, tgt_tok = train_tokenizers(config, splits["train"][:20000])
+    src_tok, tgt_tok = train_tokenizers(config.data, splits["train"][:20000])
     torch.manual_seed(0)
     model = Seq2Seq(config.model_config(src_tok.vocab_size, tgt_tok.vocab_size)).eval()
     return model, src_tok, splits, config, "untrained, default size"

@@ -42,7 +42,7 @@ def split_sentences(train_config: dict, count: int) -> list[str]:
     from seq2seq.data import group_references, load_splits
     from seq2seq.train import TrainConfig
 
-    config = TrainConfig.from_dict(train_config)
+    config = TrainConfig.from_dict(train_config, strict=False)
     groups = group_references(load_splits(config.data_config())["test"], config.src, config.tgt)
     return [g.source for g in (groups[:count] if count else groups)]
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = args.max_minutes or 20.0
         runs = {}
         for attention in ("none", "additive"):
-            config = TrainConfig(attention=attention, max_minutes=minutes, threads=args.threads)
+            config = TrainConfig.of(attention=attention, max_minutes=minutes, threads=args.threads)
             runs[attention] = train_and_eval(Path(f"{args.out}-{attention}"), config, (4,))
         bleu = {k: v["test"][0]["bleu"] for k, v in runs.items()}
         result = {"minutes_each": minutes, "runs": runs, "bleu_beam4": bleu,
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "mt_compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return 0
     overrides = {"max_minutes": args.max_minutes} if args.max_minutes else {}
-    config = TrainConfig(threads=args.threads, **overrides)
+    config = TrainConfig.of(threads=args.threads, **overrides)
     result = train_and_eval(args.out, config, (1, 4, 8), resume=args.resume)
     bleu = {r["beam"]: r["bleu"] for r in result["test"]}
     result["beam_gain_bleu"] = {"beam4_minus_greedy": round(bleu[4] - bleu[1], 2),

@@ -1,8 +1,8 @@
 """rnnlab-lm: train, eval, generate, export, data.
 
-Errors are one line on stderr (``error: ...``): exit 2 for usage errors, 1 for others, 130 when a
-training run was interrupted (its last.pt is kept: continue it with --resume). Set RNNLAB_DEBUG=1 to
-see the traceback of an unexpected error instead.
+Errors are one line on stderr (``error: ...``); exit codes follow serving.errors.ExitCode: 0 ok, 2 usage
+or user error, 3 a training run interrupted by Ctrl-C/SIGTERM (its last.pt is kept: continue it with
+--resume), 70 an internal error (RNNLAB_DEBUG=1 shows its traceback).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from lm.config import LR_SCHEDULES, OPTIMIZERS, PARTITIONS, TOKENIZERS, ConfigError, build_config, read_toml
-from lm.model import CELLS, IMPLS
-from serving.errors import ExitCode, UsageError, run_command
+from lm.config import ConfigError, TrainConfig, add_config_arguments, build_config, given_settings
+from serving.errors import UsageError, run_command
+from serving.sampling import DEFAULT_SAMPLING
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,56 +30,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                        argument_default=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--config", help="TOML file of settings (flags override it)")
-    data = p.add_argument_group("data")
-    data.add_argument("--corpus", help="registered corpus name (see `rnnlab-lm data list`) or a UTF-8 file")
-    data.add_argument("--tokenizer", choices=TOKENIZERS)
-    data.add_argument("--lowercase", action=argparse.BooleanOptionalAction)
-    data.add_argument("--min-freq", type=int, help="char/word: rarer tokens become <unk>")
-    data.add_argument("--vocab-size", type=int, help="spm: number of pieces")
-    model = p.add_argument_group("model")
-    model.add_argument("--cell", choices=CELLS)
-    model.add_argument("--impl", choices=IMPLS, help="fused torch modules or the from-scratch cells")
-    model.add_argument("--layers", type=int)
-    model.add_argument("--embed", type=int)
-    model.add_argument("--hidden", type=int)
-    model.add_argument("--dropout", type=float)
-    model.add_argument("--tie", action=argparse.BooleanOptionalAction, help="tie output to embedding weights")
-    model.add_argument("--forget-bias", type=float, help="LSTM forget-gate bias at init (0 = off)")
-    model.add_argument("--orthogonal", action=argparse.BooleanOptionalAction,
-                       help="orthogonal recurrent weights at init (--no-orthogonal: torch's uniform init)")
-    model.add_argument("--state-size", type=int, help="mamba: SSM state size N per head")
-    model.add_argument("--expand", type=int, help="mamba, mingru: inner width = expand x hidden")
-    model.add_argument("--conv-kernel", type=int, help="mamba: causal depthwise convolution width (>= 2)")
-    model.add_argument("--heads", type=int,
-                       help="mamba: heads, each with its own decay (divides expand x hidden)")
-    batches = p.add_argument_group("batches")
-    batches.add_argument("--partition", choices=PARTITIONS)
-    batches.add_argument("--bptt", type=int, help="truncated BPTT length T")
-    batches.add_argument("--batch-size", type=int)
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=OPTIMIZERS)
-    optim.add_argument("--lr", type=float)
-    optim.add_argument("--weight-decay", type=float)
-    optim.add_argument("--momentum", type=float, help="sgd only")
-    optim.add_argument("--clip", type=float, help="max global gradient norm (0 = off)")
-    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES)
-    optim.add_argument("--warmup-steps", type=int)
-    optim.add_argument("--schedule-steps", type=int, help="cosine: length in steps (0 = all epochs)")
-    run = p.add_argument_group("run control")
-    run.add_argument("--epochs", type=int)
-    run.add_argument("--max-minutes", type=float, help="time budget (0 = none); the run stays resumable")
-    run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (0 = none)")
-    run.add_argument("--patience", type=int, help="early stopping after N validations without gain (0 = off)")
-    run.add_argument("--min-delta", type=float)
-    run.add_argument("--eval-every", type=int, help="validate every N steps too (0 = each epoch only)")
-    run.add_argument("--valid-streams", type=int,
-                     help="validate on N pieces of the valid text side by side (faster; 1 = exact)")
-    run.add_argument("--checkpoint-every", type=int, help="save last.pt every N steps (0 = epoch ends only)")
-    run.add_argument("--log-every", type=int, help="log train loss every N steps")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--threads", type=int, help="torch threads (default 1; 0 = torch's default)")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar on stderr")
+    p.add_argument("--config", help="TOML file of settings: [data] [model] [optim] [run] tables or flat "
+                                    "keys (flags override it)")
+    add_config_arguments(p, TrainConfig)
 
 
 def build_parser() -> Parser:
@@ -90,19 +43,22 @@ def build_parser() -> Parser:
     p = sub.add_parser("eval", help="perplexity and bits/char of a run on a split")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", "--which", dest="checkpoint", choices=("best", "last"), default="best",
+                   help="checkpoint of the run (default best)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("generate", help="continue a prompt with a run or an exported bundle")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, or bundle directory (manifest.json)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature,
+                   help=f"0 = greedy (default {DEFAULT_SAMPLING.temperature})")
+    p.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k, help="0 = off")
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, help="1 = off")
+    p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", "--which", dest="checkpoint", choices=("best", "last"), default="best",
+                   help="checkpoint of the run (default best)")
 
     p = sub.add_parser("export", help="export a run to an ONNX bundle")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -122,33 +78,31 @@ TRAIN_ONLY = ("out", "resume", "config", "command")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lm.train import remove_run_files, resume_run, start_run
+    from lm.loop import fit_command
+    from lm.train import resume_run, start_run
 
     flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
     config_file = getattr(args, "config", None)
     if getattr(args, "resume", False):
-        overrides = {**(read_toml(config_file) if config_file else {}), **flags}
-        overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
-        trainer = resume_run(args.out, overrides)
+        trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
         print(f"resuming {args.out} at epoch {trainer.position.epoch + 1}, step {trainer.position.step}",
               file=sys.stderr)
     else:
-        trainer = start_run(build_config(flags, config_file), args.out)
+        trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
         c = trainer.config
-        print(f"training {c.cell} x{c.layers} ({trainer.model.num_parameters():,} parameters, "
-              f"vocab {trainer.model_config.vocab_size}) on {c.corpus} -> {args.out}", file=sys.stderr)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if trainer.saved_step is None:  # nothing resumable yet: leave nothing behind
-            remove_run_files(trainer.out, trainer.created_dir)
-        raise
+        print(f"training {c.model.cell} x{c.model.layers} ({trainer.model.num_parameters():,} parameters, "
+              f"vocab {trainer.family.model_config.vocab_size}) on {c.data.corpus} -> {args.out} "
+              f"({torch_threads()} threads)", file=sys.stderr)
+    result, code = fit_command(trainer, f"rnnlab-lm train --out {args.out} --resume")
     print(f"{result.reason}: epoch {result.epoch}, step {result.step}, {result.elapsed_s / 60:.1f} min; "
           f"best valid loss {result.best_valid_loss:.4f} ppl {result.best_valid_ppl:.3f}", file=sys.stderr)
-    if result.reason == "interrupted":
-        print(f"interrupted; continue with: rnnlab-lm train --out {args.out} --resume", file=sys.stderr)
-        return ExitCode.INTERRUPTED
-    return 0
+    return code
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

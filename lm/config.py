@@ -1,151 +1,208 @@
-"""The training configuration: one typed dataclass, filled from defaults, a TOML file, then flags.
+"""Training configurations: nested dataclasses (data, model, optim, run) whose fields carry their help.
 
-Precedence: dataclass defaults < ``--config FILE.toml`` < command-line flags. The defaults are the
-``make train-lm`` recipe: a char-level GRU on The Time Machine that reaches a good validation
-perplexity within about five minutes on two CPU cores.
+Every training command builds its flags from these classes (:func:`add_config_arguments`), reads
+``--config FILE.toml`` into them (:func:`build_config`) and stores them flat in config.json and the
+checkpoints (field names are unique across the sections of one config). Precedence: dataclass
+defaults < TOML file < command-line flags. The TOML file may use one table per section::
+
+    [data]
+    corpus = "timemachine"
+    [model]
+    hidden = 256
+    [optim]
+    lr = 0.003
+    [run]
+    epochs = 10
+
+or flat keys (``hidden = 256``), optionally inside a ``[train]`` table (the older form).
+
+Resume policy: a resumed run may change the fields of its ``run`` section only (budgets, logging,
+checkpoint cadence, threads, progress); every other field shapes the data, the model or the
+optimisation and changing it is refused with the field's flag name.
+
+The language model's defaults are the ``make train-lm`` recipe: a char-level GRU on The Time Machine
+that reaches a good validation perplexity within about five minutes on two CPU cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from lm.model import CELLS, IMPLS, ModelConfig
+from lm.model import ModelConfig
 from lm.schedule import LR_SCHEDULES
 from serving.errors import UserError
 
 TOKENIZERS = ("char", "word", "spm")
 PARTITIONS = ("sequential", "random")
 OPTIMIZERS = ("adamw", "sgd")
-
-# Fields that only steer one invocation (how long, how often to log or save); a resumed run may change
-# them. Every other field shapes the data, the model or the optimisation, and is fixed by the run.
-RUN_CONTROL_FIELDS = frozenset({
-    "epochs", "max_minutes", "max_steps", "patience", "min_delta", "eval_every", "checkpoint_every",
-    "log_every", "threads", "progress",
-})
-
+RUN_SECTION = "run"
 
 _Config = TypeVar("_Config")
-
-
-def project(cls: type[_Config], source: object, **given: Any) -> _Config:
-    """The dataclass ``cls`` with each field from ``given``, else from ``source``'s attribute of that
-    name, else its own default: a flat command-line config hands out its part by field name."""
-    values = {f.name: given[f.name] if f.name in given else getattr(source, f.name)
-              for f in fields(cls) if f.init and (f.name in given or hasattr(source, f.name))}
-    return cls(**values)
 
 
 class ConfigError(UserError, ValueError):
     """An invalid setting or combination of settings; the message is one user-facing line."""
 
 
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
+            aliases: tuple[str, ...] = ()) -> Any:
+    """A config field: its default, its help text, and what :func:`check_fields` and the CLI need."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum,
+                                            "aliases": aliases})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(obj: Any) -> None:
+    """Checks every field against its ``choices`` and ``min`` metadata; raises ConfigError naming the flag."""
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{flag(f.name)} must be one of {', '.join(meta['choices'])}, not {value!r}")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"{flag(f.name)} must be >= {meta['min']}, not {value}")
+
+
+def section_of(cls: type, name: str, doc: str, exclude: tuple[str, ...] = (), **defaults: Any) -> type:
+    """A dataclass with the fields of ``cls`` but ``exclude`` (same defaults and help, unless ``defaults``
+    overrides them): the model section of a training config is the model's own config minus what the
+    data decides (the vocabulary sizes), so its defaults live in one place."""
+    specs = []
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        default = defaults.get(f.name, f.default)
+        if default is MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name} has no default; exclude it from the section")
+        specs.append((f.name, f.type, field(default=default, metadata=f.metadata)))
+    section = make_dataclass(name, specs, namespace={"__post_init__": check_fields, "__doc__": doc})
+    section.__module__ = cls.__module__
+    return section
+
+
+def with_defaults(cls: type[_Config], name: str, **defaults: Any) -> type[_Config]:
+    """A subclass of the section ``cls`` with other defaults (help text and checks kept): a model family's
+    recipe (the translator's optimisation, say) without re-declaring the fields."""
+    by_name = {f.name: f for f in fields(cls)}
+    specs = [(key, by_name[key].type, field(default=value, metadata=by_name[key].metadata))
+             for key, value in defaults.items()]
+    return make_dataclass(name, specs, bases=(cls,))
+
+
 @dataclass
-class TrainConfig:
-    # data
-    corpus: str = "timemachine"
-    tokenizer: str = "char"
-    lowercase: bool = False
-    min_freq: int = 1
-    vocab_size: int = 2000
-    # model
-    cell: str = "gru"
-    layers: int = 2
-    embed: int = 64
-    hidden: int = 256
-    dropout: float = 0.2
-    tie: bool = False
-    impl: str = "fused"
-    forget_bias: float = 1.0
-    orthogonal: bool = True
-    # mamba and mingru (see lm/ssm.py, lm/mingru.py)
-    state_size: int = 16
-    expand: int = 2
-    conv_kernel: int = 4
-    heads: int = 4
-    # batches
-    partition: str = "sequential"
-    bptt: int = 64
-    batch_size: int = 32
-    # optimisation
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.0
-    clip: float = 1.0
-    lr_schedule: str = "plateau"
-    warmup_steps: int = 0
-    schedule_steps: int = 0  # cosine: steps from the top to the bottom (0 = epochs x steps per epoch)
-    # run control
-    epochs: int = 40
-    max_minutes: float = 0.0
-    max_steps: int = 0
-    patience: int = 4
-    min_delta: float = 0.0
-    eval_every: int = 0
-    valid_streams: int = 1  # >1: validate on that many pieces of the valid text side by side (faster)
-    checkpoint_every: int = 200
-    log_every: int = 20
-    seed: int = 0
-    # One thread: on a shared CPU two spinning OpenMP threads per process lose far more (2-8x, measured
-    # here) than a second thread gains on an idle machine (~1.4x).
-    threads: int = 1
-    progress: bool = True
+class OptimConfig:
+    """How the weights move: shapes the run, fixed on resume."""
+
+    optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = setting(3e-3, "peak learning rate", minimum=1e-12)
+    weight_decay: float = setting(0.01, "decoupled weight decay (AdamW) or L2 (SGD)", minimum=0)
+    momentum: float = setting(0.0, "sgd only", minimum=0)
+    clip: float = setting(1.0, "max global gradient norm (0 = off); the norm before clipping is logged",
+                          minimum=0)
+    lr_schedule: str = setting("plateau", "learning-rate schedule after the warm-up", choices=LR_SCHEDULES,
+                               aliases=("--schedule",))
+    warmup_steps: int = setting(0, "linear warm-up steps (noam needs >= 1)", minimum=0)
+    schedule_steps: int = setting(0, "cosine: steps from top to bottom (0 = epochs x steps per epoch)",
+                                  minimum=0)
+    seed: int = setting(0, "seeds weight init, batch order and dropout")
 
     def __post_init__(self) -> None:
-        choices = {"tokenizer": TOKENIZERS, "cell": CELLS, "impl": IMPLS, "partition": PARTITIONS,
-                   "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}, "
-                                  f"not {getattr(self, name)!r}")
-        positive = ("bptt", "batch_size", "valid_streams", "layers", "embed", "hidden", "epochs", "min_freq",
-                    "vocab_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{_flag(name)} must be >= 1, not {getattr(self, name)}")
-        non_negative = ("max_minutes", "max_steps", "patience", "eval_every", "checkpoint_every",
-                        "warmup_steps", "schedule_steps", "clip", "weight_decay", "momentum", "threads",
-                        "min_delta")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must be >= 0, not {getattr(self, name)}")
-        if self.log_every < 1:
-            raise ConfigError(f"--log-every must be >= 1, not {self.log_every}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, not {self.lr}")
+        check_fields(self)
+        if self.lr_schedule == "noam" and self.warmup_steps < 1:
+            raise ConfigError("--lr-schedule noam needs --warmup-steps >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Run control: how long, how often to validate, log and save; may change on --resume."""
+
+    epochs: int = setting(40, "epochs to train in all", minimum=1)
+    max_minutes: float = setting(0.0, "time budget in minutes (0 = none); the run stays resumable", minimum=0)
+    max_steps: int = setting(0, "stop after this many optimizer steps in all (0 = none)", minimum=0)
+    patience: int = setting(4, "early stopping after N validations without gain (0 = off)", minimum=0)
+    min_delta: float = setting(0.0, "smallest change of the monitored metric that counts as a gain",
+                               minimum=0)
+    eval_every: int = setting(0, "validate every N steps too (0 = each epoch only)", minimum=0)
+    checkpoint_every: int = setting(200, "save last.pt every N steps (0 = epoch ends and stops only)",
+                                    minimum=0)
+    log_every: int = setting(20, "log the train loss, gradient norm and lr every N steps", minimum=1)
+    threads: int = setting(0, "torch intra-op threads (0 = torch's default: all physical cores)", minimum=0)
+    progress: bool = setting(True, "progress bar on stderr (loss, tokens/s, ETA)")
+    tensorboard: bool = setting(False, "also write TensorBoard event files into RUN_DIR/tensorboard")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+class Sections:
+    """Mixin of a training config made of section dataclasses (each field of the config is one section)."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("data", "model", "optim", "run")
+
+    def section_of_field(self, name: str) -> str | None:
+        for section in self.SECTIONS:
+            if any(f.name == name for f in fields(getattr(self, section))):
+                return section
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form stored in config.json and checkpoints: {field: value} over all sections."""
+        return {f.name: getattr(getattr(self, s), f.name) for s in self.SECTIONS
+                for f in fields(getattr(self, s))}
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """The TOML form: {section: {field: value}}."""
+        return {s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))}
+                for s in self.SECTIONS}
+
+    @classmethod
+    def section_classes(cls) -> dict[str, type]:
+        return {f.name: f.default_factory for f in fields(cls)}  # type: ignore[arg-type, misc]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config", strict: bool = True) -> Any:
+        """A config from flat keys or section tables (keys with ``_`` or ``-``, flag aliases accepted).
+
+        ``None`` values keep the default; ``strict=False`` (a stored run's config) skips unknown keys.
+        """
+        classes = cls.section_classes()
+        owner = {f.name: (s, f) for s, c in classes.items() for f in fields(c)}
+        aliases = {a.removeprefix("--").replace("-", "_"): name for name, (_, f) in owner.items()
+                   for a in f.metadata.get("aliases", ())}
+        values: dict[str, dict[str, Any]] = {s: {} for s in classes}
+        for key, value in _flatten(data, classes).items():
+            name = key.replace("-", "_")
+            name = aliases.get(name, name)
+            if value is None:  # an older run's "no limit"; the default stands
+                continue
+            if name not in owner:
+                if strict:
+                    raise ConfigError(f"{source}: unknown setting {key!r}")
+                continue
+            section, f = owner[name]
+            values[section][name] = _coerce(name, value, type(f.default), source)
         try:
-            self.model_config(vocab_size=1)
+            return cls(**{s: c(**values[s]) for s, c in classes.items()})
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return project(ModelConfig, self, vocab_size=vocab_size)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Builds a config from ``data`` (keys with ``_`` or ``-``); unknown keys are an error."""
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{source}: unknown setting {key!r}")
-            values[name] = _coerce(name, value, type(getattr(cls, name)), source)
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+def _flatten(data: dict[str, Any], classes: dict[str, type]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in classes and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
@@ -157,8 +214,59 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     return value
 
 
+# ----- the language model's config ---------------------------------------------------------------
+@dataclass
+class LMDataConfig:
+    """The corpus, its tokenizer and how it is cut into batches."""
+
+    corpus: str = setting("timemachine", "registered corpus name (see `rnnlab-lm data list`) or a UTF-8 file")
+    tokenizer: str = setting("char", "token unit", choices=TOKENIZERS)
+    lowercase: bool = setting(False, "lowercase the text before tokenizing")
+    min_freq: int = setting(1, "char/word: rarer tokens become <unk>", minimum=1)
+    vocab_size: int = setting(2000, "spm: number of pieces", minimum=1)
+    partition: str = setting("sequential", "sequential (state carried across batches) or random windows",
+                             choices=PARTITIONS)
+    bptt: int = setting(64, "truncated BPTT length T", minimum=1)
+    batch_size: int = setting(32, "rows per batch B", minimum=1)
+    valid_streams: int = setting(1, "validate on N pieces of the valid text side by side (faster; 1 = exact)",
+                                 minimum=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+LMModelConfig = section_of(ModelConfig, "LMModelConfig", "The network (lm.model.ModelConfig).",
+                           exclude=("vocab_size",))
+
+
+@dataclass
+class TrainConfig(Sections):
+    """``rnnlab-lm train``: data, model (lm.model.ModelConfig without the vocabulary size), optim, run."""
+
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    model: Any = field(default_factory=LMModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            self.model_config(vocab_size=1)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(self.model, f.name)
+                                                     for f in fields(self.model)})
+
+    @classmethod
+    def of(cls, **flat: Any) -> TrainConfig:
+        """A config from flat keyword arguments (``TrainConfig.of(hidden=32, epochs=2)``)."""
+        return cls.from_dict(flat)
+
+
+# ----- files and flags ---------------------------------------------------------------------------
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """The settings of a TOML file: top-level keys, or those of a ``[train]`` table."""
+    """The settings of a TOML file: section tables and/or flat keys, optionally inside ``[train]``."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -169,8 +277,50 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return data.get("train", data)
 
 
-def build_config(flags: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
+def build_config(cls: type[_Config], flags: dict[str, Any], config_file: str | Path | None = None) -> _Config:
     """defaults < TOML file < ``flags`` (only the flags the user actually gave)."""
-    values = dict(read_toml(config_file)) if config_file else {}
+    return cls.from_dict(given_settings(cls, flags, config_file),  # type: ignore[attr-defined]
+                         source=str(config_file) if config_file else "config")
+
+
+def given_settings(cls: type, flags: dict[str, Any], config_file: str | Path | None = None) -> dict[str, Any]:
+    """The flat settings the user gave: the TOML file's, then the flags over them."""
+    values = _flatten(read_toml(config_file), cls.section_classes()) if config_file else {}  # type: ignore
     values.update(flags)
-    return TrainConfig.from_dict(values, source=str(config_file) if config_file else "config")
+    return values
+
+
+def resumed_config(stored: Sections, overrides: dict[str, Any]) -> Any:
+    """``stored`` with ``overrides`` applied; a change outside the run section is refused by name."""
+    values = stored.to_dict()
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        section = stored.section_of_field(name)
+        if section is None or section == RUN_SECTION:
+            values[name] = value
+            continue
+        if _coerce(name, value, type(values[name]), "config") != values[name]:
+            raise ConfigError(f"--resume cannot change {flag(name)} (the run has {values[name]!r}; "
+                              f"only the [{RUN_SECTION}] settings may change)")
+    return type(stored).from_dict(values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument group per section of ``cls``, one flag per field (help and default from the field).
+
+    Flags default to argparse.SUPPRESS: the namespace holds only what the user gave, so a TOML file
+    and a resumed run's stored settings are not overridden by defaults.
+    """
+    for section, section_cls in cls.section_classes().items():  # type: ignore[attr-defined]
+        group = parser.add_argument_group(section, (section_cls.__doc__ or "").strip().split("\n")[0])
+        for f in fields(section_cls):
+            meta = f.metadata
+            names = [flag(f.name), *meta.get("aliases", ())]
+            help_text = f"{meta.get('help', '')} (default: {f.default})"
+            if isinstance(f.default, bool):
+                group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(*names, dest=f.name, type=type(f.default), choices=meta.get("choices"),
+                                   default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper()
+                                   if not meta.get("choices") else None)

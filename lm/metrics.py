@@ -75,7 +75,8 @@ def plot_metrics(jsonl_path: str | Path, png_path: str | Path, title: str = "") 
         axes.set_xlabel("step")
         axes.set_ylabel(label)
         axes.grid(True, alpha=0.3)
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
     if title:
         figure.suptitle(title)
     figure.tight_layout()

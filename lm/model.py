@@ -6,7 +6,8 @@ and a final RMSNorm: Embedding → (Linear embed → hidden) → block × L → 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,23 +28,29 @@ IMPLS = ("fused", "scratch")
 STATE_NAMES = {"lstm": ("h", "c"), "mamba": ("conv", "ssm")}
 
 
+def _model(default: object, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class ModelConfig:
+    """The network. Its defaults are the ``rnnlab-lm train`` recipe (the model section of lm.config)."""
+
     vocab_size: int
-    cell: str = "gru"
-    layers: int = 2
-    embed: int = 256
-    hidden: int = 256
-    dropout: float = 0.1
-    tie: bool = False
-    impl: str = "fused"
-    forget_bias: float = 1.0
-    orthogonal: bool = True
-    # mamba and mingru only
-    state_size: int = 16
-    expand: int = 2
-    conv_kernel: int = 4
-    heads: int = 4
+    cell: str = _model("gru", "recurrent cell", CELLS)
+    layers: int = _model(2, "stacked recurrent layers")
+    embed: int = _model(64, "embedding size")
+    hidden: int = _model(256, "hidden state size")
+    dropout: float = _model(0.2, "dropout on embeddings, between layers and before the output layer")
+    tie: bool = _model(False, "tie output to embedding weights (needs embed == hidden)")
+    impl: str = _model("fused", "fused torch modules or the from-scratch cells", IMPLS)
+    forget_bias: float = _model(1.0, "LSTM forget-gate bias at init (0 = off)")
+    orthogonal: bool = _model(True, "orthogonal recurrent weights at init (--no-orthogonal: torch's uniform)")
+    # mamba and mingru only (lm/ssm.py, lm/mingru.py)
+    state_size: int = _model(16, "mamba: SSM state size N per head")
+    expand: int = _model(2, "mamba, mingru: inner (recurrent) width = expand x hidden")
+    conv_kernel: int = _model(4, "mamba: causal depthwise convolution width (>= 2)")
+    heads: int = _model(4, "mamba: heads, each with its own decay (must divide expand x hidden)")
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:

@@ -2,76 +2,75 @@
 
 One ``add_<name>`` function builds each subcommand's parser and one ``cmd_<name>`` runs it; a new
 subcommand is one more pair, registered in ``SUBCOMMANDS``. Errors are one line on stderr
-("error: ..."), exit status 1 (2 for usage errors).
+("error: ..."); exit codes follow serving.errors.ExitCode: 0 ok, 1 some input lines not translated,
+2 usage or user error, 3 training interrupted (resume with --resume), 70 internal error.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, TextIO
 
-from serving.errors import UsageError, UserError, run_command
+from serving.errors import ExitCode, UsageError, UserError, run_command
 
 
 # --- train -------------------------------------------------------------------------------------------
-def _field_type(field: dataclasses.Field) -> Callable[[str], object]:
-    text = str(field.type)
-    if "float" in text:
-        return float
-    if "int" in text:
-        return int
-    return str
-
-
 def add_train(subparsers: argparse._SubParsersAction) -> None:
+    from lm.config import add_config_arguments
     from seq2seq.train import TrainConfig
 
     parser = subparsers.add_parser("train", help="train a translator (default: attention, en→fr, 55 min)",
-                                   description="Train a GRU encoder-decoder on Tatoeba pairs.")
+                                   description="Train a GRU encoder-decoder on Tatoeba pairs.",
+                                   argument_default=argparse.SUPPRESS)
     parser.add_argument("--out", required=True, help="run directory to create (or resume with --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from last.pt (stopping rules may change)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            note = "; 0 = no limit" if field.name in ("max_minutes", "max_steps") else ""
-            parser.add_argument(flag, type=_field_type(field), default=default,
-                                help=f"(default {default}{note})")
+                        help="continue the run in --out exactly where it stopped ([run] settings may change)")
+    parser.add_argument("--config", help="TOML file of settings: [data] [model] [optim] [run] tables or flat "
+                                         "keys (flags override it)")
+    add_config_arguments(parser, TrainConfig)
     parser.set_defaults(func=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from seq2seq.train import TrainConfig, train
+TRAIN_ONLY = ("out", "resume", "config", "command", "func")
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values["max_minutes"] is not None and values["max_minutes"] <= 0:
-        values["max_minutes"] = None
-    try:
-        config = TrainConfig(**values)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    summary = train(config, args.out, resume=args.resume, show_progress=False if args.no_progress else None)
-    print(json.dumps(summary))
-    return 0
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lm.config import build_config, given_settings
+    from lm.loop import fit_command
+    from seq2seq.train import TrainConfig, resume_run, start_run, summary
+
+    flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
+    config_file = getattr(args, "config", None)
+    if getattr(args, "resume", False):
+        trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
+    else:
+        trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
+    result, code = fit_command(trainer, f"rnnlab-mt train --out {args.out} --resume")
+    print(json.dumps(summary(trainer, result.reason)))
+    return code
 
 
 # --- eval --------------------------------------------------------------------------------------------
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", "--which", dest="which", choices=("best", "last"), default="best",
+                        help="checkpoint of the run (default best)")
+
+
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
-    parser.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha (default 0.6)")
-    parser.add_argument("--max-len-ratio", type=float, default=2.0,
-                        help="at most ratio * source tokens + 10 output tokens (default 2.0)")
+    from serving.search import DEFAULT_SEARCH as S
+
+    parser.add_argument("--beam", type=int, default=S.beam, help=f"beam size; 1 = greedy (default {S.beam})")
+    parser.add_argument("--length-penalty", type=float, default=S.length_penalty,
+                        help=f"GNMT alpha (default {S.length_penalty})")
+    parser.add_argument("--max-length-ratio", "--max-len-ratio", dest="max_len_ratio", type=float,
+                        default=S.max_len_ratio,
+                        help=f"at most ratio * source tokens + {S.max_len_extra} output tokens, capped at "
+                             f"{S.max_len_cap} (default {S.max_len_ratio})")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
+    _add_checkpoint_option(parser)
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads: torch's (default: torch's choice), onnxruntime's per worker "
                              "with --bundle (default 1)")
@@ -217,7 +216,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
             target.close()
     if failed:
         print(f"{failed} of {number} lines not translated", file=sys.stderr)
-    return 0
+        return ExitCode.SOME_FAILED
+    return ExitCode.OK
 
 
 # --- export and batch jobs (seq2seq/export.py, serving/batch_job.py: helper mt-serve) -----------------
@@ -236,7 +236,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
                                                "checking onnxruntime against torch (logits, greedy, beam).")
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint (default best)")
+    _add_checkpoint_option(parser)
     parser.add_argument("--name", help="model name in the manifest (default: the --out directory's name)")
     parser.add_argument("--sentences", help="file of source sentences for the search check "
                                             "(default: the first valid-split sentences)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.text import normalize
 
@@ -28,17 +29,21 @@ class Pair:
         return self.en if lang == "en" else self.fr
 
 
+def _data(default: object, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "fra-eng"
-    """A registered data set name, or the path of a file of ``english<TAB>french`` lines."""
-    src: str = "en"
-    tgt: str = "fr"
-    lowercase: bool = False
-    max_words: int = 25
-    """Pairs with more whitespace-separated words than this on either side are dropped (all splits)."""
-    valid_fraction: float = 0.02
-    test_fraction: float = 0.03
+    """Which pairs, which direction, and how they are split."""
+
+    dataset: str = _data("fra-eng", "a registered data set name, or a file of english<TAB>french lines")
+    src: str = _data("en", "source language", LANGS)
+    tgt: str = _data("fr", "target language", LANGS)
+    lowercase: bool = _data(False, "lowercase both sides")
+    max_words: int = _data(25, "pairs with more words than this on either side are dropped (all splits)")
+    valid_fraction: float = _data(0.02, "share of English sentences (by hash) held out for validation")
+    test_fraction: float = _data(0.03, "share of English sentences (by hash) held out for the test split")
 
     def __post_init__(self) -> None:
         if {self.src, self.tgt} != set(LANGS):

@@ -23,7 +23,7 @@ def evaluate(run: LoadedRun, split: str, params: SearchParams, hyp_out: str | Pa
              batch_size: int = 64, limit: int = 0, workers: int = 1) -> dict[str, Any]:
     """Translates the split's source sentences (grouped), scores them, writes the hypotheses (one a line);
     ``workers`` batches at once (``TextTranslator.search``)."""
-    config = TrainConfig.from_dict(run.train_config)
+    config = TrainConfig.from_dict(run.train_config, strict=False)
     groups = group_references(load_splits(config.data_config())[split], config.src, config.tgt)
     if limit:
         groups = groups[:limit]

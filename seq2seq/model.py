@@ -18,7 +18,8 @@ read-out is batched over time.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,21 +28,23 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 ATTENTIONS = ("additive", "none")
 
 
+def _model(default: object, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class Seq2SeqConfig:
     src_vocab: int
     tgt_vocab: int
-    embed: int = 256
-    enc_hidden: int = 256
-    """Per direction: a bidirectional encoder's outputs have 2 * enc_hidden features."""
-    dec_hidden: int = 256
-    layers: int = 1
-    bidirectional: bool = True
-    attention: str = "additive"
-    attn_dim: int = 256
-    dropout: float = 0.2
-    tie: bool = True
-    """Tie the decoder's input embedding to its output projection (the read-out has embed features)."""
+    embed: int = _model(256, "embedding size (both sides)")
+    enc_hidden: int = _model(256, "encoder state size per direction (a bidirectional encoder has twice)")
+    dec_hidden: int = _model(256, "decoder state size")
+    layers: int = _model(1, "GRU layers of encoder and decoder")
+    bidirectional: bool = _model(True, "bidirectional encoder")
+    attention: str = _model("additive", "additive (Bahdanau), or none (classic)", ATTENTIONS)
+    attn_dim: int = _model(256, "attention key/query size")
+    dropout: float = _model(0.2, "dropout on embeddings and outputs")
+    tie: bool = _model(True, "tie the decoder's input embedding to its output projection (read-out: embed)")
     pad_id: int = 0
 
     def __post_init__(self) -> None:

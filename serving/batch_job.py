@@ -42,6 +42,7 @@ from tqdm import tqdm
 from serving.bundle import BundleError
 from serving.errors import UserError
 from serving.files import atomic_write_json
+from serving.search import BATCH_TOKENS, DEFAULT_SEARCH
 from serving.translator import SearchParams, Seq2SeqRuntime, Translation
 
 FORMATS = ("auto", "text", "jsonl")
@@ -63,11 +64,11 @@ class JobConfig:
     model: str | None = None
     """Model name on the server (default: the only translator it serves)."""
     format: str = "auto"
-    beam: int = 4
-    length_penalty: float = 0.6
-    max_len_ratio: float = 2.0
+    beam: int = DEFAULT_SEARCH.beam
+    length_penalty: float = DEFAULT_SEARCH.length_penalty
+    max_len_ratio: float = DEFAULT_SEARCH.max_len_ratio
     n_best: int = 1
-    batch_tokens: int = 600
+    batch_tokens: int = BATCH_TOKENS
     chunk_lines: int = 1000
     shard: tuple[int, int] = (0, 1)
     references: str | None = None
@@ -418,9 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="translator name on --server (default: the only one)")
     group.add_argument("--format", choices=FORMATS, default="auto",
                        help="text or jsonl; auto: jsonl for a .jsonl/.json input (default auto)")
-    group.add_argument("--batch-tokens", type=int, default=600,
-                       help="batch budget: sentences x longest source in tokens (default 600; on CPU "
-                            "larger batches are slower per sentence)")
+    group.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                       help=f"batch budget: sentences x longest source in tokens (default {BATCH_TOKENS}; "
+                            "on CPU larger batches are slower per sentence)")
     group.add_argument("--chunk-lines", type=int, default=1000,
                        help="input lines per checkpointed chunk (default 1000)")
     group.add_argument("--shard", type=parse_shard, default=(0, 1),

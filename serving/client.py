@@ -21,6 +21,7 @@ from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.api.rnnlab.v1 import translation_pb2 as tpb
 from serving.api.rnnlab.v1 import translation_pb2_grpc as tpb_grpc
+from serving.search import DEFAULT_SEARCH
 
 
 def sampling_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -103,9 +104,10 @@ class Client:
         reply = self.translation.ListTranslators(tpb.ListTranslatorsRequest(), **self._kw(timeout))
         return list(reply.models)
 
-    def translate(self, model: str, sentences: Iterable[str], *, beam: int = 4, length_penalty: float = 0.6,
-                  max_length_ratio: float = 2.0, max_length: int = 0, n_best: int = 1,
-                  timeout: float | None = None) -> list[tpb.TranslationResult]:
+    def translate(self, model: str, sentences: Iterable[str], *, beam: int = DEFAULT_SEARCH.beam,
+                  length_penalty: float = DEFAULT_SEARCH.length_penalty,
+                  max_length_ratio: float = DEFAULT_SEARCH.max_len_ratio, max_length: int = 0,
+                  n_best: int = 1, timeout: float | None = None) -> list[tpb.TranslationResult]:
         """One result per sentence, in order (a bad sentence has ``failed``/``error`` set)."""
         options = tpb.TranslateOptions(beam_size=beam, length_penalty=length_penalty, n_best=n_best,
                                        max_length_ratio=max_length_ratio, max_length=max_length)

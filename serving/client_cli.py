@@ -21,13 +21,16 @@ from google.protobuf import json_format
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, sampling_options
 from serving.errors import ExitCode, UsageError, fail, run_command
+from serving.sampling import DEFAULT_SAMPLING
+from serving.search import DEFAULT_SEARCH
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=0, help="0: the server default")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature,
+                        help=f"0: greedy (default {DEFAULT_SAMPLING.temperature}, as rnnlab-lm generate)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -109,10 +112,11 @@ def _translate_args(commands: argparse._SubParsersAction) -> None:
     translate.add_argument("model", nargs="?", help="translator name (omit with --list)")
     translate.add_argument("sentences", nargs="*", help="default: one sentence per stdin line")
     translate.add_argument("--list", action="store_true", help="list the server's translators")
-    translate.add_argument("--beam", type=int, default=4)
+    translate.add_argument("--beam", type=int, default=DEFAULT_SEARCH.beam)
     translate.add_argument("--n-best", type=int, default=1)
-    translate.add_argument("--length-penalty", type=float, default=0.6)
-    translate.add_argument("--max-length-ratio", type=float, default=2.0)
+    translate.add_argument("--length-penalty", type=float, default=DEFAULT_SEARCH.length_penalty)
+    translate.add_argument("--max-length-ratio", "--max-len-ratio", dest="max_length_ratio", type=float,
+                           default=DEFAULT_SEARCH.max_len_ratio)
     translate.add_argument("--json", action="store_true", help="one JSON result per line")
 
 

@@ -38,6 +38,10 @@ class SamplingParams:
         return np.random.default_rng(self.seed)
 
 
+DEFAULT_SAMPLING = SamplingParams()
+"""What rnnlab-lm generate, rnnlab-client generate and the server use for options left unset."""
+
+
 def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
                 uniforms: np.ndarray) -> np.ndarray:
     """Draws one token per row by inverse-CDF sampling.

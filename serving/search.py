@@ -56,7 +56,11 @@ class StepDecoder(Protocol[State, Memory]):
 
 @dataclass(frozen=True)
 class SearchParams:
-    beam: int = 1
+    """Search options; the defaults (``DEFAULT_SEARCH``) are those of every entry point: rnnlab-mt
+    translate/eval, the batch job, rnnlab-client and the server (beam 4, GNMT length penalty 0.6, at most
+    2 x source + 10 tokens, capped at 200)."""
+
+    beam: int = 4
     length_penalty: float = 0.6
     max_len_ratio: float = 2.0
     max_len_extra: int = 10
@@ -76,6 +80,13 @@ class SearchParams:
     def max_len(self, src_len: int) -> int:
         """Most tokens (end token excluded) generated for a source of ``src_len`` tokens."""
         return min(self.max_len_cap, int(self.max_len_ratio * src_len) + self.max_len_extra)
+
+
+DEFAULT_SEARCH = SearchParams()
+GREEDY = SearchParams(beam=1)
+BATCH_TOKENS = 600
+"""Default batch budget (sentences x longest source, in tokens) of the batch job and the server: on a CPU
+larger batches are slower per sentence."""
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def make_tiny_translator(base: Path, bundle: Path, attention: str = "additive", 
               "schedule": "constant", "lr": 5e-3, "max_steps": 300, "epochs": 1000, "max_minutes": None,
               "valid_bleu_sentences": 20, "checkpoint_every": 0, "label_smoothing": 0.1, "patience": 1000,
               "attention": attention, **config}
-    train_config = TrainConfig(dataset=str(pairs), **fields)
+    train_config = TrainConfig.of(dataset=str(pairs), **fields)
     run_dir = base / "run"
     train(train_config, run_dir, show_progress=False)
     run = load_run(run_dir, "last")

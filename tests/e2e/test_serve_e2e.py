@@ -72,7 +72,8 @@ def test_client_cli_streams_lists_and_reports_errors(serve, models, capsys):
     runtime = LMRuntime.load(models / "tiny")
     expected = "".join(runtime.generate("The Time", 25, SamplingParams(temperature=0)))
     assert client_cli.main(["--target", target, "health", "--wait", "5"]) == 0
-    assert client_cli.main(["--target", target, "generate", "tiny", "The Time", "--max-tokens", "25"]) == 0
+    assert client_cli.main(["--target", target, "generate", "tiny", "The Time", "--max-tokens", "25",
+                            "--temperature", "0"]) == 0
     assert client_cli.main(["--target", target, "models"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "SERVING" and out[1] == expected and out[2].startswith("tiny\tgru x1 h32")
@@ -86,7 +87,8 @@ def test_client_cli_session_continues_each_line_of_stdin(serve, models, capsys, 
     greedy = SamplingParams(temperature=0)
     first = "".join(runtime.generate("The Time\n", 10, greedy))
     monkeypatch.setattr(sys, "stdin", io.StringIO("\nHis grey\n"))
-    args = ["--target", target, "session", "tiny", "--prompt", "The Time", "--max-tokens", "10", "--export"]
+    args = ["--target", target, "session", "tiny", "--prompt", "The Time", "--max-tokens", "10", "--export",
+            "--temperature", "0"]
     assert client_cli.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == first

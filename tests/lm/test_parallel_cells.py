@@ -123,13 +123,13 @@ def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
 
 def test_bad_settings_of_the_parallel_cells_are_refused_by_flag() -> None:
     with pytest.raises(ConfigError, match=r"--heads \(3\) must divide expand x hidden"):
-        TrainConfig(cell="mamba", heads=3)
+        TrainConfig.of(cell="mamba", heads=3)
     with pytest.raises(ConfigError, match="--conv-kernel must be >= 2"):
-        TrainConfig(cell="mamba", conv_kernel=1)
+        TrainConfig.of(cell="mamba", conv_kernel=1)
     with pytest.raises(ConfigError, match="--state-size must be >= 1"):
-        TrainConfig(cell="mamba", state_size=0)
+        TrainConfig.of(cell="mamba", state_size=0)
     with pytest.raises(ConfigError, match="--impl scratch is for rnn/gru/lstm"):
-        TrainConfig(cell="mingru", impl="scratch")
+        TrainConfig.of(cell="mingru", impl="scratch")
 
 
 @pytest.mark.parametrize("cell", ["mamba", "mingru"])

@@ -44,14 +44,15 @@ def test_trainer_equals_a_hand_written_truncated_bptt_loop(corpus_file: Path, tm
     flags = dict(corpus=str(corpus_file), hidden=16, embed=8, layers=1, batch_size=4, bptt=16, epochs=2,
                  dropout=0.0, lr_schedule="constant", partition=partition, clip=0.05, progress=False,
                  patience=0, checkpoint_every=0)
-    config = build_config(flags)
+    config = build_config(TrainConfig, flags)
     trainer = start_run(config, tmp_path / "run")
     assert trainer.fit().reason == "completed"
 
     corpus = prepare_corpus(config)
-    seed_everything(config.seed)
+    seed_everything(config.optim.seed)
     model = RNNLM(config.model_config(corpus.tokenizer.vocab_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     steps = 0
     for epoch in range(2):
         state = model.init_state(4)
@@ -73,7 +74,7 @@ def test_resume_after_a_mid_epoch_stop_is_exact(corpus_file: Path, tmp_path: Pat
     assert train(corpus_file, tmp_path / "whole", "--epochs", "2") == 0
     assert train(corpus_file, tmp_path / "split", "--epochs", "2", "--max-steps", "23") == 0
     stopped = load_checkpoint(tmp_path / "split" / "last.pt", "lm")
-    assert stopped["step"] == 23 and stopped["position"]["batch"] > 0 and stopped["position"]["state"]
+    assert stopped["step"] == 23 and stopped["position"]["batch"] > 0 and stopped["carried_state"]
     assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--max-steps", "0"]) == 0
     assert_same_weights(tmp_path / "whole", tmp_path / "split")
     steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["split"] == "train"]
@@ -100,9 +101,11 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(corpus_file: P
     parser_flags = dict(corpus=str(corpus_file), hidden=16, embed=8, layers=1, batch_size=4, bptt=16,
                         threads=1, progress=False, checkpoint_every=0, log_every=5, partition="random",
                         dropout=0.2, epochs=2)
-    trainer = start_run(TrainConfig(**parser_flags), tmp_path / "split", on_step=interrupt_at_step_31)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    trainer = start_run(TrainConfig.of(**parser_flags), tmp_path / "split", on_step=interrupt_at_step_31)
     assert trainer.fit().reason == "interrupted"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    # the handlers installed before are back, whatever they were (SIG_IGN when the suite runs detached)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert load_checkpoint(tmp_path / "split" / "last.pt", "lm")["step"] == 31
     assert resume_run(tmp_path / "split", {}).fit().reason == "completed"
     assert_same_weights(tmp_path / "whole", tmp_path / "split")
@@ -143,3 +146,38 @@ def test_toml_config_and_flags_override_it(corpus_file: Path, tmp_path: Path) ->
     assert main(["train", "--config", str(toml), "--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (config["cell"], config["hidden"], config["lr"], config["optimizer"]) == ("lstm", 16, 1.0, "sgd")
+
+
+def test_toml_sections_per_concept(corpus_file: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[data]\ncorpus = "{corpus_file}"\nbptt = 16\nbatch_size = 4\n[model]\nhidden = 24\n'
+                    'embed = 8\nlayers = 1\n[optim]\nlr_schedule = "constant"\n[run]\nepochs = 1\n'
+                    'progress = false\nthreads = 1\n')
+    assert main(["train", "--config", str(toml), "--out", str(tmp_path / "run"), "--hidden", "16"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    given = (config["hidden"], config["bptt"], config["lr_schedule"], config["epochs"])
+    assert given == (16, 16, "constant", 1)
+
+
+def test_resume_refuses_a_change_that_shapes_the_run_and_names_it(tiny_run: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    assert main(["train", "--out", str(tiny_run), "--resume", "--hidden", "64"]) == 2
+    assert "--resume cannot change --hidden (the run has 32" in capsys.readouterr().err
+    assert main(["train", "--out", str(tiny_run), "--resume", "--lr", "0.5"]) == 2
+    assert "--resume cannot change --lr" in capsys.readouterr().err
+
+
+def test_grad_norm_and_lr_are_logged_with_the_loss_and_tensorboard_events(corpus_file: Path,
+                                                                           tmp_path: Path) -> None:
+    assert train(corpus_file, tmp_path / "run", "--epochs", "1", "--tensorboard", "--clip", "0.5") == 0
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert records and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in records)
+    # the norm before clipping: clipping to 0.5 does not cap the logged figure
+    assert max(r["grad_norm"] for r in records) > 0.5
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/grad_norm", "train/lr", "valid/loss"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in records]

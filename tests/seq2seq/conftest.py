@@ -17,7 +17,7 @@ def _tiny_config(pairs_file: Path, **overrides) -> TrainConfig:
                   schedule="constant", lr=3e-3, max_steps=150, epochs=1000, max_minutes=None,
                   valid_bleu_sentences=20, checkpoint_every=0, label_smoothing=0.1, patience=1000)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.of(**values)
 
 
 @pytest.fixture(scope="session")

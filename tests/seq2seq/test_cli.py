@@ -24,7 +24,7 @@ def test_translate_gives_one_output_line_per_input_line_even_for_bad_ones(traine
     lines = [b"Go.", b"", b"Hi. " * 200, b"caf\xe9 au lait", "I saw ☃.".encode(), b"Run!"]
     data = b"\n".join(lines)  # no newline after the last line: it still counts
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
-    assert main(["translate", str(trained_run), "--beam", "3", "--batch-size", "4"]) == 0
+    assert main(["translate", str(trained_run), "--beam", "3", "--batch-size", "4"]) == 1  # some failed
     captured = capsys.readouterr()
     out = captured.out.split("\n")
     assert len(out) == len(lines) + 1 and out[-1] == ""  # every line ends with a line break
@@ -55,13 +55,14 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
 
 def test_translate_with_workers_writes_what_one_worker_writes(trained_run, tmp_path):
     source = tmp_path / "in.txt"
+    # the empty lines are refused (exit 1: some lines failed), the same way with any number of workers
     source.write_text("".join(f"{line}\n" for line in ("Go.", "Who?", "I see.", "", "Help me.", "Run!") * 3),
                       encoding="utf-8")
     outputs = []
     for workers in ("1", "3"):
         target = tmp_path / f"out.{workers}.txt"
         assert main(["translate", str(trained_run), "--input", str(source), "--output", str(target),
-                     "--beam", "3", "--batch-size", "2", "--workers", workers, "--threads", "1"]) == 0
+                     "--beam", "3", "--batch-size", "2", "--workers", workers, "--threads", "1"]) == 1
         outputs.append(target.read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 18
     assert main(["translate", str(trained_run), "--workers", "0"]) == 2

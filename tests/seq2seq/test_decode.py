@@ -14,9 +14,9 @@ from serving.search import SearchParams, beam_search, greedy_search
 @pytest.fixture(scope="module")
 def run_and_sources(trained_run):
     run = load_run(trained_run)
-    config = TrainConfig.from_dict(run.train_config)
+    config = TrainConfig.from_dict(run.train_config, strict=False)
     splits = load_splits(config.data_config())
-    corpus = build_corpus(config, splits, run.src_tokenizer, run.tgt_tokenizer)
+    corpus = build_corpus(config.data, splits, run.src_tokenizer, run.tgt_tokenizer)
     sources = (corpus.valid_src + corpus.src)[:64]
     return run, sources
 
