@@ -539,15 +539,11 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 def _add_translation(server: grpc.aio.Server, bundles: list[Path], config: ServerConfig,
                      registry: object = None) -> list[str]:
-    """Hands seq2seq bundles to serving.translation_service when it is installed; -> its service names."""
+    """Hands seq2seq bundles to serving.translation_service; -> its service names."""
     if not bundles:
         return []
-    try:
-        from serving import translation_service
-    except ImportError:
-        for path in bundles:
-            log.warning("not serving translation bundle %s: serving.translation_service is missing", path)
-        return []
+    from serving import translation_service  # imported only when a translator is served
+
     return list(translation_service.add_to_server(server, bundles, config, registry))  # app metrics registry
 
 
