@@ -92,6 +92,14 @@ async def _answering(service: _Service, name: str, context: grpc.aio.ServicerCon
     except asyncio.CancelledError:  # client cancel or deadline: free everything (finally blocks), re-raise
         code = "CANCELLED"
         raise
+    except grpc.aio.AbortError:  # the handler aborted itself: count the status it set
+        status = context.code()
+        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        raise
+    except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback, the counter INTERNAL
+        code = "INTERNAL"
+        log.exception("%s failed", name)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
     finally:
         service.app.metrics.requests.labels(name, code).inc()
 
