@@ -40,8 +40,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "export_step.json"
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read before any case changes it
 
 
-def interleaved(a: tuple[str, Callable[[], object]], b: tuple[str, Callable[[], object]], reps: int,
-                warmup: int = 20) -> dict[str, float]:
+def interleaved(
+    a: tuple[str, Callable[[], object]], b: tuple[str, Callable[[], object]], reps: int, warmup: int = 20
+) -> dict[str, float]:
     """Median wall time in microseconds of two functions called alternately (a, b, a, b, ...).
 
     Each call follows a call of the other one, so both pay the same cache eviction (the two hold
@@ -85,9 +86,12 @@ def threads_case(model: RNNLM, bundle: Path, threads: str, reps: int) -> dict:
     torch.set_num_threads(TORCH_DEFAULT_THREADS if threads == "default" else int(threads))
     ort_threads = 0 if threads == "default" else int(threads)  # 0: onnxruntime's own default
     runtime = LMRuntime.load(bundle, threads=ort_threads)
-    return {"threads": threads, "torch_threads": torch.get_num_threads(),
-            "ort_intra_op_threads": ort_threads or "default (one per physical core)",
-            "step": [step_case(model, runtime, 1, reps), step_case(model, runtime, 64, max(50, reps // 8))]}
+    return {
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "ort_intra_op_threads": ort_threads or "default (one per physical core)",
+        "step": [step_case(model, runtime, 1, reps), step_case(model, runtime, 64, max(50, reps // 8))],
+    }
 
 
 def step_case(model: RNNLM, runtime: LMRuntime, batch: int, reps: int) -> dict:
@@ -104,16 +108,22 @@ def step_case(model: RNNLM, runtime: LMRuntime, batch: int, reps: int) -> dict:
     ort_step = lambda: runtime.step(tokens, state)  # noqa: E731
     decoder, ids = StatefulDecoder(runtime, state), tokens[:, 0].tolist() if batch == 1 else tokens[:, 0]
     medians = interleaved(("ort_step_us", ort_step), ("torch_eager_us", torch_step), reps)
-    warm = {"ort_step_alone_us": alone(ort_step, reps),
-            "ort_decoder_step_alone_us": alone(lambda: decoder.step(ids), reps),
-            "ort_session_run_alone_us": alone(lambda: runtime.session.run(None, feed), reps),
-            "torch_eager_alone_us": alone(torch_step, reps)}
+    warm = {
+        "ort_step_alone_us": alone(ort_step, reps),
+        "ort_decoder_step_alone_us": alone(lambda: decoder.step(ids), reps),
+        "ort_session_run_alone_us": alone(lambda: runtime.session.run(None, feed), reps),
+        "torch_eager_alone_us": alone(torch_step, reps),
+    }
     torch_alone = warm["torch_eager_alone_us"]
-    return {"batch": batch, "reps": reps, **{k: round(v, 1) for k, v in (medians | warm).items()},
-            "ratio_ort_to_torch_interleaved": round(medians["ort_step_us"] / medians["torch_eager_us"], 3),
-            "ratio_ort_to_torch_alone": round(warm["ort_step_alone_us"] / torch_alone, 3),
-            "ratio_decoder_to_torch_alone": round(warm["ort_decoder_step_alone_us"] / torch_alone, 3),
-            "ort_tokens_per_s": round(batch / medians["ort_step_us"] * 1e6)}
+    return {
+        "batch": batch,
+        "reps": reps,
+        **{k: round(v, 1) for k, v in (medians | warm).items()},
+        "ratio_ort_to_torch_interleaved": round(medians["ort_step_us"] / medians["torch_eager_us"], 3),
+        "ratio_ort_to_torch_alone": round(warm["ort_step_alone_us"] / torch_alone, 3),
+        "ratio_decoder_to_torch_alone": round(warm["ort_decoder_step_alone_us"] / torch_alone, 3),
+        "ort_tokens_per_s": round(batch / medians["ort_step_us"] * 1e6),
+    }
 
 
 def prefill_case(model: RNNLM, runtime: LMRuntime, length: int, reps: int) -> dict:
@@ -134,9 +144,13 @@ def prefill_case(model: RNNLM, runtime: LMRuntime, length: int, reps: int) -> di
     medians |= {"torch_one_call_us": interleaved(one_call, ("torch", torch_prefill), reps, warmup=2)["torch"]}
     ratio_steps = medians["ort_single_steps_us"] / medians["ort_one_call_us"]
     ratio_torch = medians["ort_one_call_us"] / medians["torch_one_call_us"]
-    return {"tokens": length, "reps": reps, **{k: round(v, 1) for k, v in medians.items()},
-            "speedup_one_call_vs_steps": round(ratio_steps, 2),
-            "ratio_ort_one_call_to_torch": round(ratio_torch, 3)}
+    return {
+        "tokens": length,
+        "reps": reps,
+        **{k: round(v, 1) for k, v in medians.items()},
+        "speedup_one_call_vs_steps": round(ratio_steps, 2),
+        "ratio_ort_one_call_to_torch": round(ratio_torch, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,24 +160,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=80)
     parser.add_argument("--reps", type=int, default=2000, help="repetitions of the batch-1 step")
-    parser.add_argument("--threads", default="default,1",
-                        help="comma-separated thread settings, the same on both sides: counts or 'default'")
+    parser.add_argument(
+        "--threads",
+        default="default,1",
+        help="comma-separated thread settings, the same on both sides: counts or 'default'",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model, bundle = build(args.cell, args.vocab, args.hidden, args.layers, Path(tmp) / "bundle")
         result = {
-            "model": {"cell": args.cell, "layers": args.layers, "hidden": args.hidden, "embed": args.hidden,
-                      "vocab": args.vocab},
-            "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
-                         "python": platform.python_version()},
+            "model": {
+                "cell": args.cell,
+                "layers": args.layers,
+                "hidden": args.hidden,
+                "embed": args.hidden,
+                "vocab": args.vocab,
+            },
+            "versions": {
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+                "python": platform.python_version(),
+            },
             "load_average_1min_at_start": round(os.getloadavg()[0], 2),
             "by_threads": [threads_case(model, bundle, t, args.reps) for t in args.threads.split(",")],
         }
         torch.set_num_threads(1)
         result["prefill_threads"] = 1
-        result["prefill"] = prefill_case(model, LMRuntime.load(bundle, threads=1), 512,
-                                         max(5, args.reps // 200))
+        result["prefill"] = prefill_case(
+            model, LMRuntime.load(bundle, threads=1), 512, max(5, args.reps // 200)
+        )
         result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

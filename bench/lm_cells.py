@@ -44,12 +44,18 @@ VOCAB, BATCH, WINDOWS = 65, 32, (35, 128, 512)
 # Equal parameter counts (printed with the results): the classic cells as lm_throughput and
 # lm_shakespeare size them; the parallel cells with expand 2 (6·d² parameters a layer).
 SIZES = {
-    "0.7M": {"gru": dict(layers=2, embed=64, hidden=256), "lstm": dict(layers=2, embed=64, hidden=220),
-             "mamba": dict(layers=2, embed=224, hidden=224, heads=2),
-             "mingru": dict(layers=2, embed=224, hidden=224)},
-    "3M": {"gru": dict(layers=2, embed=128, hidden=560), "lstm": dict(layers=2, embed=128, hidden=490),
-           "mamba": dict(layers=3, embed=400, hidden=400, heads=4),
-           "mingru": dict(layers=3, embed=400, hidden=400)},
+    "0.7M": {
+        "gru": dict(layers=2, embed=64, hidden=256),
+        "lstm": dict(layers=2, embed=64, hidden=220),
+        "mamba": dict(layers=2, embed=224, hidden=224, heads=2),
+        "mingru": dict(layers=2, embed=224, hidden=224),
+    },
+    "3M": {
+        "gru": dict(layers=2, embed=128, hidden=560),
+        "lstm": dict(layers=2, embed=128, hidden=490),
+        "mamba": dict(layers=3, embed=400, hidden=400, heads=4),
+        "mingru": dict(layers=3, embed=400, hidden=400),
+    },
 }
 
 
@@ -91,17 +97,34 @@ def training(reps: int) -> list[dict]:
         for window in WINDOWS:
             seconds = round_robin({cell: train_step(m, window) for cell, m in models.items()}, reps)
             for cell, s in seconds.items():
-                rows.append({"size": size, "cell": cell, "window": window, "batch": BATCH,
-                             "parameters": models[cell].num_parameters(), "step_ms": round(s * 1e3, 1),
-                             "tokens_per_s": round(BATCH * window / s),
-                             "vs_gru": round(seconds["gru"] / s, 2), **SIZES[size][cell]})
-            print(f"{size} window {window}: " + ", ".join(f"{c} {rows[-len(seconds) + k]['tokens_per_s']}"
-                                                          for k, c in enumerate(seconds)), flush=True)
+                rows.append(
+                    {
+                        "size": size,
+                        "cell": cell,
+                        "window": window,
+                        "batch": BATCH,
+                        "parameters": models[cell].num_parameters(),
+                        "step_ms": round(s * 1e3, 1),
+                        "tokens_per_s": round(BATCH * window / s),
+                        "vs_gru": round(seconds["gru"] / s, 2),
+                        **SIZES[size][cell],
+                    }
+                )
+            print(
+                f"{size} window {window}: "
+                + ", ".join(f"{c} {rows[-len(seconds) + k]['tokens_per_s']}" for k, c in enumerate(seconds)),
+                flush=True,
+            )
     return rows
 
 
-def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                   ) -> torch.Tensor:
+def selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+) -> torch.Tensor:
     """Mamba-1's form: per-channel decays, so the scan runs over a (B, T, E·N) tensor.
     x, dt: (B, T, E), a: (E, N), b, c: (B, T, N) -> y (B, T, E)."""
     batch, time_, e = x.shape
@@ -127,35 +150,54 @@ def formulations(reps: int, batch: int = BATCH, time_: int = 128, inner: int = 4
     h0 = torch.zeros(batch, heads, inner // heads, n)
     gate, cand, g0 = leaf(batch, time_, inner), leaf(batch, time_, inner), torch.zeros(batch, inner)
     cases = {
-        "mamba2_ssd_chunk64": lambda: ssd(x.view(batch, time_, heads, -1), dt_h, a_h, b, c, h0, 64)[0].sum()
-        .backward(),
+        "mamba2_ssd_chunk64": lambda: (
+            ssd(x.view(batch, time_, heads, -1), dt_h, a_h, b, c, h0, 64)[0].sum().backward()
+        ),
         "mamba1_selective_scan": lambda: selective_scan(x, dt, a_e, b, c).sum().backward(),
         "mingru_doubling_scan": lambda: scan_doubling(gate, cand, g0).sum().backward(),
         "mingru_log_space_scan": lambda: scan_log(gate, cand, g0).sum().backward(),
     }
     seconds = round_robin(cases, reps)
-    return {"batch": batch, "time": time_, "inner": inner, "state_size": n, "ssd_heads": heads,
-            **{f"{k}_ms": round(v * 1e3, 1) for k, v in seconds.items()}}
+    return {
+        "batch": batch,
+        "time": time_,
+        "inner": inner,
+        "state_size": n,
+        "ssd_heads": heads,
+        **{f"{k}_ms": round(v * 1e3, 1) for k, v in seconds.items()},
+    }
 
 
 def decode(reps: int, tmp: Path) -> list[dict]:
     """StatefulDecoder.step of each 0.7 M bundle at batch 1 and 64, round robin over the cells."""
     tokenizer = CharTokenizer(Vocab(["<unk>", *[chr(c) for c in range(32, 32 + VOCAB - 1)]]))
-    runtimes = {cell: LMRuntime.load(export_lm(model_for(cell, "0.7M").eval(), tokenizer, tmp / cell))
-                for cell in SIZES["0.7M"]}
+    runtimes = {
+        cell: LMRuntime.load(export_lm(model_for(cell, "0.7M").eval(), tokenizer, tmp / cell))
+        for cell in SIZES["0.7M"]
+    }
     rows = []
     for batch in (1, 64):
         rng = np.random.default_rng(batch)
         ids = rng.integers(0, VOCAB, batch)
         decoders = {cell: StatefulDecoder(rt, batch=batch) for cell, rt in runtimes.items()}
         feed = ids.tolist() if batch == 1 else ids
-        seconds = round_robin({cell: (lambda d=d, f=feed: d.step(f)) for cell, d in decoders.items()},
-                              reps if batch == 1 else max(50, reps // 8), warmup=20)
+        seconds = round_robin(
+            {cell: (lambda d=d, f=feed: d.step(f)) for cell, d in decoders.items()},
+            reps if batch == 1 else max(50, reps // 8),
+            warmup=20,
+        )
         for cell, s in seconds.items():
             state_bytes = sum(a.nbytes for a in runtimes[cell].init_state(1))
-            rows.append({"cell": cell, "batch": batch, "step_us": round(s * 1e6, 1),
-                         "tokens_per_s": round(batch / s), "vs_gru_time": round(s / seconds["gru"], 2),
-                         "state_bytes_per_stream": state_bytes})
+            rows.append(
+                {
+                    "cell": cell,
+                    "batch": batch,
+                    "step_us": round(s * 1e6, 1),
+                    "tokens_per_s": round(batch / s),
+                    "vs_gru_time": round(s / seconds["gru"], 2),
+                    "state_bytes_per_stream": state_bytes,
+                }
+            )
     return rows
 
 
@@ -164,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="training steps timed per case")
     parser.add_argument("--decode-reps", type=int, default=2000)
     args = parser.parse_args(argv)
-    result = {"threads": torch.get_num_threads(), "training": training(args.reps),
-              "formulations": formulations(args.reps)}
+    result = {
+        "threads": torch.get_num_threads(),
+        "training": training(args.reps),
+        "formulations": formulations(args.reps),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         result["decode"] = decode(args.decode_reps, Path(tmp))
     write_result("lm_cells", result)

@@ -28,8 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     run = args.keep or tmp / "run"
     try:
         start = time.perf_counter()
-        if cli(["train", "--corpus", "timemachine", "--out", str(run), "--max-minutes", str(args.minutes),
-                "--no-progress"]) != 0:
+        if (
+            cli(
+                [
+                    "train",
+                    "--corpus",
+                    "timemachine",
+                    "--out",
+                    str(run),
+                    "--max-minutes",
+                    str(args.minutes),
+                    "--no-progress",
+                ]
+            )
+            != 0
+        ):
             return 1
         train_s = time.perf_counter() - start
         figures = {}
@@ -41,16 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         records = read_metrics(run / "metrics.jsonl")
         valid = [r for r in records if r["split"] == "valid"]
         train_rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
-        write_result("lm_default", {
-            "command": f"rnnlab-lm train --corpus timemachine --out RUN --max-minutes {args.minutes}",
-            "config": json.loads((run / "config.json").read_text()),
-            "train_wall_s": round(train_s, 1), "train_and_eval_wall_s": round(wall_s, 1),
-            "steps": valid[-1]["step"] if valid else 0, "epochs": valid[-1]["epoch"] if valid else 0,
-            "median_train_tokens_per_s": round(statistics.median(train_rates)) if train_rates else 0,
-            "valid_ppl_by_epoch": [round(r["ppl"], 3) for r in valid],
-            "valid": {k: round(v, 4) for k, v in figures["valid"].items() if isinstance(v, float)},
-            "test": {k: round(v, 4) for k, v in figures["test"].items() if isinstance(v, float)},
-        })
+        write_result(
+            "lm_default",
+            {
+                "command": f"rnnlab-lm train --corpus timemachine --out RUN --max-minutes {args.minutes}",
+                "config": json.loads((run / "config.json").read_text()),
+                "train_wall_s": round(train_s, 1),
+                "train_and_eval_wall_s": round(wall_s, 1),
+                "steps": valid[-1]["step"] if valid else 0,
+                "epochs": valid[-1]["epoch"] if valid else 0,
+                "median_train_tokens_per_s": round(statistics.median(train_rates)) if train_rates else 0,
+                "valid_ppl_by_epoch": [round(r["ppl"], 3) for r in valid],
+                "valid": {k: round(v, 4) for k, v in figures["valid"].items() if isinstance(v, float)},
+                "test": {k: round(v, 4) for k, v in figures["test"].items() if isinstance(v, float)},
+            },
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -66,17 +66,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig.of(corpus="tinyshakespeare", cell=args.cell, layers=args.layers, hidden=args.hidden,
-                         embed=args.embed, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
-                         bptt=args.bptt, state_size=args.state_size, expand=args.expand, heads=args.heads,
-                         weight_decay=0.01, clip=1.0, lr_schedule="cosine", warmup_steps=50,
-                         epochs=1000, max_minutes=args.minutes, patience=0, valid_streams=16,
-                         checkpoint_every=500, threads=args.threads, progress=False)
+    config = TrainConfig.of(
+        corpus="tinyshakespeare",
+        cell=args.cell,
+        layers=args.layers,
+        hidden=args.hidden,
+        embed=args.embed,
+        dropout=args.dropout,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        bptt=args.bptt,
+        state_size=args.state_size,
+        expand=args.expand,
+        heads=args.heads,
+        weight_decay=0.01,
+        clip=1.0,
+        lr_schedule="cosine",
+        warmup_steps=50,
+        epochs=1000,
+        max_minutes=args.minutes,
+        patience=0,
+        valid_streams=16,
+        checkpoint_every=500,
+        threads=args.threads,
+        progress=False,
+    )
     step_s = seconds_per_step(config, vocab_size=65)
     # Leave ~8% of the budget for the validations along the way (each reads 111k characters).
     planned = max(100, int(args.minutes * 60 * 0.92 / step_s))
-    config = TrainConfig.of(**{**config.to_dict(), "schedule_steps": planned,
-                            "eval_every": max(1, planned // 4)})
+    config = TrainConfig.of(
+        **{**config.to_dict(), "schedule_steps": planned, "eval_every": max(1, planned // 4)}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = args.keep or Path(tmp) / "run"
         start = time.perf_counter()
@@ -89,16 +109,27 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out / "eval.json", evaluation.to_dict())
     valid = {r["step"]: round(r["loss"], 4) for r in result.history if r["split"] == "valid"}
     # The LSTM's figure keeps its file name; each other cell writes lm_shakespeare_<cell>.json.
-    write_result("lm_shakespeare" if args.cell == "lstm" else f"lm_shakespeare_{args.cell}", {
-        "budget_minutes": args.minutes, "config": config.to_dict(),
-        "estimated_step_s": round(step_s, 3), "planned_steps": planned, "steps": result.step,
-        "epochs": result.epoch, "stop": result.reason, "parameters": run.model.num_parameters(),
-        "train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1),
-        "valid_loss_nats_per_char": round(evaluation.nll, 4),
-        "valid_bits_per_char": round(evaluation.bits_per_char, 4),
-        "valid_perplexity": round(evaluation.perplexity, 4), "valid_loss_by_step": valid,
-        "target_nats_per_char": 1.47, "run_dir": repo_path(args.keep) if args.keep else None,
-    })
+    write_result(
+        "lm_shakespeare" if args.cell == "lstm" else f"lm_shakespeare_{args.cell}",
+        {
+            "budget_minutes": args.minutes,
+            "config": config.to_dict(),
+            "estimated_step_s": round(step_s, 3),
+            "planned_steps": planned,
+            "steps": result.step,
+            "epochs": result.epoch,
+            "stop": result.reason,
+            "parameters": run.model.num_parameters(),
+            "train_wall_s": round(train_s, 1),
+            "eval_wall_s": round(eval_s, 1),
+            "valid_loss_nats_per_char": round(evaluation.nll, 4),
+            "valid_bits_per_char": round(evaluation.bits_per_char, 4),
+            "valid_perplexity": round(evaluation.perplexity, 4),
+            "valid_loss_by_step": valid,
+            "target_nats_per_char": 1.47,
+            "run_dir": repo_path(args.keep) if args.keep else None,
+        },
+    )
     return 0
 
 

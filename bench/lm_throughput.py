@@ -103,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
         def time_textbook() -> float:
             t0 = time.perf_counter()
-            tokens = textbook_epoch(textbook, epoch_batches(ids, config, 0, start), data.batch_size,
-                                    lr=1.0, clip=config.optim.clip)
+            tokens = textbook_epoch(
+                textbook,
+                epoch_batches(ids, config, 0, start),
+                data.batch_size,
+                lr=1.0,
+                clip=config.optim.clip,
+            )
             return tokens / (time.perf_counter() - t0)
 
         rates: dict[str, list[float]] = {"trainer": [], "textbook": []}
@@ -119,20 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     medians = {k: statistics.median(v) for k, v in rates.items()}
     ratios = [t / m for t, m in zip(rates["trainer"], rates["textbook"], strict=True)]
     model = config.model
-    write_result(args.result, {
-        "trainer": "rnnlab-lm train defaults (lm.train.start_run, Trainer.run_epoch)",
-        "textbook": "time-major nn.GRU, plain SGD update, clip_grad_norm_ (word_language_model)",
-        "model": f"{model.cell} x{model.layers} hidden {model.hidden} embed {model.embed} "
-                 f"dropout {model.dropout}",
-        "batch": [data.batch_size, data.bptt], "batches_per_repeat": total - start,
-        "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "tokens_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
-        "median_tokens_per_s": {k: round(v) for k, v in medians.items()},
-        "ratio_per_repeat": [round(r, 3) for r in ratios],
-        "ratio_trainer_to_textbook": round(statistics.median(ratios), 3),
-        "ratio_of_medians": round(medians["trainer"] / medians["textbook"], 3),
-        "target": 0.95,
-    })
+    write_result(
+        args.result,
+        {
+            "trainer": "rnnlab-lm train defaults (lm.train.start_run, Trainer.run_epoch)",
+            "textbook": "time-major nn.GRU, plain SGD update, clip_grad_norm_ (word_language_model)",
+            "model": f"{model.cell} x{model.layers} hidden {model.hidden} embed {model.embed} "
+            f"dropout {model.dropout}",
+            "batch": [data.batch_size, data.bptt],
+            "batches_per_repeat": total - start,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "tokens_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
+            "median_tokens_per_s": {k: round(v) for k, v in medians.items()},
+            "ratio_per_repeat": [round(r, 3) for r in ratios],
+            "ratio_trainer_to_textbook": round(statistics.median(ratios), 3),
+            "ratio_of_medians": round(medians["trainer"] / medians["textbook"], 3),
+            "target": 0.95,
+        },
+    )
     return 0
 
 

@@ -57,16 +57,29 @@ def main(argv: list[str] | None = None) -> int:
             hyps = search(model, sources, SearchParams(beam=beam), 2, 3, batch_size=batch)
             seconds = time.perf_counter() - start
             tokens = sum(len(h[0].tokens) + 1 for h in hyps)
-            rows.append({"search": "greedy" if beam == 1 else f"beam{beam}", "batch": batch,
-                         "sentences_per_s": round(len(sources) / seconds, 1),
-                         "tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 2)})
+            rows.append(
+                {
+                    "search": "greedy" if beam == 1 else f"beam{beam}",
+                    "batch": batch,
+                    "sentences_per_s": round(len(sources) / seconds, 1),
+                    "tokens_per_s": round(tokens / seconds, 1),
+                    "seconds": round(seconds, 2),
+                }
+            )
             print(json.dumps(rows[-1]))
     by_key = {(r["search"], r["batch"]): r["sentences_per_s"] for r in rows}
-    result = {"model": description, "sentences": len(sources), "threads": args.threads, "rows": rows,
-              "batch64_over_batch1_speed": {s: round(by_key[(s, 64)] / by_key[(s, 1)], 2)
-                                            for s in ("greedy", "beam4")},
-              "beam4_over_greedy_time": {str(b): round(by_key[("greedy", b)] / by_key[("beam4", b)], 2)
-                                         for b in (1, 64)}}
+    result = {
+        "model": description,
+        "sentences": len(sources),
+        "threads": args.threads,
+        "rows": rows,
+        "batch64_over_batch1_speed": {
+            s: round(by_key[(s, 64)] / by_key[(s, 1)], 2) for s in ("greedy", "beam4")
+        },
+        "beam4_over_greedy_time": {
+            str(b): round(by_key[("greedy", b)] / by_key[("beam4", b)], 2) for b in (1, 64)
+        },
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mt_decode.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -81,15 +81,22 @@ def local_figures(run, bundle: Path, texts: list[str], source: Path, beams: list
             "batch_job_sentences_per_s": round(len(texts) / job_s, 1),
             "identical_to_torch": sum(a.text == b.text for a, b in zip(ours, theirs, strict=True)),
             "batch_job_identical_to_torch": sum(a == b.text for a, b in zip(job_lines, theirs, strict=True)),
-            "mean_output_tokens": round(float(np.mean([len(t.hypotheses[0].tokens) for t in ours
-                                                       if t.hypotheses])), 1),
+            "mean_output_tokens": round(
+                float(np.mean([len(t.hypotheses[0].tokens) for t in ours if t.hypotheses])), 1
+            ),
         }
         print(f"{label}: {figures[label]}", file=sys.stderr)
     return figures
 
 
-def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: list[int], work: Path,
-                     ) -> dict:
+def two_core_figures(
+    run,
+    bundle: Path,
+    texts: list[str],
+    source: Path,
+    beams: list[int],
+    work: Path,
+) -> dict:
     """Both cores: each runtime with 2 workers of 1 thread and with 1 worker of 2 intra-op threads;
     the batch job with --workers 2. The ratio divides by torch's better configuration."""
     import torch
@@ -104,8 +111,14 @@ def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: l
     for beam in beams:
         label = "greedy" if beam == 1 else f"beam{beam}"
         params = SearchParams(beam)
-        job = JobConfig(input=str(source), output=str(work / f"job2.{label}.txt"), bundle=str(bundle),
-                        beam=beam, workers=2, progress=False)
+        job = JobConfig(
+            input=str(source),
+            output=str(work / f"job2.{label}.txt"),
+            bundle=str(bundle),
+            beam=beam,
+            workers=2,
+            progress=False,
+        )
 
         def torch_threads(count: int, workers: int, params: SearchParams = params):
             torch.set_num_threads(count)
@@ -114,11 +127,13 @@ def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: l
             finally:
                 torch.set_num_threads(1)
 
-        cases = {"torch_2_workers": lambda: torch_threads(1, 2),
-                 "torch_2_threads": lambda: torch_threads(2, 1),
-                 "ort_2_workers": lambda p=params: one_thread.translate(texts, p, 64, workers=2),
-                 "ort_2_threads": lambda p=params: two_threads.translate(texts, p, 64),
-                 "batch_job_2_workers": lambda j=job: run_job(j)}
+        cases = {
+            "torch_2_workers": lambda: torch_threads(1, 2),
+            "torch_2_threads": lambda: torch_threads(2, 1),
+            "ort_2_workers": lambda p=params: one_thread.translate(texts, p, 64, workers=2),
+            "ort_2_threads": lambda p=params: two_threads.translate(texts, p, 64),
+            "batch_job_2_workers": lambda j=job: run_job(j),
+        }
         times: dict[str, list[float]] = {name: [] for name in cases}
         outputs: dict[str, object] = {}
         for _ in range(REPEATS):
@@ -135,7 +150,8 @@ def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: l
             "ort_2_workers_over_torch_2_workers": round(rates["ort_2_workers"] / rates["torch_2_workers"], 2),
             "identical_to_torch": min(
                 sum(a.text == b for a, b in zip(outputs[name], reference, strict=True))
-                for name in ("torch_2_workers", "ort_2_workers", "ort_2_threads")),
+                for name in ("torch_2_workers", "ort_2_workers", "ort_2_threads")
+            ),
             "batch_job_identical_to_torch": sum(a == b for a, b in zip(job_lines, reference, strict=True)),
         }
         print(f"two cores, {label}: {figures[label]}", file=sys.stderr)
@@ -143,9 +159,24 @@ def two_core_figures(run, bundle: Path, texts: list[str], source: Path, beams: l
 
 
 def start_server(models: Path, translate_workers: int) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, "-m", "serving.server", "--models", str(models), "--port", "0",
-                               "--translate-workers", str(translate_workers), "--log-level", "WARNING"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving.server",
+            "--models",
+            str(models),
+            "--port",
+            "0",
+            "--translate-workers",
+            str(translate_workers),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = server.stdout.readline()
     if "listening on" not in line:
         server.kill()
@@ -156,7 +187,7 @@ def start_server(models: Path, translate_workers: int) -> tuple[subprocess.Popen
 def grpc_figures(target: str, model: str, texts: list[str], clients: int, per_call: int, beam: int) -> dict:
     from serving.client import Client
 
-    calls = [texts[i:i + per_call] for i in range(0, len(texts), per_call)]
+    calls = [texts[i : i + per_call] for i in range(0, len(texts), per_call)]
     latencies: list[float] = []
     lock = threading.Lock()
     next_call = iter(range(len(calls)))
@@ -183,21 +214,43 @@ def grpc_figures(target: str, model: str, texts: list[str], clients: int, per_ca
         thread.join()
     seconds = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "sentences_per_call": per_call, "beam": beam, "calls": len(calls),
-            "sentences_per_s": round(len(texts) / seconds, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+    return {
+        "clients": clients,
+        "sentences_per_call": per_call,
+        "beam": beam,
+        "calls": len(calls),
+        "sentences_per_s": round(len(texts) / seconds, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+    }
 
 
 def ensure_run(run_dir: Path, which: str, minutes: float, work: Path) -> Path:
     """``run_dir``, or (no checkpoint there) a default-config run trained for ``minutes`` under ``work``."""
     if (run_dir / f"{which}.pt").is_file():
         return run_dir
-    print(f"{run_dir}: no {which}.pt; training a default-config translator for {minutes:g} minutes",
-          file=sys.stderr)
+    print(
+        f"{run_dir}: no {which}.pt; training a default-config translator for {minutes:g} minutes",
+        file=sys.stderr,
+    )
     out = work / "run"
-    subprocess.run([sys.executable, "-m", "seq2seq.cli", "train", "--out", str(out), "--max-minutes",
-                    str(minutes), "--threads", "1", "--no-progress"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seq2seq.cli",
+            "train",
+            "--out",
+            str(out),
+            "--max-minutes",
+            str(minutes),
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return out
 
 
@@ -205,12 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(ROOT / "runs" / "mt-fra-eng"), help="trained translation run")
     parser.add_argument("--which", choices=("best", "last"), default="best")
-    parser.add_argument("--sentences", type=int, default=0,
-                        help="translate the first N test-split sentences (default 0: all of them)")
+    parser.add_argument(
+        "--sentences",
+        type=int,
+        default=0,
+        help="translate the first N test-split sentences (default 0: all of them)",
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", default=str(RESULT))
-    parser.add_argument("--train-minutes", type=float, default=3.0,
-                        help="without a checkpoint in --run: train a default-config model this long first")
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=3.0,
+        help="without a checkpoint in --run: train a default-config model this long first",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -240,21 +301,41 @@ def main(argv: list[str] | None = None) -> int:
                 server.terminate()
                 server.wait(timeout=30)
     for figures in remote:
-        job = (local["beam4"]["batch_job_sentences_per_s"] if figures["translate_workers"] == 1
-               else two_cores["beam4"]["batch_job_2_workers_sentences_per_s"])
+        job = (
+            local["beam4"]["batch_job_sentences_per_s"]
+            if figures["translate_workers"] == 1
+            else two_cores["beam4"]["batch_job_2_workers_sentences_per_s"]
+        )
         figures["vs_local_batch_job_same_workers"] = round(figures["sentences_per_s"] / job, 2)
         print(f"grpc: {figures}", file=sys.stderr)
     config = run.model_config.to_dict()
     trained_here = f"{args.run} missing: a {args.train_minutes:g}-minute model trained by this bench"
     result = {
-        "run": repo_path(args.run) if run_dir == Path(args.run) else trained_here, "checkpoint": args.which,
-        "sentences": len(texts), "split": "test",
-        "model": {k: config[k] for k in ("embed", "enc_hidden", "dec_hidden", "layers", "bidirectional",
-                                         "attention", "src_vocab", "tgt_vocab")},
-        "evaluation": run.evaluation, "threads": 1, "batch_size": 64,
+        "run": repo_path(args.run) if run_dir == Path(args.run) else trained_here,
+        "checkpoint": args.which,
+        "sentences": len(texts),
+        "split": "test",
+        "model": {
+            k: config[k]
+            for k in (
+                "embed",
+                "enc_hidden",
+                "dec_hidden",
+                "layers",
+                "bidirectional",
+                "attention",
+                "src_vocab",
+                "tgt_vocab",
+            )
+        },
+        "evaluation": run.evaluation,
+        "threads": 1,
+        "batch_size": 64,
         "timing": f"best of {REPEATS}, interleaved",
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
-        "local": local, "two_cores": two_cores, "grpc": remote,
+        "local": local,
+        "two_cores": two_cores,
+        "grpc": remote,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -33,8 +33,13 @@ def train_and_eval(out: Path, config: TrainConfig, beams: tuple[int, ...], resum
         print(json.dumps({k: result[k] for k in ("beam", "bleu", "chrf", "seconds")}), flush=True)
         if beam == 4:
             write_evaluation(out, result)
-    return {"run_dir": repo_path(out), "config": asdict(config), "train": summary,
-            "train_wall_s": round(train_seconds, 1), "test": evaluations}
+    return {
+        "run_dir": repo_path(out),
+        "config": asdict(config),
+        "train": summary,
+        "train_wall_s": round(train_seconds, 1),
+        "test": evaluations,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,16 +58,22 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig.of(attention=attention, max_minutes=minutes, threads=args.threads)
             runs[attention] = train_and_eval(Path(f"{args.out}-{attention}"), config, (4,))
         bleu = {k: v["test"][0]["bleu"] for k, v in runs.items()}
-        result = {"minutes_each": minutes, "runs": runs, "bleu_beam4": bleu,
-                  "attention_minus_classic_bleu": round(bleu["additive"] - bleu["none"], 2)}
+        result = {
+            "minutes_each": minutes,
+            "runs": runs,
+            "bleu_beam4": bleu,
+            "attention_minus_classic_bleu": round(bleu["additive"] - bleu["none"], 2),
+        }
         (RESULTS / "mt_compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return 0
     overrides = {"max_minutes": args.max_minutes} if args.max_minutes else {}
     config = TrainConfig.of(threads=args.threads, **overrides)
     result = train_and_eval(args.out, config, (1, 4, 8), resume=args.resume)
     bleu = {r["beam"]: r["bleu"] for r in result["test"]}
-    result["beam_gain_bleu"] = {"beam4_minus_greedy": round(bleu[4] - bleu[1], 2),
-                                "beam8_minus_beam4": round(bleu[8] - bleu[4], 2)}
+    result["beam_gain_bleu"] = {
+        "beam4_minus_greedy": round(bleu[4] - bleu[1], 2),
+        "beam8_minus_beam4": round(bleu[8] - bleu[4], 2),
+    }
     (RESULTS / "mt_train.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -58,8 +58,9 @@ def random_bundle(out_dir: Path) -> Path:
     torch.manual_seed(0)
     symbols = "".join(chr(c) for c in range(32, 111))  # 79 printable characters + <unk> = 80
     tokenizer = CharTokenizer.train(symbols)
-    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell="gru", layers=2, embed=128, hidden=256,
-                              dropout=0.0)).eval()
+    model = RNNLM(
+        ModelConfig(vocab_size=tokenizer.vocab_size, cell="gru", layers=2, embed=128, hidden=256, dropout=0.0)
+    ).eval()
     return export_lm(model, tokenizer, out_dir / "bench-gru", name="bench-gru")
 
 
@@ -80,9 +81,25 @@ class ServerProcess:
     def __init__(self, bundle: Path, *flags: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RNNLAB_STATE_KEY": "bench"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.server", "--models", str(bundle), "--port", "0",
-             "--max-streams", "2048", "--log-level", "WARNING", *flags],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "serving.server",
+                "--models",
+                str(bundle),
+                "--port",
+                "0",
+                "--max-streams",
+                "2048",
+                "--log-level",
+                "WARNING",
+                *flags,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.process.stdout.readline()
         if "listening on" not in line:
             raise RuntimeError(f"server did not start: {line!r}")
@@ -100,8 +117,9 @@ class ServerProcess:
 
 
 async def one_stream(stub: pb_grpc.GenerationStub, model: str, tokens: int, seed: int) -> dict:
-    request = pb.GenerateRequest(model=model, prompt=PROMPT, max_tokens=tokens,
-                                 sampling=pb.SamplingOptions(temperature=1.0, seed=seed))
+    request = pb.GenerateRequest(
+        model=model, prompt=PROMPT, max_tokens=tokens, sampling=pb.SamplingOptions(temperature=1.0, seed=seed)
+    )
     start = time.perf_counter()
     first, last, gaps, count = None, start, [], 0
     async for message in stub.Generate(request):
@@ -127,11 +145,14 @@ async def load(target: str, model: str, streams: int, tokens: int) -> dict:
     elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
     ttft = np.array([r["first"] - r["start"] for r in results]) * 1000
     gaps = np.array([g for r in results for g in r["gaps"]]) * 1000
-    return {"tokens_per_s": round(total / elapsed, 1), "seconds": round(elapsed, 3),
-            "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 3),
-            "ttft_ms_p99": round(float(np.percentile(ttft, 99)), 3),
-            "inter_token_ms_p50": round(float(np.percentile(gaps, 50)), 4),
-            "inter_token_ms_p99": round(float(np.percentile(gaps, 99)), 4)}
+    return {
+        "tokens_per_s": round(total / elapsed, 1),
+        "seconds": round(elapsed, 3),
+        "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 3),
+        "ttft_ms_p99": round(float(np.percentile(ttft, 99)), 3),
+        "inter_token_ms_p50": round(float(np.percentile(gaps, 50)), 4),
+        "inter_token_ms_p99": round(float(np.percentile(gaps, 99)), 4),
+    }
 
 
 def _letters(number: int) -> str:
@@ -151,8 +172,9 @@ async def open_sessions(target: str, model: str, count: int, concurrency: int = 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def measure(runtime: LMRuntime, servers: dict[str, ServerProcess], model: str, streams: int, tokens: int,
-            repeats: int) -> dict:
+def measure(
+    runtime: LMRuntime, servers: dict[str, ServerProcess], model: str, streams: int, tokens: int, repeats: int
+) -> dict:
     """Ceiling, batched and unbatched figures for ``streams`` concurrent streams, taking turns."""
     ceilings, runs = [], {mode: [] for mode in servers}
     for repeat in range(repeats):
@@ -162,22 +184,28 @@ def measure(runtime: LMRuntime, servers: dict[str, ServerProcess], model: str, s
                 continue
             runs[mode].append(asyncio.run(load(server.target, model, streams, tokens)))
             print(f"{mode:9s} {streams:4d} streams: {runs[mode][-1]}", file=sys.stderr)
-    row: dict = {"ceiling_tokens_per_s": round(statistics.median(ceilings), 1),
-                 "ceiling_runs": [round(c, 1) for c in ceilings]}
+    row: dict = {
+        "ceiling_tokens_per_s": round(statistics.median(ceilings), 1),
+        "ceiling_runs": [round(c, 1) for c in ceilings],
+    }
     for mode, figures in runs.items():
         ranked = sorted(figures, key=lambda f: f["tokens_per_s"])
         row[mode] = {**ranked[len(ranked) // 2], "runs_tokens_per_s": [f["tokens_per_s"] for f in figures]}
     row["batched_vs_ceiling"] = round(row["batched"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3)
     row["batched_no_prompt_cache_vs_ceiling"] = round(
-        row["batched_no_prompt_cache"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3)
+        row["batched_no_prompt_cache"]["tokens_per_s"] / row["ceiling_tokens_per_s"], 3
+    )
     row["batched_vs_unbatched"] = round(row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"], 2)
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", help="LM bundle directory (default: bundles/lm-timemachine if it exists, "
-                                         "else a random-weight 2x256 GRU)")
+    parser.add_argument(
+        "--bundle",
+        help="LM bundle directory (default: bundles/lm-timemachine if it exists, "
+        "else a random-weight 2x256 GRU)",
+    )
     parser.add_argument("--streams", default="1,8,64,256")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7, help="runs per figure (median reported)")
@@ -193,15 +221,21 @@ def main(argv: list[str] | None = None) -> int:
             bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
         runtime = LMRuntime.load(bundle)
         model = runtime.manifest.name
-        results: dict = {"bundle": described,
-                         "architecture": runtime.manifest.architecture, "tokens_per_stream": args.tokens,
-                         "repeats": args.repeats,
-                         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                         "streams": {}}
+        results: dict = {
+            "bundle": described,
+            "architecture": runtime.manifest.architecture,
+            "tokens_per_stream": args.tokens,
+            "repeats": args.repeats,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "streams": {},
+        }
         # The servers stay up (idle ones sleep), so that each stream count is measured every way
         # back to back: the machine's load drifts less between them.
-        servers = {"batched": ServerProcess(bundle), "unbatched": ServerProcess(bundle, "--no-batching"),
-                   "batched_no_prompt_cache": ServerProcess(bundle, "--prompt-cache-entries", "0")}
+        servers = {
+            "batched": ServerProcess(bundle),
+            "unbatched": ServerProcess(bundle, "--no-batching"),
+            "batched_no_prompt_cache": ServerProcess(bundle, "--prompt-cache-entries", "0"),
+        }
         try:
             for n in counts:
                 results["streams"][str(n)] = measure(runtime, servers, model, n, args.tokens, args.repeats)
@@ -219,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                 full = server.rss()
             finally:
                 server.stop()
-            results["memory"] = {"sessions": args.sessions, "rss_empty_mb": round(empty / 2**20, 1),
-                                 "rss_with_sessions_mb": round(full / 2**20, 1),
-                                 "extra_mb": round((full - empty) / 2**20, 1),
-                                 "bytes_per_session": round((full - empty) / args.sessions),
-                                 "open_seconds": round(opened, 2)}
+            results["memory"] = {
+                "sessions": args.sessions,
+                "rss_empty_mb": round(empty / 2**20, 1),
+                "rss_with_sessions_mb": round(full / 2**20, 1),
+                "extra_mb": round((full - empty) / 2**20, 1),
+                "bytes_per_session": round((full - empty) / args.sessions),
+                "open_seconds": round(opened, 2),
+            }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

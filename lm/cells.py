@@ -13,8 +13,9 @@ from torch import Tensor, nn
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 
-def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
-             nonlinearity: str) -> Tensor:
+def rnn_cell(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, nonlinearity: str
+) -> Tensor:
     """h' = act(W_ih x + b_ih + W_hh h + b_hh).  x: (B, I), h: (B, H) -> (B, H)."""
     pre = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
@@ -36,8 +37,15 @@ def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_h
     return (1 - z) * n + z * h
 
 
-def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
-              ) -> tuple[Tensor, Tensor]:
+def lstm_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+) -> tuple[Tensor, Tensor]:
     """i, f, o = σ(·), g = tanh(·) over W_i x + b_i + W_h h + b_h;  c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')."""
     i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=-1)
     c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -51,8 +59,9 @@ class ScratchRNN(nn.Module):
     or, for the LSTM, ``(h, c)`` as in torch.
     """
 
-    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if cell not in GATES:
             raise ValueError(f"unknown cell {cell!r}")
@@ -64,13 +73,17 @@ class ScratchRNN(nn.Module):
             self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(gates, hidden_size)))
             self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(gates)))
             self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(gates)))
-        bound = hidden_size ** -0.5
+        bound = hidden_size**-0.5
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
     def _layer_params(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return (getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
-                getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}"))
+        return (
+            getattr(self, f"weight_ih_l{k}"),
+            getattr(self, f"weight_hh_l{k}"),
+            getattr(self, f"bias_ih_l{k}"),
+            getattr(self, f"bias_hh_l{k}"),
+        )
 
     def forward(self, x: Tensor, state: Tensor | tuple[Tensor, Tensor]):
         is_lstm = self.cell == "lstm"

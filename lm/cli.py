@@ -26,12 +26,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a language model into a run directory",
-                       argument_default=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "train", help="train a language model into a run directory", argument_default=argparse.SUPPRESS
+    )
     p.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--config", help="TOML file of settings: [data] [model] [optim] [run] tables or flat "
-                                    "keys (flags override it)")
+    p.add_argument(
+        "--config",
+        help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
+    )
     add_config_arguments(p, TrainConfig)
 
 
@@ -43,22 +46,38 @@ def build_parser() -> Parser:
     p = sub.add_parser("eval", help="perplexity and bits/char of a run on a split")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--checkpoint", "--which", dest="checkpoint", choices=("best", "last"), default="best",
-                   help="checkpoint of the run (default best)")
+    p.add_argument(
+        "--checkpoint",
+        "--which",
+        dest="checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of the run (default best)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("generate", help="continue a prompt with a run or an exported bundle")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, or bundle directory (manifest.json)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature,
-                   help=f"0 = greedy (default {DEFAULT_SAMPLING.temperature})")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_SAMPLING.temperature,
+        help=f"0 = greedy (default {DEFAULT_SAMPLING.temperature})",
+    )
     p.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k, help="0 = off")
     p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, help="1 = off")
     p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--checkpoint", "--which", dest="checkpoint", choices=("best", "last"), default="best",
-                   help="checkpoint of the run (default best)")
+    p.add_argument(
+        "--checkpoint",
+        "--which",
+        dest="checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of the run (default best)",
+    )
 
     p = sub.add_parser("export", help="export a run to an ONNX bundle")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -85,17 +104,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_file = getattr(args, "config", None)
     if getattr(args, "resume", False):
         trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
-        print(f"resuming {args.out} at epoch {trainer.position.epoch + 1}, step {trainer.position.step}",
-              file=sys.stderr)
+        print(
+            f"resuming {args.out} at epoch {trainer.position.epoch + 1}, step {trainer.position.step}",
+            file=sys.stderr,
+        )
     else:
         trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
         c = trainer.config
-        print(f"training {c.model.cell} x{c.model.layers} ({trainer.model.num_parameters():,} parameters, "
-              f"vocab {trainer.family.model_config.vocab_size}) on {c.data.corpus} -> {args.out} "
-              f"({torch_threads()} threads)", file=sys.stderr)
+        print(
+            f"training {c.model.cell} x{c.model.layers} ({trainer.model.num_parameters():,} parameters, "
+            f"vocab {trainer.family.model_config.vocab_size}) on {c.data.corpus} -> {args.out} "
+            f"({torch_threads()} threads)",
+            file=sys.stderr,
+        )
     result, code = fit_command(trainer, f"rnnlab-lm train --out {args.out} --resume")
-    print(f"{result.reason}: epoch {result.epoch}, step {result.step}, {result.elapsed_s / 60:.1f} min; "
-          f"best valid loss {result.best_valid_loss:.4f} ppl {result.best_valid_ppl:.3f}", file=sys.stderr)
+    print(
+        f"{result.reason}: epoch {result.epoch}, step {result.step}, {result.elapsed_s / 60:.1f} min; "
+        f"best valid loss {result.best_valid_loss:.4f} ppl {result.best_valid_ppl:.3f}",
+        file=sys.stderr,
+    )
     return code
 
 
@@ -122,8 +149,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.split}: perplexity {result['perplexity']:.4f}, {result['bits_per_char']:.4f} bits/char "
-              f"over {result['tokens']} tokens")
+        print(
+            f"{args.split}: perplexity {result['perplexity']:.4f}, {result['bits_per_char']:.4f} bits/char "
+            f"over {result['tokens']} tokens"
+        )
     return 0
 
 
@@ -182,8 +211,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
-            "data": cmd_data}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "data": cmd_data,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,11 +48,18 @@ class ConfigError(UserError, ValueError):
     """An invalid setting or combination of settings; the message is one user-facing line."""
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-            aliases: tuple[str, ...] = ()) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
     """A config field: its default, its help text, and what :func:`check_fields` and the CLI need."""
-    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum,
-                                            "aliases": aliases})
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "min": minimum, "aliases": aliases}
+    )
 
 
 def flag(name: str) -> str:
@@ -90,8 +97,10 @@ def with_defaults(cls: type[_Config], name: str, **defaults: Any) -> type[_Confi
     """A subclass of the section ``cls`` with other defaults (help text and checks kept): a model family's
     recipe (the translator's optimisation, say) without re-declaring the fields."""
     by_name = {f.name: f for f in fields(cls)}
-    specs = [(key, by_name[key].type, field(default=value, metadata=by_name[key].metadata))
-             for key, value in defaults.items()]
+    specs = [
+        (key, by_name[key].type, field(default=value, metadata=by_name[key].metadata))
+        for key, value in defaults.items()
+    ]
     return make_dataclass(name, specs, bases=(cls,))
 
 
@@ -103,13 +112,16 @@ class OptimConfig:
     lr: float = setting(3e-3, "peak learning rate", minimum=1e-12)
     weight_decay: float = setting(0.01, "decoupled weight decay (AdamW) or L2 (SGD)", minimum=0)
     momentum: float = setting(0.0, "sgd only", minimum=0)
-    clip: float = setting(1.0, "max global gradient norm (0 = off); the norm before clipping is logged",
-                          minimum=0)
-    lr_schedule: str = setting("plateau", "learning-rate schedule after the warm-up", choices=LR_SCHEDULES,
-                               aliases=("--schedule",))
+    clip: float = setting(
+        1.0, "max global gradient norm (0 = off); the norm before clipping is logged", minimum=0
+    )
+    lr_schedule: str = setting(
+        "plateau", "learning-rate schedule after the warm-up", choices=LR_SCHEDULES, aliases=("--schedule",)
+    )
     warmup_steps: int = setting(0, "linear warm-up steps (noam needs >= 1)", minimum=0)
-    schedule_steps: int = setting(0, "cosine: steps from top to bottom (0 = epochs x steps per epoch)",
-                                  minimum=0)
+    schedule_steps: int = setting(
+        0, "cosine: steps from top to bottom (0 = epochs x steps per epoch)", minimum=0
+    )
     seed: int = setting(0, "seeds weight init, batch order and dropout")
 
     def __post_init__(self) -> None:
@@ -126,11 +138,13 @@ class RunConfig:
     max_minutes: float = setting(0.0, "time budget in minutes (0 = none); the run stays resumable", minimum=0)
     max_steps: int = setting(0, "stop after this many optimizer steps in all (0 = none)", minimum=0)
     patience: int = setting(4, "early stopping after N validations without gain (0 = off)", minimum=0)
-    min_delta: float = setting(0.0, "smallest change of the monitored metric that counts as a gain",
-                               minimum=0)
+    min_delta: float = setting(
+        0.0, "smallest change of the monitored metric that counts as a gain", minimum=0
+    )
     eval_every: int = setting(0, "validate every N steps too (0 = each epoch only)", minimum=0)
-    checkpoint_every: int = setting(200, "save last.pt every N steps (0 = epoch ends and stops only)",
-                                    minimum=0)
+    checkpoint_every: int = setting(
+        200, "save last.pt every N steps (0 = epoch ends and stops only)", minimum=0
+    )
     log_every: int = setting(20, "log the train loss, gradient norm and lr every N steps", minimum=1)
     threads: int = setting(0, "torch intra-op threads (0 = torch's default: all physical cores)", minimum=0)
     progress: bool = setting(True, "progress bar on stderr (loss, tokens/s, ETA)")
@@ -153,13 +167,16 @@ class Sections:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat form stored in config.json and checkpoints: {field: value} over all sections."""
-        return {f.name: getattr(getattr(self, s), f.name) for s in self.SECTIONS
-                for f in fields(getattr(self, s))}
+        return {
+            f.name: getattr(getattr(self, s), f.name) for s in self.SECTIONS for f in fields(getattr(self, s))
+        }
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """The TOML form: {section: {field: value}}."""
-        return {s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))}
-                for s in self.SECTIONS}
+        return {
+            s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))}
+            for s in self.SECTIONS
+        }
 
     @classmethod
     def section_classes(cls) -> dict[str, type]:
@@ -173,8 +190,11 @@ class Sections:
         """
         classes = cls.section_classes()
         owner = {f.name: (s, f) for s, c in classes.items() for f in fields(c)}
-        aliases = {a.removeprefix("--").replace("-", "_"): name for name, (_, f) in owner.items()
-                   for a in f.metadata.get("aliases", ())}
+        aliases = {
+            a.removeprefix("--").replace("-", "_"): name
+            for name, (_, f) in owner.items()
+            for a in f.metadata.get("aliases", ())
+        }
         values: dict[str, dict[str, Any]] = {s: {} for s in classes}
         for key, value in _flatten(data, classes).items():
             name = key.replace("-", "_")
@@ -224,19 +244,22 @@ class LMDataConfig:
     lowercase: bool = setting(False, "lowercase the text before tokenizing")
     min_freq: int = setting(1, "char/word: rarer tokens become <unk>", minimum=1)
     vocab_size: int = setting(2000, "spm: number of pieces", minimum=1)
-    partition: str = setting("sequential", "sequential (state carried across batches) or random windows",
-                             choices=PARTITIONS)
+    partition: str = setting(
+        "sequential", "sequential (state carried across batches) or random windows", choices=PARTITIONS
+    )
     bptt: int = setting(64, "truncated BPTT length T", minimum=1)
     batch_size: int = setting(32, "rows per batch B", minimum=1)
-    valid_streams: int = setting(1, "validate on N pieces of the valid text side by side (faster; 1 = exact)",
-                                 minimum=1)
+    valid_streams: int = setting(
+        1, "validate on N pieces of the valid text side by side (faster; 1 = exact)", minimum=1
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
 
 
-LMModelConfig = section_of(ModelConfig, "LMModelConfig", "The network (lm.model.ModelConfig).",
-                           exclude=("vocab_size",))
+LMModelConfig = section_of(
+    ModelConfig, "LMModelConfig", "The network (lm.model.ModelConfig).", exclude=("vocab_size",)
+)
 
 
 @dataclass
@@ -255,8 +278,9 @@ class TrainConfig(Sections):
             raise ConfigError(str(exc)) from None
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(self.model, f.name)
-                                                     for f in fields(self.model)})
+        return ModelConfig(
+            vocab_size=vocab_size, **{f.name: getattr(self.model, f.name) for f in fields(self.model)}
+        )
 
     @classmethod
     def of(cls, **flat: Any) -> TrainConfig:
@@ -279,8 +303,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def build_config(cls: type[_Config], flags: dict[str, Any], config_file: str | Path | None = None) -> _Config:
     """defaults < TOML file < ``flags`` (only the flags the user actually gave)."""
-    return cls.from_dict(given_settings(cls, flags, config_file),  # type: ignore[attr-defined]
-                         source=str(config_file) if config_file else "config")
+    return cls.from_dict(
+        given_settings(cls, flags, config_file),  # type: ignore[attr-defined]
+        source=str(config_file) if config_file else "config",
+    )
 
 
 def given_settings(cls: type, flags: dict[str, Any], config_file: str | Path | None = None) -> dict[str, Any]:
@@ -300,8 +326,10 @@ def resumed_config(stored: Sections, overrides: dict[str, Any]) -> Any:
             values[name] = value
             continue
         if _coerce(name, value, type(values[name]), "config") != values[name]:
-            raise ConfigError(f"--resume cannot change {flag(name)} (the run has {values[name]!r}; "
-                              f"only the [{RUN_SECTION}] settings may change)")
+            raise ConfigError(
+                f"--resume cannot change {flag(name)} (the run has {values[name]!r}; "
+                f"only the [{RUN_SECTION}] settings may change)"
+            )
     return type(stored).from_dict(values)
 
 
@@ -318,9 +346,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             names = [flag(f.name), *meta.get("aliases", ())]
             help_text = f"{meta.get('help', '')} (default: {f.default})"
             if isinstance(f.default, bool):
-                group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(
+                    *names,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
             else:
-                group.add_argument(*names, dest=f.name, type=type(f.default), choices=meta.get("choices"),
-                                   default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper()
-                                   if not meta.get("choices") else None)
+                group.add_argument(
+                    *names,
+                    dest=f.name,
+                    type=type(f.default),
+                    choices=meta.get("choices"),
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                    metavar=f.name.upper() if not meta.get("choices") else None,
+                )

@@ -44,15 +44,17 @@ def corpus_fractions(name_or_path: str | Path) -> tuple[float, float, float]:
     return CORPUS_SPLITS.get(str(name_or_path), DEFAULT_SPLIT)
 
 
-def load_splits(name_or_path: str | Path,
-                fractions: tuple[float, float, float] | None = None) -> dict[str, str]:
+def load_splits(
+    name_or_path: str | Path, fractions: tuple[float, float, float] | None = None
+) -> dict[str, str]:
     """{"train", "valid", "test"} texts of a corpus; an empty test part falls back to valid (nanoGPT)."""
     train, valid, test = split_text(read_text(name_or_path), fractions or corpus_fractions(name_or_path))
     return {"train": train, "valid": valid, "test": test or valid}
 
 
-def load_split(name_or_path: str | Path, split: str,
-               fractions: tuple[float, float, float] | None = None) -> str:
+def load_split(
+    name_or_path: str | Path, split: str, fractions: tuple[float, float, float] | None = None
+) -> str:
     """One part ("train", "valid" or "test") of a corpus, as :func:`load_splits` cuts it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

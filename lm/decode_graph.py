@@ -67,8 +67,15 @@ def _rnn_layer(b: _Builder, gi: str, h: str, w_hh: np.ndarray, b_hh: np.ndarray,
     return b.op(act, b.op("Add", gi, _linear(b, h, w_hh, b_hh, f"rnn.hh{k}")))
 
 
-def _lstm_layer(b: _Builder, gi: str, h: str, c: str, w_hh: np.ndarray, b_hh: np.ndarray, k: int,
-                ) -> tuple[str, str]:
+def _lstm_layer(
+    b: _Builder,
+    gi: str,
+    h: str,
+    c: str,
+    w_hh: np.ndarray,
+    b_hh: np.ndarray,
+    k: int,
+) -> tuple[str, str]:
     """torch's LSTM, gates in order i, f, g, o: c' = f * c + i * g; h' = o * tanh(c')."""
     gates = b.op("Add", gi, _linear(b, h, w_hh, b_hh, f"rnn.hh{k}"))
     i, f, g, o = b.op("Split", gates, outputs=4, axis=1, num_outputs=4)
@@ -85,8 +92,9 @@ def _split_layers(b: _Builder, state: str, layers: int, axis0: str) -> list[str]
 def _stack_layers(b: _Builder, per_layer: list[str], axis0: str, name: str) -> None:
     """L tensors of (B, H) -> the graph output ``name``, (L, B, H)."""
     stacked = [b.op("Unsqueeze", x, axis0) for x in per_layer]
-    b.rename_output(b.op("Concat", *stacked, axis=0) if len(stacked) > 1 else b.op("Identity", stacked[0]),
-                    name)
+    b.rename_output(
+        b.op("Concat", *stacked, axis=0) if len(stacked) > 1 else b.op("Identity", stacked[0]), name
+    )
 
 
 def build_decode_graph(model: RNNLM, path: Path) -> None:
@@ -118,18 +126,28 @@ def build_decode_graph(model: RNNLM, path: Path) -> None:
         _stack_layers(b, new_c, axis0, "c_out")
     logits = b.op("Unsqueeze", _linear(b, x, p["head.weight"], p["head.bias"], "head"), axis1)
     b.rename_output(logits, "logits")
-    state = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [config.layers, "batch", config.hidden])
-             for name in config.state_names]
-    state_out = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT,
-                                               [config.layers, "batch", config.hidden])
-                 for name in config.state_names]
+    state = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [config.layers, "batch", config.hidden])
+        for name in config.state_names
+    ]
+    state_out = [
+        helper.make_tensor_value_info(
+            f"{name}_out", TensorProto.FLOAT, [config.layers, "batch", config.hidden]
+        )
+        for name in config.state_names
+    ]
     graph = helper.make_graph(
-        b.nodes, "rnnlab_decode_step",
+        b.nodes,
+        "rnnlab_decode_step",
         [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", 1]), *state],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, config.vocab_size]),
-         *state_out],
-        b.initializers)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                   ir_version=IR_VERSION)
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, config.vocab_size]),
+            *state_out,
+        ],
+        b.initializers,
+    )
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, str(path))

@@ -52,19 +52,19 @@ def stream_nll(model: RNNLM, ids: Tensor, chunk: int = EVAL_CHUNK, streams: int 
     total = torch.zeros((), dtype=torch.float64)
     try:
         with torch.inference_mode():
-            inputs = ids[:rows * length].view(rows, length)
-            targets = ids[1:rows * length + 1].view(rows, length)
+            inputs = ids[: rows * length].view(rows, length)
+            targets = ids[1 : rows * length + 1].view(rows, length)
             state = None
             for start in range(0, length, chunk):
-                logits, state = model(inputs[:, start:start + chunk], state)
-                target = targets[:, start:start + chunk].flatten()
+                logits, state = model(inputs[:, start : start + chunk], state)
+                target = targets[:, start : start + chunk].flatten()
                 total += F.cross_entropy(logits.flatten(0, 1).double(), target, reduction="sum")
             # The rest of the text continues the last piece.
             state = tuple(s[:, -1:] for s in state) if state is not None else None
             for start in range(rows * length, count, chunk):
                 end = min(start + chunk, count)
                 logits, state = model(ids[None, start:end], state)
-                total += F.cross_entropy(logits[0].double(), ids[start + 1:end + 1], reduction="sum")
+                total += F.cross_entropy(logits[0].double(), ids[start + 1 : end + 1], reduction="sum")
     finally:
         model.train(was_training)
     return float(total), count
@@ -83,6 +83,11 @@ def evaluate_text(model: RNNLM, tokenizer: Tokenizer, text: str, split: str = "v
         raise ValueError(f"the {split} split has {len(ids)} token(s); at least 2 are needed to evaluate")
     nll, tokens = stream_nll(model, torch.tensor(ids, dtype=torch.long))
     characters = predicted_characters(tokenizer, text, ids)
-    return Evaluation(split=split, perplexity=perplexity(nll / tokens),
-                      bits_per_char=nll / math.log(2) / characters, nll=nll / tokens, tokens=tokens,
-                      characters=characters)
+    return Evaluation(
+        split=split,
+        perplexity=perplexity(nll / tokens),
+        bits_per_char=nll / math.log(2) / characters,
+        nll=nll / tokens,
+        tokens=tokens,
+        characters=characters,
+    )

@@ -49,9 +49,11 @@ DECODE_SHAPES = ((1, 1), (3, 1), (8, 1))
 DECODE_FILE = "decode.onnx"
 QUANTIZE_CHOICES = ("int8",)
 # A real prompt for the parity check; characters outside the vocabulary map to <unk>, which is fine.
-PARITY_TEXT = ("The Time Traveller (for so it will be convenient to speak of him) was expounding a "
-               "recondite matter to us. His grey eyes shone and twinkled, and his usually pale face "
-               "was flushed and animated.\n")
+PARITY_TEXT = (
+    "The Time Traveller (for so it will be convenient to speak of him) was expounding a "
+    "recondite matter to us. His grey eyes shone and twinkled, and his usually pale face "
+    "was flushed and animated.\n"
+)
 
 
 class StepGraph(nn.Module):
@@ -93,8 +95,11 @@ def signature(model: RNNLM, time: str | int = "time") -> Signature:
     return Signature(
         inputs=(TensorSpec("tokens", ("batch", time), "int64"),),
         outputs=(TensorSpec("logits", ("batch", time, config.vocab_size), "float32"),),
-        state=tuple(TensorSpec(name, (shape[0], "batch", *shape[1:]), "float32", output=f"{name}_out")
-                    for name, shape in zip(config.state_names, model.state_shapes(), strict=True)))
+        state=tuple(
+            TensorSpec(name, (shape[0], "batch", *shape[1:]), "float32", output=f"{name}_out")
+            for name, shape in zip(config.state_names, model.state_shapes(), strict=True)
+        ),
+    )
 
 
 def export_onnx(model: RNNLM, path: Path, one_token: bool = False) -> None:
@@ -102,8 +107,9 @@ def export_onnx(model: RNNLM, path: Path, one_token: bool = False) -> None:
     the T = 1 graph of a parallel cell's recurrent form (its decode graph)."""
     sig = signature(model, 1 if one_token else "time")
     example = (torch.zeros(2, 1 if one_token else 3, dtype=torch.int64), *model.init_state(2))
-    export_graph((TokenStepGraph if one_token else StepGraph)(model), example, path, sig.input_specs,
-                 sig.output_specs)
+    export_graph(
+        (TokenStepGraph if one_token else StepGraph)(model), example, path, sig.input_specs, sig.output_specs
+    )
     _declare_state_outputs(path, sig)
 
 
@@ -119,8 +125,9 @@ def _declare_state_outputs(path: Path, sig: Signature) -> None:
     onnx.save(graph, str(path))
 
 
-def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tuple[int, int], ...],
-                   seed: int = 0) -> list[tuple[str, Tensor, tuple[Tensor, ...]]]:
+def _parity_inputs(
+    model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tuple[int, int], ...], seed: int = 0
+) -> list[tuple[str, Tensor, tuple[Tensor, ...]]]:
     """(label, tokens (B, T), state) cases: random ids and states, and a real prompt from a zero state."""
     config = model.config
     gen = torch.Generator().manual_seed(seed)
@@ -131,8 +138,9 @@ def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tupl
     cases = []
     for batch, time in shapes:
         tokens = torch.randint(0, config.vocab_size, (batch, time), generator=gen)
-        state = tuple(0.5 * torch.randn(shape[0], batch, *shape[1:], generator=gen)
-                      for shape in model.state_shapes())
+        state = tuple(
+            0.5 * torch.randn(shape[0], batch, *shape[1:], generator=gen) for shape in model.state_shapes()
+        )
         cases.append((f"random B={batch} T={time}", tokens, state))
         # Row b reads the prompt from offset 5b, wrapping around: different text per row.
         index = (torch.arange(time)[None, :] + 5 * torch.arange(batch)[:, None]) % len(prompt_ids)
@@ -140,12 +148,18 @@ def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tupl
     return cases
 
 
-def check_parity(model: RNNLM, graph: Path, tokenizer: Tokenizer | None = None,
-                 shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES) -> ParityReport:
+def check_parity(
+    model: RNNLM,
+    graph: Path,
+    tokenizer: Tokenizer | None = None,
+    shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES,
+) -> ParityReport:
     """Runs ``graph`` in onnxruntime and ``model`` in torch on the same inputs; max abs differences."""
     names = model.config.state_names
-    cases = ((label, {"tokens": tokens, **dict(zip(names, state, strict=True))})
-             for label, tokens, state in _parity_inputs(model, tokenizer, shapes))
+    cases = (
+        (label, {"tokens": tokens, **dict(zip(names, state, strict=True))})
+        for label, tokens, state in _parity_inputs(model, tokenizer, shapes)
+    )
     return step_parity(StepGraph(model).eval(), graph, signature(model), cases, state_diff=_state_difference)
 
 
@@ -167,25 +181,47 @@ def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tu
     parity = check_parity(model, graph, tokenizer, shapes)
     if not np.isfinite(parity.worst):
         raise ExportError(f"the int8 {graph.name} produces non-finite outputs ({parity.worst_case})")
-    report = {"fp32_bytes": fp32.stat().st_size, "int8_bytes": graph.stat().st_size,
-              **{f"vs_torch_{k}": v for k, v in parity.to_dict().items()}}
+    report = {
+        "fp32_bytes": fp32.stat().st_size,
+        "int8_bytes": graph.stat().st_size,
+        **{f"vs_torch_{k}": v for k, v in parity.to_dict().items()},
+    }
     fp32.unlink()
     return report
 
 
 def _architecture(config: ModelConfig, trained_impl: str) -> dict:
-    arch = {"type": "rnnlm", "cell": config.cell, "layers": config.layers, "embed": config.embed,
-            "hidden": config.hidden, "vocab_size": config.vocab_size, "tie": config.tie,
-            "trained_impl": trained_impl, "exported_impl": "fused"}
+    arch = {
+        "type": "rnnlm",
+        "cell": config.cell,
+        "layers": config.layers,
+        "embed": config.embed,
+        "hidden": config.hidden,
+        "vocab_size": config.vocab_size,
+        "tie": config.tie,
+        "trained_impl": trained_impl,
+        "exported_impl": "fused",
+    }
     if config.cell in PARALLEL_CELLS:
-        arch |= {"state_size": config.state_size, "expand": config.expand, "conv_kernel": config.conv_kernel,
-                 "heads": config.heads}
+        arch |= {
+            "state_size": config.state_size,
+            "expand": config.expand,
+            "conv_kernel": config.conv_kernel,
+            "heads": config.heads,
+        }
     return arch
 
 
-def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evaluation: dict | None = None,
-              training_config: dict | None = None, quantize: str | None = None, name: str | None = None,
-              ) -> Path:
+def export_lm(
+    model: RNNLM,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    evaluation: dict | None = None,
+    training_config: dict | None = None,
+    quantize: str | None = None,
+    name: str | None = None,
+) -> Path:
     """Exports ``model`` and ``tokenizer`` as a bundle at ``out_dir`` (replacing a bundle already there).
 
     Raises ExportError when onnxruntime and torch differ by more than 1e-4 on any parity case; then
@@ -207,23 +243,34 @@ def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evalua
             export_onnx(fused, decode, one_token=True)
         else:
             build_decode_graph(fused, decode)
-        decode_parity = require_parity(check_parity(fused, decode, tokenizer, DECODE_SHAPES),
-                                       "the decode graph")
+        decode_parity = require_parity(
+            check_parity(fused, decode, tokenizer, DECODE_SHAPES), "the decode graph"
+        )
         quantization = None
         if quantize == "int8":
-            quantization = {"method": "onnxruntime quantize_dynamic, int8 weights, per channel",
-                            "step": _quantized(fused, graph, tokenizer, PARITY_SHAPES),
-                            "decode": _quantized(fused, decode, tokenizer, DECODE_SHAPES)}
+            quantization = {
+                "method": "onnxruntime quantize_dynamic, int8 weights, per channel",
+                "step": _quantized(fused, graph, tokenizer, PARITY_SHAPES),
+                "decode": _quantized(fused, decode, tokenizer, DECODE_SHAPES),
+            }
         save_tokenizer(tokenizer, bundle.path(TOKENIZER_FILE))
-        return bundle.publish({
-            "kind": KIND, "name": name or out_dir.name,
-            "architecture": _architecture(fused.config, model.config.impl),
-            "graphs": {"step": GRAPH_FILE, "decode": DECODE_FILE},
-            **signature(fused).manifest_fields(),
-            "special_ids": tokenizer.special_ids, "tokenizer": TOKENIZER_FILE,
-            "evaluation": evaluation, "training_config": training_config, "parity": parity,
-            "quantization": quantization, "created_by": created_by("rnnlab lm.export"),
-            "decode_parity": decode_parity})
+        return bundle.publish(
+            {
+                "kind": KIND,
+                "name": name or out_dir.name,
+                "architecture": _architecture(fused.config, model.config.impl),
+                "graphs": {"step": GRAPH_FILE, "decode": DECODE_FILE},
+                **signature(fused).manifest_fields(),
+                "special_ids": tokenizer.special_ids,
+                "tokenizer": TOKENIZER_FILE,
+                "evaluation": evaluation,
+                "training_config": training_config,
+                "parity": parity,
+                "quantization": quantization,
+                "created_by": created_by("rnnlab lm.export"),
+                "decode_parity": decode_parity,
+            }
+        )
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, quantize: str | None = None) -> Path:
@@ -231,5 +278,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quantize: str | None = 
     from lm.run import load_run
 
     run = load_run(run_dir)
-    return export_lm(run.model, run.tokenizer, out_dir, evaluation=run.evaluation,
-                     training_config=run.train_config, quantize=quantize)
+    return export_lm(
+        run.model,
+        run.tokenizer,
+        out_dir,
+        evaluation=run.evaluation,
+        training_config=run.train_config,
+        quantize=quantize,
+    )

@@ -87,15 +87,20 @@ class Signature:
 
     @property
     def output_specs(self) -> tuple[TensorSpec, ...]:
-        return (*self.outputs,
-                *(TensorSpec(s.output or f"{s.name}_out", s.shape, s.dtype) for s in self.state))
+        return (
+            *self.outputs,
+            *(TensorSpec(s.output or f"{s.name}_out", s.shape, s.dtype) for s in self.state),
+        )
 
     def manifest_fields(self) -> dict:
         """``inputs``, ``outputs`` and ``state`` as the manifest records them (docs/export.md)."""
-        return {"inputs": [_tensor(t) for t in self.input_specs],
-                "outputs": [_tensor(t) for t in self.output_specs],
-                "state": [{"name": s.name, "output": s.output, **_tensor(s, with_name=False)}
-                          for s in self.state]}
+        return {
+            "inputs": [_tensor(t) for t in self.input_specs],
+            "outputs": [_tensor(t) for t in self.output_specs],
+            "state": [
+                {"name": s.name, "output": s.output, **_tensor(s, with_name=False)} for s in self.state
+            ],
+        }
 
 
 def _tensor(spec: TensorSpec, with_name: bool = True) -> dict:
@@ -122,8 +127,14 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def export_graph(module: nn.Module, args: tuple, path: Path, inputs: Sequence[TensorSpec],
-                 outputs: Sequence[TensorSpec], opset: int = OPSET) -> None:
+def export_graph(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    opset: int = OPSET,
+) -> None:
     """Writes ``module(*args)`` as an ONNX graph with the legacy (TorchScript) exporter, then checks it.
 
     The legacy exporter, not the dynamo one: it emits the native ONNX RNN/GRU/LSTM ops with dynamic
@@ -132,16 +143,28 @@ def export_graph(module: nn.Module, args: tuple, path: Path, inputs: Sequence[Te
     """
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), _quiet_stderr(), torch.no_grad():
         warnings.simplefilter("ignore")  # deprecation, RNN batch-size and PackPadded shape warnings
-        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset,
-                          input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-                          dynamic_axes=dynamic_axes([*inputs, *outputs]))
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs],
+            dynamic_axes=dynamic_axes([*inputs, *outputs]),
+        )
     onnx.checker.check_model(str(path))
 
 
 def created_by(tool: str) -> dict:
     """The manifest's ``created_by``: the exporting tool and the versions that made the graphs."""
-    return {"tool": tool, "exporter": "torch.onnx (dynamo=False)", "opset": OPSET,
-            "torch": torch.__version__, "onnx": onnx.__version__}
+    return {
+        "tool": tool,
+        "exporter": "torch.onnx (dynamo=False)",
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
 
 
 @dataclass
@@ -162,8 +185,11 @@ class ParityReport:
         return max(self.max_abs.values(), default=0.0)
 
     def to_dict(self) -> dict:
-        return {**{f"max_abs_{kind}": value for kind, value in self.max_abs.items()},
-                "worst_case": self.worst_case, "cases": self.cases}
+        return {
+            **{f"max_abs_{kind}": value for kind, value in self.max_abs.items()},
+            "worst_case": self.worst_case,
+            "cases": self.cases,
+        }
 
     def describe(self) -> str:
         return ", ".join(f"{value:.3g} on {self.labels[kind]}" for kind, value in self.max_abs.items())
@@ -199,16 +225,21 @@ def max_abs_diff(got: np.ndarray, want: Tensor | np.ndarray) -> float:
     return float(diff.max()) if np.isfinite(diff).all() else float("inf")
 
 
-def step_parity(module: nn.Module, graph: Path, signature: Signature,
-                cases: Iterable[tuple[str, dict[str, Tensor]]],
-                state_diff: Callable[[np.ndarray, Tensor], float] = max_abs_diff) -> ParityReport:
+def step_parity(
+    module: nn.Module,
+    graph: Path,
+    signature: Signature,
+    cases: Iterable[tuple[str, dict[str, Tensor]]],
+    state_diff: Callable[[np.ndarray, Tensor], float] = max_abs_diff,
+) -> ParityReport:
     """Runs ``graph`` in onnxruntime and ``module`` in torch on each case's inputs (by name); the max abs
     difference per output ("state" for all state outputs together, measured by ``state_diff``: a family
     whose state grows large may measure it relative to its magnitude)."""
     session = open_session(graph)
     kinds = [s.name for s in signature.outputs] + ["state"] * len(signature.state)
-    meter = ParityMeter(**{s.name: s.name for s in signature.outputs}, **({"state": "the state"}
-                                                                          if signature.state else {}))
+    meter = ParityMeter(
+        **{s.name: s.name for s in signature.outputs}, **({"state": "the state"} if signature.state else {})
+    )
     names = [s.name for s in signature.input_specs]
     for label, feed in cases:
         with torch.no_grad():
@@ -226,8 +257,10 @@ def require_parity(report: ParityReport, what: str, tolerance: float = PARITY_TO
     """The manifest's record of a parity check ({"tolerance", "max_abs_...", "worst_case", "cases"}), or
     ExportError with the measured differences when any exceeds ``tolerance``."""
     if not report.worst <= tolerance:
-        raise ExportError(f"onnxruntime and torch disagree on {what}: max abs difference {report.describe()} "
-                          f"(worst: {report.worst_case}; tolerance {tolerance:g}); bundle not written")
+        raise ExportError(
+            f"onnxruntime and torch disagree on {what}: max abs difference {report.describe()} "
+            f"(worst: {report.worst_case}; tolerance {tolerance:g}); bundle not written"
+        )
     return {"tolerance": tolerance, **report.to_dict()}
 
 

@@ -23,8 +23,9 @@ def _last_logits(logits: torch.Tensor) -> np.ndarray:
     return logits[0, -1].float().numpy()
 
 
-def generate_ids(model: RNNLM, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
-                 eos: int | None = None) -> Iterator[int]:
+def generate_ids(
+    model: RNNLM, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams, eos: int | None = None
+) -> Iterator[int]:
     """Yields up to ``max_tokens`` sampled ids continuing ``prompt_ids`` (stops after ``eos``)."""
     if len(prompt_ids) == 0:
         raise ValueError("prompt: empty (no tokens to condition on)")
@@ -40,8 +41,14 @@ def generate_ids(model: RNNLM, prompt_ids: Sequence[int], max_tokens: int, param
         yield from sample_ids(_last_logits(logits), step, max_tokens, params, eos)
 
 
-def generate(model: RNNLM, tokenizer: Tokenizer, prompt: str, max_tokens: int,
-             params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+def generate(
+    model: RNNLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_tokens: int,
+    params: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+) -> Iterator[str]:
     """Streams the text pieces of a continuation of ``prompt`` (the prompt itself is not repeated)."""
     eos = tokenizer.special_ids.get("<eos>")
     ids = generate_ids(model, tokenizer.encode(prompt), max_tokens, params or SamplingParams(), eos)

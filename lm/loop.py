@@ -143,8 +143,9 @@ class Family(Protocol):
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
-                               weight_decay=optim.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
     return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
 
 
@@ -187,8 +188,9 @@ class _Window:
 class Trainer:
     """Owns one run: model, optimiser, schedule, position, and the run directory it writes."""
 
-    def __init__(self, family: Family, config: Sections, out: Path, *,
-                 on_step: Callable[[Trainer], None] | None = None) -> None:
+    def __init__(
+        self, family: Family, config: Sections, out: Path, *, on_step: Callable[[Trainer], None] | None = None
+    ) -> None:
         self.family, self.config, self.out, self.on_step = family, config, Path(out), on_step
         optim, run = config.optim, config.run  # type: ignore[attr-defined]
         if run.threads:
@@ -199,9 +201,13 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, optim)
         self.steps_per_epoch = family.epoch_length(0)
         self.schedule: LRSchedule = make_lr_scheduler(
-            self.optimizer, optim.lr_schedule, optim.warmup_steps,
-            total_steps=max(optim.schedule_steps or run.epochs * self.steps_per_epoch,
-                            optim.warmup_steps + 1))
+            self.optimizer,
+            optim.lr_schedule,
+            optim.warmup_steps,
+            total_steps=max(
+                optim.schedule_steps or run.epochs * self.steps_per_epoch, optim.warmup_steps + 1
+            ),
+        )
         self.early = EarlyStopping(run.patience, run.min_delta) if run.patience else None
         self.position = Position()
         self.best = -math.inf if family.maximize else math.inf
@@ -224,12 +230,19 @@ class Trainer:
     def payload(self) -> dict[str, Any]:
         p = self.position
         return {
-            **self.family.payload(), "kind": self.family.kind, "train_config": self.config.to_dict(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self.family.payload(),
+            "kind": self.family.kind,
+            "train_config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
-            "early_stopping": self.early.state_dict() if self.early else None, "rng": capture_rng_state(),
-            "epoch": p.epoch, "step": p.step, "position": {"epoch": p.epoch, "batch": p.batch},
-            "best": {f"valid_{self.family.monitor}": self.best}, "elapsed_s": self.elapsed_s,
+            "early_stopping": self.early.state_dict() if self.early else None,
+            "rng": capture_rng_state(),
+            "epoch": p.epoch,
+            "step": p.step,
+            "position": {"epoch": p.epoch, "batch": p.batch},
+            "best": {f"valid_{self.family.monitor}": self.best},
+            "elapsed_s": self.elapsed_s,
         }
 
     def save(self, *names: str) -> None:
@@ -278,8 +291,15 @@ class Trainer:
             if self._board:
                 self._board.close()
         plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png", title=self.family.title)
-        return FitResult(reason, self.position.epoch, self.position.step, self.best, self.family.monitor,
-                         self.elapsed_s, self.history)
+        return FitResult(
+            reason,
+            self.position.epoch,
+            self.position.step,
+            self.best,
+            self.family.monitor,
+            self.elapsed_s,
+            self.history,
+        )
 
     def _fit_epochs(self) -> str:
         while self.position.epoch < self.run.epochs:
@@ -320,8 +340,12 @@ class Trainer:
         batches = self.family.batches(pos.epoch, pos.batch)
         self.model.train()
         window = _Window()
-        bar = Progress(length, desc=f"epoch {pos.epoch + 1}/{run.epochs}", initial=pos.batch,
-                       disable=None if run.progress else True)
+        bar = Progress(
+            length,
+            desc=f"epoch {pos.epoch + 1}/{run.epochs}",
+            initial=pos.batch,
+            disable=None if run.progress else True,
+        )
         try:
             for batch in batches:
                 self._step(batch, window)
@@ -366,8 +390,12 @@ class Trainer:
     def _log_window(self, window: _Window, bar: Progress) -> None:
         rate = window.tokens / (time.perf_counter() - window.start)
         mean = float(window.loss) / window.steps
-        self._log(split="train", loss=mean, grad_norm=float(window.grad_norm) / window.steps,
-                  tokens_per_s=round(rate, 1))
+        self._log(
+            split="train",
+            loss=mean,
+            grad_norm=float(window.grad_norm) / window.steps,
+            tokens_per_s=round(rate, 1),
+        )
         bar.update(window.steps, loss=mean, tokens=window.tokens)
 
     def validate(self, scheduled: bool) -> bool:
@@ -407,8 +435,10 @@ class Trainer:
                     self._board.add_scalar(f"{record['split']}/{key}", value, pos.step)
         if record["split"] == "valid":
             shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "ppl")
-            tqdm.write(f"step {pos.step} epoch {record['epoch']:.2f}: valid {shown} ppl {record['ppl']:.3f}",
-                       file=sys.stderr)
+            tqdm.write(
+                f"step {pos.step} epoch {record['epoch']:.2f}: valid {shown} ppl {record['ppl']:.3f}",
+                file=sys.stderr,
+            )
 
 
 # ----- run directories ---------------------------------------------------------------------------
@@ -442,8 +472,14 @@ def open_checkpoint(out: Path, kind: str) -> dict[str, Any]:
     return load_checkpoint(out / "last.pt", kind)
 
 
-def resume_run(family_for: Callable[[Any, dict[str, Any]], Family], config_cls: type[Sections], kind: str,
-               out: str | Path, overrides: dict[str, Any], **trainer_options: Any) -> Trainer:
+def resume_run(
+    family_for: Callable[[Any, dict[str, Any]], Family],
+    config_cls: type[Sections],
+    kind: str,
+    out: str | Path,
+    overrides: dict[str, Any],
+    **trainer_options: Any,
+) -> Trainer:
     """A trainer continuing the run in ``out`` from last.pt, exactly where it stopped.
 
     ``family_for(config, payload)`` builds the family from the stored tokenizers; ``overrides`` (the

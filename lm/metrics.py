@@ -47,8 +47,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:
-    points = [(r["step"], r[key]) for r in records
-              if r.get("split") == split and key in r and r[key] is not None and math.isfinite(r[key])]
+    points = [
+        (r["step"], r[key])
+        for r in records
+        if r.get("split") == split and key in r and r[key] is not None and math.isfinite(r[key])
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 

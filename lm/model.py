@@ -75,8 +75,10 @@ class ModelConfig:
         if self.conv_kernel < 2:
             raise ValueError(f"--conv-kernel must be >= 2, not {self.conv_kernel}")
         if self.cell == "mamba" and (self.expand * self.hidden) % self.heads:
-            raise ValueError(f"--heads ({self.heads}) must divide expand x hidden "
-                             f"({self.expand} x {self.hidden} = {self.expand * self.hidden})")
+            raise ValueError(
+                f"--heads ({self.heads}) must divide expand x hidden "
+                f"({self.expand} x {self.hidden} = {self.expand * self.hidden})"
+            )
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -142,7 +144,7 @@ class RNNLM(nn.Module):
                 h = c.hidden
                 for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
                     bias = getattr(self.rnn, name).data
-                    bias[h:2 * h] = c.forget_bias / 2
+                    bias[h : 2 * h] = c.forget_bias / 2
 
     def state_shapes(self) -> list[tuple[int, ...]]:
         """Each state tensor's shape for one stream, batch axis left out: (L, ...) -> (L, B, ...)."""
@@ -151,10 +153,13 @@ class RNNLM(nn.Module):
             return [(c.layers, *shape) for shape in self.blocks[0].state_shapes()]
         return [(c.layers, c.hidden) for _ in c.state_names]
 
-    def init_state(self, batch_size: int, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> State:
-        return tuple(torch.zeros(shape[0], batch_size, *shape[1:], device=device, dtype=dtype)
-                     for shape in self.state_shapes())
+    def init_state(
+        self, batch_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> State:
+        return tuple(
+            torch.zeros(shape[0], batch_size, *shape[1:], device=device, dtype=dtype)
+            for shape in self.state_shapes()
+        )
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """tokens: (B, T) int64, state: see ``State`` -> (logits (B, T, V), state')."""

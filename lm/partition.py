@@ -62,16 +62,24 @@ def sequential_row_length(num_tokens: int, batch_size: int, offset: int = 0) -> 
     return max(0, (num_tokens - 1 - offset) // batch_size)
 
 
-def num_sequential_batches(num_tokens: int, batch_size: int, bptt: int, offset: int = 0,
-                           drop_last: bool = True) -> int:
+def num_sequential_batches(
+    num_tokens: int, batch_size: int, bptt: int, offset: int = 0, drop_last: bool = True
+) -> int:
     """How many batches :func:`sequential_batches` yields (with ``start_batch=0``)."""
     _check(batch_size, bptt)
     length = sequential_row_length(num_tokens, batch_size, offset)
     return length // bptt if drop_last else -(-length // bptt)
 
 
-def sequential_batches(ids: np.ndarray | torch.Tensor | list[int], batch_size: int, bptt: int,
-                       offset: int = 0, *, drop_last: bool = True, start_batch: int = 0) -> Batches:
+def sequential_batches(
+    ids: np.ndarray | torch.Tensor | list[int],
+    batch_size: int,
+    bptt: int,
+    offset: int = 0,
+    *,
+    drop_last: bool = True,
+    start_batch: int = 0,
+) -> Batches:
     """Batches whose rows continue each other (see the module docstring).
 
     ids: (N,) int. Yields X, Y: (B, T) int64. With ``drop_last=False`` a final batch shorter than T
@@ -83,8 +91,8 @@ def sequential_batches(ids: np.ndarray | torch.Tensor | list[int], batch_size: i
         raise ValueError(f"offset must be non-negative, got {offset}")
     count = num_sequential_batches(len(stream), batch_size, bptt, offset, drop_last)
     length = sequential_row_length(len(stream), batch_size, offset)
-    inputs = stream[offset: offset + batch_size * length].view(batch_size, length)
-    targets = stream[offset + 1: offset + 1 + batch_size * length].view(batch_size, length)
+    inputs = stream[offset : offset + batch_size * length].view(batch_size, length)
+    targets = stream[offset + 1 : offset + 1 + batch_size * length].view(batch_size, length)
 
     def generate() -> Iterator[Batch]:
         for k in range(start_batch, count):
@@ -105,8 +113,14 @@ def num_random_batches(num_tokens: int, batch_size: int, bptt: int) -> int:
     return num_random_windows(num_tokens, bptt) // batch_size
 
 
-def random_batches(ids: np.ndarray | torch.Tensor | list[int], batch_size: int, bptt: int,
-                   generator: torch.Generator | None = None, *, start_batch: int = 0) -> Batches:
+def random_batches(
+    ids: np.ndarray | torch.Tensor | list[int],
+    batch_size: int,
+    bptt: int,
+    generator: torch.Generator | None = None,
+    *,
+    start_batch: int = 0,
+) -> Batches:
     """Independent batches of non-overlapping windows taken in random order (see the module docstring).
 
     ids: (N,) int. Yields X, Y: (B, T) int64. The offset and the order are drawn from ``generator``
@@ -124,7 +138,7 @@ def random_batches(ids: np.ndarray | torch.Tensor | list[int], batch_size: int, 
 
     def generate() -> Iterator[Batch]:
         for k in range(start_batch, count):
-            positions = starts[k * batch_size: (k + 1) * batch_size, None] + steps  # (B, T)
+            positions = starts[k * batch_size : (k + 1) * batch_size, None] + steps  # (B, T)
             yield stream[positions], stream[positions + 1]
 
     return Batches(generate(), max(0, count - start_batch))

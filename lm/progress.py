@@ -37,10 +37,25 @@ class Progress:
     terminal (tqdm's rule), True hides it always.
     """
 
-    def __init__(self, total: int | None, desc: str = "train", unit: str = "batch",
-                 disable: bool | None = None, file: TextIO | None = None, initial: int = 0) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit=unit, file=file or sys.stderr, disable=disable,
-                        initial=initial, dynamic_ncols=True, leave=False)
+    def __init__(
+        self,
+        total: int | None,
+        desc: str = "train",
+        unit: str = "batch",
+        disable: bool | None = None,
+        file: TextIO | None = None,
+        initial: int = 0,
+    ) -> None:
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            file=file or sys.stderr,
+            disable=disable,
+            initial=initial,
+            dynamic_ncols=True,
+            leave=False,
+        )
         self.tokens = 0
         self.loss: float | None = None
         self._start = time.perf_counter()

@@ -26,8 +26,13 @@ def capture_rng_state() -> dict[str, Any]:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     return {
         "python": [py_version, list(py_internal), py_gauss],
-        "numpy": {"kind": str(np_kind), "keys": [int(k) for k in np_keys], "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "kind": str(np_kind),
+            "keys": [int(k) for k in np_keys],
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
 
@@ -37,6 +42,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     py_version, py_internal, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_internal), py_gauss))
     np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np.asarray(np_state["keys"], dtype=np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])

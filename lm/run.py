@@ -51,8 +51,9 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a valid lm checkpoint ({reason})") from None
     if tokenizer.vocab_size != model_config.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, "
-                              f"the model {model_config.vocab_size}")
+        raise CheckpointError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model {model_config.vocab_size}"
+        )
     model.eval()
     return LoadedRun(model, tokenizer, model_config, train_config, read_evaluation(Path(run_dir)), path)
 

@@ -81,9 +81,18 @@ class LRSchedule:
       for ``plateau_patience`` validations (never below ``min_lr_ratio``).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, kind: str = "constant", warmup_steps: int = 0,
-                 total_steps: int | None = None, *, min_lr_ratio: float = 0.0, plateau_factor: float = 0.5,
-                 plateau_patience: int = 1, plateau_threshold: float = 1e-4) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        kind: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        *,
+        min_lr_ratio: float = 0.0,
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 1,
+        plateau_threshold: float = 1e-4,
+    ) -> None:
         if kind not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
@@ -148,9 +157,14 @@ class LRSchedule:
             self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "steps": self.steps, "plateau_scale": self.plateau_scale,
-                "best_metric": self.best_metric, "bad_validations": self.bad_validations,
-                "base_lrs": list(self.base_lrs)}
+        return {
+            "kind": self.kind,
+            "steps": self.steps,
+            "plateau_scale": self.plateau_scale,
+            "best_metric": self.best_metric,
+            "bad_validations": self.bad_validations,
+            "base_lrs": list(self.base_lrs),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["kind"] != self.kind:
@@ -163,7 +177,12 @@ class LRSchedule:
         self._apply()
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str = "constant", warmup_steps: int = 0,
-                      total_steps: int | None = None, **options: float) -> LRSchedule:
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    **options: float,
+) -> LRSchedule:
     """The schedule ``kind`` (one of LR_SCHEDULES) over ``optimizer``; options as in :class:`LRSchedule`."""
     return LRSchedule(optimizer, kind, warmup_steps, total_steps, **options)

@@ -61,8 +61,15 @@ def pad_time(x: Tensor, pad: int) -> Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
 
 
-def ssd(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h0: Tensor, chunk: int,
-        ) -> tuple[Tensor, Tensor]:
+def ssd(
+    x: Tensor,
+    dt: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    h0: Tensor,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
     """The scalar-decay SSM over a window, in chunks of ``chunk`` steps (without the D skip).
 
     x: (B, T, H, P), dt: (B, T, H) > 0, a: (H,) < 0, b, c: (B, T, N), h0: (B, H, P, N)
@@ -92,8 +99,15 @@ def ssd(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h0: Tensor, chun
     return y, states[:, :, -1]
 
 
-def ssd_step(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h: Tensor, dims: tuple[int, int, int],
-             ) -> tuple[Tensor, Tensor]:
+def ssd_step(
+    x: Tensor,
+    dt: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    h: Tensor,
+    dims: tuple[int, int, int],
+) -> tuple[Tensor, Tensor]:
     """One step of the same recurrence. x: (B, H, P), dt: (B, H), b, c: (B, N), h: (B, H, P, N),
     dims: (H, P, N) -> y (B, H, P), h' (B, H, P, N).
 
@@ -114,8 +128,9 @@ def inverse_softplus(y: Tensor) -> Tensor:
 class MambaBlock(nn.Module):
     """One residual Mamba-2 style layer; see the module docstring for the equations."""
 
-    def __init__(self, d: int, expand: int, heads: int, state_size: int, conv_kernel: int,
-                 chunk: int = 64) -> None:
+    def __init__(
+        self, d: int, expand: int, heads: int, state_size: int, conv_kernel: int, chunk: int = 64
+    ) -> None:
         super().__init__()
         inner = expand * d
         self.inner, self.heads, self.head_dim, self.n = inner, heads, inner // heads, state_size
@@ -125,7 +140,7 @@ class MambaBlock(nn.Module):
         # The depthwise convolution as k shifted multiply-adds: torch's CPU depthwise Conv1d backward took
         # 42 % of a 3 M-parameter training step on 512-token windows; with the taps the step's CPU time
         # fell from 27.9 s to 16.4 s (torch profiler, one step each).
-        bound = conv_kernel ** -0.5  # nn.Conv1d's initialisation (fan-in k)
+        bound = conv_kernel**-0.5  # nn.Conv1d's initialisation (fan-in k)
         self.conv_weight = nn.Parameter(torch.empty(conv_kernel, self.conv_dim).uniform_(-bound, bound))
         self.conv_bias = nn.Parameter(torch.empty(self.conv_dim).uniform_(-bound, bound))
         # Mamba-2's initialisation: A uniform in [1, 16] per head, Δ log-uniform in [0.001, 0.1].
@@ -150,7 +165,7 @@ class MambaBlock(nn.Module):
         batch, time, _ = u.shape
         z, xbc, delta = self._project(u)
         window = torch.cat([conv_state, xbc], dim=1)  # (B, k − 1 + T, E + 2N)
-        taps = [window[:, j:j + time] * self.conv_weight[j] for j in range(self.kernel)]
+        taps = [window[:, j : j + time] * self.conv_weight[j] for j in range(self.kernel)]
         xbc = F.silu(torch.stack(taps).sum(0) + self.conv_bias)
         x, b, c = xbc.split([self.inner, self.n, self.n], dim=-1)
         x = x.reshape(batch, time, self.heads, self.head_dim)
@@ -158,7 +173,7 @@ class MambaBlock(nn.Module):
         chunk = self.chunk if torch.jit.is_tracing() else min(self.chunk, time)
         dt, a = F.softplus(delta + self.dt_bias), -torch.exp(self.a_log)
         y, ssm_state = ssd(x, dt, a, b, c, ssm_state, chunk)
-        return self._output(u, y, x, z), window[:, 1 - self.kernel:], ssm_state
+        return self._output(u, y, x, z), window[:, 1 - self.kernel :], ssm_state
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token. u: (B, d), conv_state: (B, k − 1, E + 2N), ssm_state: (B, H, P, N)."""

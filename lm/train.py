@@ -94,8 +94,10 @@ def prepare_corpus(config: TrainConfig, tokenizer: Tokenizer | None = None) -> C
     # The sequential cut may start up to bptt-1 tokens in; one full batch must remain after it.
     needed = data.batch_size * data.bptt + data.bptt
     if len(train) < needed:
-        raise TrainError(f"corpus {data.corpus!r} is too short: its train split has {len(train)} tokens, "
-                         f"batch-size {data.batch_size} x bptt {data.bptt} needs at least {needed}")
+        raise TrainError(
+            f"corpus {data.corpus!r} is too short: its train split has {len(train)} tokens, "
+            f"batch-size {data.batch_size} x bptt {data.bptt} needs at least {needed}"
+        )
     if len(valid) < 2:
         raise TrainError(f"corpus {data.corpus!r} is too short: its valid split has {len(valid)} tokens")
     return Corpus(tokenizer, train, valid, text_digest(splits))
@@ -167,9 +169,12 @@ class LanguageModelling:
         return {"loss": nll / tokens}
 
     def payload(self) -> dict[str, Any]:
-        return {"model_config": self.model_config.to_dict(), "tokenizer": self.corpus.tokenizer.to_dict(),
-                "data": {"sha256": self.corpus.digest},
-                "carried_state": list(self.state) if self.state is not None else None}
+        return {
+            "model_config": self.model_config.to_dict(),
+            "tokenizer": self.corpus.tokenizer.to_dict(),
+            "data": {"sha256": self.corpus.digest},
+            "carried_state": list(self.state) if self.state is not None else None,
+        }
 
     def restore(self, payload: dict[str, Any]) -> None:
         if payload.get("data", {}).get("sha256") != self.corpus.digest:
@@ -179,8 +184,10 @@ class LanguageModelling:
         self.state = tuple(state) if state is not None else None
 
     def run_files(self) -> dict[str, Any]:
-        return {"config.json": {"train": self.config.to_dict(), "model": self.model_config.to_dict()},
-                "tokenizer.json": self.corpus.tokenizer.to_dict()}
+        return {
+            "config.json": {"train": self.config.to_dict(), "model": self.model_config.to_dict()},
+            "tokenizer.json": self.corpus.tokenizer.to_dict(),
+        }
 
 
 def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> Trainer:

@@ -27,8 +27,11 @@ from tests.committed_bundles import BUNDLES_DIR, compare_bundle_dirs, make_test_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="compare the committed bundles with freshly made ones instead of rewriting them")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the committed bundles with freshly made ones instead of rewriting them",
+    )
     parser.add_argument("--out", type=Path, default=BUNDLES_DIR, help="folder of the bundles (tests/bundles)")
     args = parser.parse_args(argv)
     if not args.check:
@@ -40,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         problems = compare_bundle_dirs(args.out, Path(tmp))
     for problem in problems:
         print(problem, file=sys.stderr)
-    print("committed bundles match the script" if not problems else
-          f"{len(problems)} difference(s): run `python scripts/make_test_bundles.py`, commit tests/bundles/")
+    print(
+        "committed bundles match the script"
+        if not problems
+        else f"{len(problems)} difference(s): run `python scripts/make_test_bundles.py`, "
+        "commit tests/bundles/"
+    )
     return 1 if problems else 0
 
 

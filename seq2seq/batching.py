@@ -13,8 +13,9 @@ POOL_BATCHES = 50
 (little padding) while each epoch still mixes the pools differently."""
 
 
-def make_batches(lengths: np.ndarray, seed: int, epoch: int, max_tokens: int = 4000,
-                 max_sentences: int = 0) -> list[np.ndarray]:
+def make_batches(
+    lengths: np.ndarray, seed: int, epoch: int, max_tokens: int = 4000, max_sentences: int = 0
+) -> list[np.ndarray]:
     """lengths: (N,) padded length of each pair (max of its source and target lengths) -> batches of indices.
 
     A batch holds sentences while ``count * longest <= max_tokens`` (and ``count <= max_sentences``
@@ -29,14 +30,15 @@ def make_batches(lengths: np.ndarray, seed: int, epoch: int, max_tokens: int = 4
     pool = POOL_BATCHES * mean_batch
     batches: list[np.ndarray] = []
     for start in range(0, len(order), pool):
-        chunk = order[start:start + pool]
+        chunk = order[start : start + pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches.extend(_cut(chunk, lengths, max_tokens, max_sentences))
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _cut(sorted_indices: np.ndarray, lengths: np.ndarray, max_tokens: int, max_sentences: int
-         ) -> list[np.ndarray]:
+def _cut(
+    sorted_indices: np.ndarray, lengths: np.ndarray, max_tokens: int, max_sentences: int
+) -> list[np.ndarray]:
     batches, current, longest = [], [], 0
     for index in sorted_indices:
         longest_with = max(longest, int(lengths[index]))

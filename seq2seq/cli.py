@@ -22,14 +22,22 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     from lm.config import add_config_arguments
     from seq2seq.train import TrainConfig
 
-    parser = subparsers.add_parser("train", help="train a translator (default: attention, en→fr, 55 min)",
-                                   description="Train a GRU encoder-decoder on Tatoeba pairs.",
-                                   argument_default=argparse.SUPPRESS)
+    parser = subparsers.add_parser(
+        "train",
+        help="train a translator (default: attention, en→fr, 55 min)",
+        description="Train a GRU encoder-decoder on Tatoeba pairs.",
+        argument_default=argparse.SUPPRESS,
+    )
     parser.add_argument("--out", required=True, help="run directory to create (or resume with --resume)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out exactly where it stopped ([run] settings may change)")
-    parser.add_argument("--config", help="TOML file of settings: [data] [model] [optim] [run] tables or flat "
-                                         "keys (flags override it)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out exactly where it stopped ([run] settings may change)",
+    )
+    parser.add_argument(
+        "--config",
+        help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
+    )
     add_config_arguments(parser, TrainConfig)
     parser.set_defaults(func=cmd_train)
 
@@ -55,28 +63,51 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --- eval --------------------------------------------------------------------------------------------
 def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", "--which", dest="which", choices=("best", "last"), default="best",
-                        help="checkpoint of the run (default best)")
+    parser.add_argument(
+        "--checkpoint",
+        "--which",
+        dest="which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of the run (default best)",
+    )
 
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
     from serving.search import DEFAULT_SEARCH as S
 
     parser.add_argument("--beam", type=int, default=S.beam, help=f"beam size; 1 = greedy (default {S.beam})")
-    parser.add_argument("--length-penalty", type=float, default=S.length_penalty,
-                        help=f"GNMT alpha (default {S.length_penalty})")
-    parser.add_argument("--max-length-ratio", "--max-len-ratio", dest="max_len_ratio", type=float,
-                        default=S.max_len_ratio,
-                        help=f"at most ratio * source tokens + {S.max_len_extra} output tokens, capped at "
-                             f"{S.max_len_cap} (default {S.max_len_ratio})")
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=S.length_penalty,
+        help=f"GNMT alpha (default {S.length_penalty})",
+    )
+    parser.add_argument(
+        "--max-length-ratio",
+        "--max-len-ratio",
+        dest="max_len_ratio",
+        type=float,
+        default=S.max_len_ratio,
+        help=f"at most ratio * source tokens + {S.max_len_extra} output tokens, capped at "
+        f"{S.max_len_cap} (default {S.max_len_ratio})",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
     _add_checkpoint_option(parser)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="intra-op threads: torch's (default: torch's choice), onnxruntime's per worker "
-                             "with --bundle (default 1)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="batches translated at once, in threads (default 1; on a multi-core CPU "
-                             "N workers of 1 thread each beat 1 worker of N threads; same output)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads: torch's (default: torch's choice), onnxruntime's per worker "
+        "with --bundle (default 1)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="batches translated at once, in threads (default 1; on a multi-core CPU "
+        "N workers of 1 thread each beat 1 worker of N threads; same output)",
+    )
 
 
 def _set_threads(threads: int, workers: int = 1) -> None:
@@ -95,16 +126,23 @@ def _search_params(args: argparse.Namespace, n_best: int = 1):
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
     try:
-        return SearchParams(beam=args.beam, length_penalty=args.length_penalty,
-                            max_len_ratio=args.max_len_ratio, n_best=n_best)
+        return SearchParams(
+            beam=args.beam,
+            length_penalty=args.length_penalty,
+            max_len_ratio=args.max_len_ratio,
+            n_best=n_best,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="BLEU and chrF (sacrebleu) on a split",
-                                   description="Translate a split's source sentences and score them against "
-                                               "every reference with sacrebleu.")
+    parser = subparsers.add_parser(
+        "eval",
+        help="BLEU and chrF (sacrebleu) on a split",
+        description="Translate a split's source sentences and score them against "
+        "every reference with sacrebleu.",
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -127,24 +165,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['split']} {result['direction']} beam {result['beam']}: BLEU {result['bleu']:.2f} "
-              f"chrF {result['chrf']:.2f} ({result['sentences']} sentences)\n{result['bleu_signature']}")
+        print(
+            f"{result['split']} {result['direction']} beam {result['beam']}: BLEU {result['bleu']:.2f} "
+            f"chrF {result['chrf']:.2f} ({result['sentences']} sentences)\n{result['bleu_signature']}"
+        )
     return 0
 
 
 # --- translate ---------------------------------------------------------------------------------------
 def add_translate(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("translate", help="translate lines (stdin -> stdout)",
-                                   description="Translate one sentence per line. Every input line gives one "
-                                               "output line; a line that cannot be translated gives an empty "
-                                               "line and a message on stderr.")
+    parser = subparsers.add_parser(
+        "translate",
+        help="translate lines (stdin -> stdout)",
+        description="Translate one sentence per line. Every input line gives one "
+        "output line; a line that cannot be translated gives an empty "
+        "line and a message on stderr.",
+    )
     parser.add_argument("run_dir", nargs="?", help="training run (torch); or use --bundle / --server")
     parser.add_argument("--input", help="input file (default stdin)")
     parser.add_argument("--output", help="output file (default stdout)")
-    parser.add_argument("--n-best", type=int, default=1,
-                        help="with > 1: n hypotheses per line, 'text<TAB>score' joined by ' ||| '")
-    parser.add_argument("--max-src-tokens", type=int, default=0,
-                        help="longer lines are refused (default: twice the training length cap)")
+    parser.add_argument(
+        "--n-best",
+        type=int,
+        default=1,
+        help="with > 1: n hypotheses per line, 'text<TAB>score' joined by ' ||| '",
+    )
+    parser.add_argument(
+        "--max-src-tokens",
+        type=int,
+        default=0,
+        help="longer lines are refused (default: twice the training length cap)",
+    )
     _add_search_options(parser)
     from serving.batch_job import add_arguments as add_batch_job_arguments  # torch-free
 
@@ -196,8 +247,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
                 except ValueError as exc:
                     texts.append("")
                     errors[k] = str(exc)
-            for k, result in enumerate(translator.translate(texts, params, args.batch_size,
-                                                            workers=args.workers)):
+            for k, result in enumerate(
+                translator.translate(texts, params, args.batch_size, workers=args.workers)
+            ):
                 number += 1
                 error = errors.get(k, result.error)
                 if error:
@@ -205,8 +257,15 @@ def cmd_translate(args: argparse.Namespace) -> int:
                     print(f"line {number}: {error}; output left empty", file=sys.stderr)
                 elif result.warning:
                     print(f"line {number}: {result.warning}", file=sys.stderr)
-                text = "" if error else (result.text if params.n_best == 1 else " ||| ".join(
-                    f"{t}\t{s:.4f}" for t, s in result.n_best))
+                text = (
+                    ""
+                    if error
+                    else (
+                        result.text
+                        if params.n_best == 1
+                        else " ||| ".join(f"{t}\t{s:.4f}" for t, s in result.n_best)
+                    )
+                )
                 target.write(text + "\n")
             target.flush()
     finally:
@@ -232,10 +291,13 @@ def _batch_job(args: argparse.Namespace) -> int:
 def add_merge(subparsers: argparse._SubParsersAction) -> None:
     from serving.job_array import add_merge_arguments  # torch-free
 
-    parser = subparsers.add_parser("merge", help="concatenate the shards of a --shard job, once all finished",
-                                   description="Check that every shard of a sharded batch job finished (its "
-                                               ".progress record) and write their concatenation in shard "
-                                               "order to --output (serving/job_array.py).")
+    parser = subparsers.add_parser(
+        "merge",
+        help="concatenate the shards of a --shard job, once all finished",
+        description="Check that every shard of a sharded batch job finished (its "
+        ".progress record) and write their concatenation in shard "
+        "order to --output (serving/job_array.py).",
+    )
     add_merge_arguments(parser)
     parser.set_defaults(func=cmd_merge)
 
@@ -247,16 +309,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="export a run to an ONNX bundle (encoder + decoder step)",
-                                   description="Export a trained translator to encoder.onnx + "
-                                               "decoder_step.onnx with its tokenizers and manifest, after "
-                                               "checking onnxruntime against torch (logits, greedy, beam).")
+    parser = subparsers.add_parser(
+        "export",
+        help="export a run to an ONNX bundle (encoder + decoder step)",
+        description="Export a trained translator to encoder.onnx + "
+        "decoder_step.onnx with its tokenizers and manifest, after "
+        "checking onnxruntime against torch (logits, greedy, beam).",
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     _add_checkpoint_option(parser)
     parser.add_argument("--name", help="model name in the manifest (default: the --out directory's name)")
-    parser.add_argument("--sentences", help="file of source sentences for the search check "
-                                            "(default: the first valid-split sentences)")
+    parser.add_argument(
+        "--sentences",
+        help="file of source sentences for the search check (default: the first valid-split sentences)",
+    )
     parser.add_argument("--sample", type=int, default=64, help="valid sentences for the search check")
     parser.set_defaults(func=cmd_export)
 
@@ -268,15 +335,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.sentences:
         with open(args.sentences, encoding="utf-8") as f:
             sentences = [line.rstrip("\n") for line in f if line.strip()]
-    out = export_run(args.run_dir, args.out, sentences=sentences, sample=args.sample, which=args.which,
-                     name=args.name)
+    out = export_run(
+        args.run_dir, args.out, sentences=sentences, sample=args.sample, which=args.which, name=args.name
+    )
     print(describe(out))
     return 0
 
 
 # --- main --------------------------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_translate,
-                                                                    add_merge, add_export]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_train,
+    add_eval,
+    add_translate,
+    add_merge,
+    add_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,8 +19,16 @@ from serving.frontend import BOS, EOS, TextTranslator, Translation
 from serving.search import Hypothesis, SearchParams, beam_search, greedy_search
 from serving.tokenizers import SentencePieceTokenizer
 
-__all__ = ["BOS", "EOS", "TorchStepDecoder", "Translation", "Translator", "pad_batch", "search",
-           "search_batch"]
+__all__ = [
+    "BOS",
+    "EOS",
+    "TorchStepDecoder",
+    "Translation",
+    "Translator",
+    "pad_batch",
+    "search",
+    "search_batch",
+]
 
 TorchMemory = tuple[Tensor, Tensor]
 """(enc_out (N,M,E'), mask (N,M) bool), as ``Seq2Seq.encode`` returns them."""
@@ -36,8 +44,13 @@ class TorchStepDecoder:
         self._source: TorchMemory | None = None
         self._repeated: TorchMemory = (torch.empty(0), torch.empty(0))
 
-    def step(self, prev: np.ndarray, state: Tensor, memory: TorchMemory, k: int,
-             ) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    def step(
+        self,
+        prev: np.ndarray,
+        state: Tensor,
+        memory: TorchMemory,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, Tensor]:
         """prev (N,) int64 -> each row's min(k, V) best log-probabilities (N,k) float64 and ids (N,k)."""
         with torch.inference_mode():
             enc_out, mask = self._rows(memory, len(prev))
@@ -55,8 +68,10 @@ class TorchStepDecoder:
         if self._source is not memory or len(self._repeated[0]) != rows:
             enc_out, mask = memory
             self._source = memory
-            self._repeated = (enc_out.repeat_interleave(per_sentence, dim=0),
-                              mask.repeat_interleave(per_sentence, dim=0))
+            self._repeated = (
+                enc_out.repeat_interleave(per_sentence, dim=0),
+                mask.repeat_interleave(per_sentence, dim=0),
+            )
         return self._repeated
 
     def select_state(self, state: Tensor, rows: np.ndarray) -> Tensor:
@@ -75,8 +90,13 @@ def pad_batch(sequences: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.inference_mode()
-def search_batch(model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: int, eos: int,
-                 ) -> list[list[Hypothesis]]:
+def search_batch(
+    model: Seq2Seq,
+    sources: list[list[int]],
+    params: SearchParams,
+    bos: int,
+    eos: int,
+) -> list[list[Hypothesis]]:
     """One batch of source id lists (EOS included, non-empty) -> n-best hypotheses per sentence."""
     src, src_len = pad_batch(sources, model.config.pad_id)
     enc_out, mask, state = model.encode(src, src_len)
@@ -86,15 +106,17 @@ def search_batch(model: Seq2Seq, sources: list[list[int]], params: SearchParams,
     return beam_search(decoder, state, (enc_out, mask), lens, bos, eos, params)
 
 
-def search(model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: int, eos: int,
-           batch_size: int = 64) -> list[list[Hypothesis]]:
+def search(
+    model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: int, eos: int, batch_size: int = 64
+) -> list[list[Hypothesis]]:
     """Any number of sources, decoded in length-sorted batches; results in input order."""
     was_training = model.training
     model.eval()
     results: list[list[Hypothesis]] = [[] for _ in sources]
     for batch in frontend.sorted_batches(sources, batch_size):
-        for index, hyps in zip(batch, search_batch(model, [sources[i] for i in batch], params, bos, eos),
-                               strict=True):
+        for index, hyps in zip(
+            batch, search_batch(model, [sources[i] for i in batch], params, bos, eos), strict=True
+        ):
             results[index] = hyps
     model.train(was_training)
     return results
@@ -103,8 +125,14 @@ def search(model: Seq2Seq, sources: list[list[int]], params: SearchParams, bos: 
 class Translator(TextTranslator):
     """Text in, text out over the torch model, which it puts in eval mode (a translator only infers)."""
 
-    def __init__(self, model: Seq2Seq, src_tok: SentencePieceTokenizer, tgt_tok: SentencePieceTokenizer,
-                 max_src_tokens: int = 100, normalize_fn: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        model: Seq2Seq,
+        src_tok: SentencePieceTokenizer,
+        tgt_tok: SentencePieceTokenizer,
+        max_src_tokens: int = 100,
+        normalize_fn: Callable[[str], str] | None = None,
+    ) -> None:
         super().__init__(src_tok, tgt_tok, max_src_tokens, normalize_fn)
         self.model = model.eval()
 

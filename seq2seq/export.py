@@ -73,9 +73,16 @@ PARITY_SHAPES = ((1, 1), (1, 9), (3, 5), (4, 17), (8, 30))
 PARITY_STEPS = 4
 SEARCH_BEAM = 4
 SAMPLE_SENTENCES = 64
-DEFAULT_SENTENCES = ("Hello.", "I am cold.", "Where is the station?", "We will see you tomorrow.",
-                     "She does not like tea.", "Tom is reading a book in the garden.", "Go!",
-                     "Can you help me, please?")
+DEFAULT_SENTENCES = (
+    "Hello.",
+    "I am cold.",
+    "Where is the station?",
+    "We will see you tomorrow.",
+    "She does not like tea.",
+    "Tom is reading a book in the garden.",
+    "Go!",
+    "Can you help me, please?",
+)
 
 
 def context_weight(model: Seq2Seq) -> Tensor:
@@ -84,8 +91,8 @@ def context_weight(model: Seq2Seq) -> Tensor:
     weighted sum of memory slots, so the graphs apply them to every memory slot once per sentence
     (encoder) instead of to the context at every step."""
     c, decoder = model.config, model.decoder
-    readout = model.readout.weight[:, c.dec_hidden:c.dec_hidden + c.memory_features]
-    return torch.cat([decoder.weight_ih_l0[:, c.embed:], readout], dim=0).detach().clone()
+    readout = model.readout.weight[:, c.dec_hidden : c.dec_hidden + c.memory_features]
+    return torch.cat([decoder.weight_ih_l0[:, c.embed :], readout], dim=0).detach().clone()
 
 
 def token_table(model: Seq2Seq) -> Tensor:
@@ -94,8 +101,8 @@ def token_table(model: Seq2Seq) -> Tensor:
     matrix products per step)."""
     c, decoder = model.config, model.decoder
     embedding = model.tgt_embed.weight
-    gates = embedding @ decoder.weight_ih_l0[:, :c.embed].t() + decoder.bias_ih_l0
-    readout = embedding @ model.readout.weight[:, c.dec_hidden + c.memory_features:].t() + model.readout.bias
+    gates = embedding @ decoder.weight_ih_l0[:, : c.embed].t() + decoder.bias_ih_l0
+    readout = embedding @ model.readout.weight[:, c.dec_hidden + c.memory_features :].t() + model.readout.bias
     return torch.cat([gates, readout], dim=1).detach().clone()
 
 
@@ -141,7 +148,7 @@ class DecoderStepGraph(nn.Module):
         c, gru = model.config, model.decoder
         top = c.layers - 1
         self.register_buffer("token_table", token_table(model))
-        self.register_buffer("readout_state", model.readout.weight[:, :c.dec_hidden].detach().clone())
+        self.register_buffer("readout_state", model.readout.weight[:, : c.dec_hidden].detach().clone())
         query_weight, query_bias = [], []
         if model.attention is not None:
             query_weight, query_bias = [model.attention.query.weight], [model.attention.query.bias]
@@ -150,8 +157,15 @@ class DecoderStepGraph(nn.Module):
         top_bias = torch.cat([getattr(gru, f"bias_hh_l{top}"), *query_bias])
         self.register_buffer("top_bias", top_bias.detach().clone())
 
-    def forward(self, prev: Tensor, k: Tensor, state: Tensor, projected: Tensor, keys: Tensor | None = None,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        prev: Tensor,
+        k: Tensor,
+        state: Tensor,
+        projected: Tensor,
+        keys: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """prev (N,) int64, k (1,) int64, state (L,N,H), projected (n,M,G) [, keys (n,M,A), mask (n,M)]
         with N = n * R -> log_probs (N,k) f32, ids (N,k) int64 (best first), state_out (L,N,H)."""
         model, c = self.model, self.model.config
@@ -165,15 +179,22 @@ class DecoderStepGraph(nn.Module):
             weights = torch.softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=2)
             context = torch.bmm(weights, projected)  # (n,R,G)
         mixed = (self.token_table[prev].reshape(sentences, -1, context.shape[2]) + context).reshape(
-            prev.shape[0], -1)
+            prev.shape[0], -1
+        )
         gates_in, readout_in = mixed[:, :gates], mixed[:, gates:]
         states, gru = [], model.decoder
         for layer in range(c.layers):
             if layer:
-                gates_in = F.linear(states[-1], getattr(gru, f"weight_ih_l{layer}"),
-                                    getattr(gru, f"bias_ih_l{layer}"))
-            gates_h = top[:, :gates] if layer == c.layers - 1 else F.linear(
-                state[layer], getattr(gru, f"weight_hh_l{layer}"), getattr(gru, f"bias_hh_l{layer}"))
+                gates_in = F.linear(
+                    states[-1], getattr(gru, f"weight_ih_l{layer}"), getattr(gru, f"bias_ih_l{layer}")
+                )
+            gates_h = (
+                top[:, :gates]
+                if layer == c.layers - 1
+                else F.linear(
+                    state[layer], getattr(gru, f"weight_hh_l{layer}"), getattr(gru, f"bias_hh_l{layer}")
+                )
+            )
             states.append(_gru_cell(gates_in, gates_h, state[layer]))
         logits = model.out(torch.tanh(readout_in + states[-1] @ self.readout_state.t()))
         ids = logits.topk(k, dim=1).indices  # type: ignore[call-overload]  # k: a graph input
@@ -198,12 +219,22 @@ def export_graphs(model: Seq2Seq, encoder_path: Path, decoder_path: Path) -> Non
         outputs = dict(zip([t.name for t in encoder.outputs], EncoderGraph(model)(src, src_len), strict=True))
     outputs["prev"] = torch.tensor([2, 2], dtype=torch.int64)
     outputs["k"] = torch.tensor([2], dtype=torch.int64)
-    export_graph(DecoderStepGraph(model), tuple(outputs[t.name] for t in decoder.inputs), decoder_path,
-                 decoder.inputs, decoder.outputs)
+    export_graph(
+        DecoderStepGraph(model),
+        tuple(outputs[t.name] for t in decoder.inputs),
+        decoder_path,
+        decoder.inputs,
+        decoder.outputs,
+    )
 
 
-def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
-                 shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES, seed: int = 0) -> ParityReport:
+def check_parity(
+    model: Seq2Seq,
+    encoder_path: Path,
+    decoder_path: Path,
+    shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES,
+    seed: int = 0,
+) -> ParityReport:
     """Random sources of each (batch, length) with varied lengths, then PARITY_STEPS decoder steps fed
     the torch encoder's outputs and random previous tokens; max abs differences per tensor kind. The
     decoder graph is asked for all V tokens, so every log-probability is compared with torch's."""
@@ -212,8 +243,9 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
     config = model.config
     weight = context_weight(model)
     gen = torch.Generator().manual_seed(seed)
-    meter = ParityMeter(encoder="the encoder outputs", log_probs="log-probabilities",
-                        state="the decoder state")
+    meter = ParityMeter(
+        encoder="the encoder outputs", log_probs="log-probabilities", state="the decoder state"
+    )
     for batch, length in shapes:
         src_len = torch.randint(1, length + 1, (batch,), generator=gen)
         src_len[0] = max(1, length - 1) if batch > 2 else length  # also a batch padded beyond its longest
@@ -222,12 +254,30 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
         with torch.no_grad():
             enc_out, mask, state = model.encode(src, src_len)
             memory, keys = model._split(enc_out)
-            want = {"projected_memory": memory @ weight.t(), "keys": keys, "mask": mask, "state": state,
-                    "k": torch.tensor([config.tgt_vocab])}
-        got = dict(zip(encoder_outputs, encoder.run(None, {"src": src.numpy(), "src_len": src_len.numpy()}),
-                       strict=True))
-        diffs = {"encoder": max(0.0 if np.array_equal(got[name], want[name].numpy()) else np.inf
-                                if name == "mask" else max_abs_diff(got[name], want[name]) for name in got)}
+            want = {
+                "projected_memory": memory @ weight.t(),
+                "keys": keys,
+                "mask": mask,
+                "state": state,
+                "k": torch.tensor([config.tgt_vocab]),
+            }
+        got = dict(
+            zip(
+                encoder_outputs,
+                encoder.run(None, {"src": src.numpy(), "src_len": src_len.numpy()}),
+                strict=True,
+            )
+        )
+        diffs = {
+            "encoder": max(
+                0.0
+                if np.array_equal(got[name], want[name].numpy())
+                else np.inf
+                if name == "mask"
+                else max_abs_diff(got[name], want[name])
+                for name in got
+            )
+        }
         diffs["log_probs"] = diffs["state"] = 0.0
         for _ in range(PARITY_STEPS):
             prev = torch.randint(0, config.tgt_vocab, (batch,), generator=gen)
@@ -243,8 +293,12 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
     return meter.report()
 
 
-def check_search(model: Seq2Seq, runtime: Seq2SeqRuntime, sentences: list[str], beam: int = SEARCH_BEAM,
-                 ) -> dict:
+def check_search(
+    model: Seq2Seq,
+    runtime: Seq2SeqRuntime,
+    sentences: list[str],
+    beam: int = SEARCH_BEAM,
+) -> dict:
     """Greedy and beam-``beam`` tokens of torch and onnxruntime on the sentences; ExportError on any
     difference. -> {"sentences", "greedy_identical", "beam_identical"}."""
     sources = []
@@ -259,22 +313,31 @@ def check_search(model: Seq2Seq, runtime: Seq2SeqRuntime, sentences: list[str], 
     for label, k in (("greedy", 1), ("beam", beam)):
         ours = runtime.search(sources, SearchParams(beam=k, n_best=k))
         theirs = torch_search(model, sources, SearchParams(beam=k, n_best=k), runtime.bos, runtime.eos)
-        differ = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
-                  if [h.tokens for h in a] != [h.tokens for h in b]]
+        differ = [
+            i
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
+            if [h.tokens for h in a] != [h.tokens for h in b]
+        ]
         if differ:
             i = differ[0]
             raise ExportError(
                 f"onnxruntime and torch {label} search differ on {len(differ)} of {len(sources)} sentences "
                 f"(first: {sentences[i]!r}: {list(ours[i][0].tokens)} vs {list(theirs[i][0].tokens)}); "
-                "bundle not written")
+                "bundle not written"
+            )
         report[f"{label}_identical"] = len(sources)
     return report
 
 
 def _architecture(model: Seq2Seq) -> dict:
     c = model.config
-    return {"type": "seq2seq", "cell": "gru", **c.to_dict(), "memory_features": c.memory_features,
-            "attention_keys_from_encoder": c.attention == "additive"}
+    return {
+        "type": "seq2seq",
+        "cell": "gru",
+        **c.to_dict(),
+        "memory_features": c.memory_features,
+        "attention_keys_from_encoder": c.attention == "additive",
+    }
 
 
 class GraphSignature(NamedTuple):
@@ -292,26 +355,39 @@ def signatures(model: Seq2Seq) -> tuple[GraphSignature, GraphSignature]:
     away."""
     c = model.config
     encoder_outputs, decoder_inputs = graph_names(model)
-    tensors = {"src": (["batch", "src_time"], "int64"), "src_len": (["batch"], "int64"),
-               "projected_memory": (["batch", "memory", 3 * c.dec_hidden + c.embed], "float32"),
-               "keys": (["batch", "memory", c.attn_dim], "float32"), "mask": (["batch", "memory"], "bool"),
-               "state": ([c.layers, "batch", c.dec_hidden], "float32"), "prev": (["batch"], "int64"),
-               "k": ([1], "int64"), "log_probs": (["batch", "k"], "float32"),
-               "ids": (["batch", "k"], "int64"),
-               "state_out": ([c.layers, "batch", c.dec_hidden], "float32")}
+    tensors = {
+        "src": (["batch", "src_time"], "int64"),
+        "src_len": (["batch"], "int64"),
+        "projected_memory": (["batch", "memory", 3 * c.dec_hidden + c.embed], "float32"),
+        "keys": (["batch", "memory", c.attn_dim], "float32"),
+        "mask": (["batch", "memory"], "bool"),
+        "state": ([c.layers, "batch", c.dec_hidden], "float32"),
+        "prev": (["batch"], "int64"),
+        "k": ([1], "int64"),
+        "log_probs": (["batch", "k"], "float32"),
+        "ids": (["batch", "k"], "int64"),
+        "state_out": ([c.layers, "batch", c.dec_hidden], "float32"),
+    }
 
     def t(name: str, rows: str = "batch") -> TensorSpec:
         shape, dtype = tensors[name]
         return TensorSpec(name, tuple(rows if d == "batch" else d for d in shape), dtype)
 
     memory_names = ("projected_memory", "keys", "mask")
-    return (GraphSignature(tuple(t(n) for n in ENCODER_INPUTS), tuple(t(n) for n in encoder_outputs)),
-            GraphSignature(tuple(t(n, "sentences" if n in memory_names else "batch") for n in decoder_inputs),
-                           tuple(t(n) for n in DECODER_OUTPUTS)))
+    return (
+        GraphSignature(tuple(t(n) for n in ENCODER_INPUTS), tuple(t(n) for n in encoder_outputs)),
+        GraphSignature(
+            tuple(t(n, "sentences" if n in memory_names else "batch") for n in decoder_inputs),
+            tuple(t(n) for n in DECODER_OUTPUTS),
+        ),
+    )
 
 
-def _save_tokenizers(bundle: BundleWriter, src: SentencePieceTokenizer, tgt: SentencePieceTokenizer,
-                     ) -> dict[str, str]:
+def _save_tokenizers(
+    bundle: BundleWriter,
+    src: SentencePieceTokenizer,
+    tgt: SentencePieceTokenizer,
+) -> dict[str, str]:
     """Writes the tokenizers -> the manifest's ``tokenizer`` {"source": file, "target": file}. A joint
     sentencepiece model (``joint_spm``) is written once, as JOINT_TOKENIZER_FILE, for both roles."""
     if src.model_proto == tgt.model_proto:
@@ -322,11 +398,18 @@ def _save_tokenizers(bundle: BundleWriter, src: SentencePieceTokenizer, tgt: Sen
     return {"source": SRC_TOKENIZER_FILE, "target": TGT_TOKENIZER_FILE}
 
 
-def export_seq2seq(model: Seq2Seq, src_tokenizer: SentencePieceTokenizer,
-                   tgt_tokenizer: SentencePieceTokenizer, out_dir: str | Path, *,
-                   sentences: list[str] | None = None, train_config: dict | None = None,
-                   evaluation: dict | None = None, name: str | None = None,
-                   tolerance: float = PARITY_TOLERANCE) -> Path:
+def export_seq2seq(
+    model: Seq2Seq,
+    src_tokenizer: SentencePieceTokenizer,
+    tgt_tokenizer: SentencePieceTokenizer,
+    out_dir: str | Path,
+    *,
+    sentences: list[str] | None = None,
+    train_config: dict | None = None,
+    evaluation: dict | None = None,
+    name: str | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> Path:
     """Exports ``model`` with its tokenizers as a bundle at ``out_dir`` (replacing a bundle there).
 
     ``sentences``: source texts for the search check (default: a few fixed English sentences).
@@ -343,18 +426,31 @@ def export_seq2seq(model: Seq2Seq, src_tokenizer: SentencePieceTokenizer,
         tokenizers = _save_tokenizers(bundle, src_tokenizer, tgt_tokenizer)
         encoder_signature, decoder_signature = signatures(model)
         manifest = {
-            "kind": KIND, "name": name or out_dir.name, "architecture": _architecture(model),
+            "kind": KIND,
+            "name": name or out_dir.name,
+            "architecture": _architecture(model),
             "graphs": {ENCODER: ENCODER_FILE, DECODER: DECODER_FILE},
             "signatures": {ENCODER: encoder_signature.to_dict(), DECODER: decoder_signature.to_dict()},
-            "state": [{"name": "state", "output": "state_out",
-                       "shape": [model.config.layers, "batch", model.config.dec_hidden], "dtype": "float32"}],
-            "special_ids": tgt_tokenizer.special_ids, "source_special_ids": src_tokenizer.special_ids,
+            "state": [
+                {
+                    "name": "state",
+                    "output": "state_out",
+                    "shape": [model.config.layers, "batch", model.config.dec_hidden],
+                    "dtype": "float32",
+                }
+            ],
+            "special_ids": tgt_tokenizer.special_ids,
+            "source_special_ids": src_tokenizer.special_ids,
             "tokenizer": tokenizers,
             "languages": {"source": train_config.get("src", "en"), "target": train_config.get("tgt", "fr")},
-            "preprocessing": {"normalize": "NFC, no-break spaces to spaces, whitespace collapsed, stripped",
-                              "lowercase": bool(train_config.get("lowercase", False)),
-                              "max_src_tokens": 2 * int(train_config.get("max_len", 64))},
-            "evaluation": evaluation, "training_config": train_config or None, "parity": parity,
+            "preprocessing": {
+                "normalize": "NFC, no-break spaces to spaces, whitespace collapsed, stripped",
+                "lowercase": bool(train_config.get("lowercase", False)),
+                "max_src_tokens": 2 * int(train_config.get("max_len", 64)),
+            },
+            "evaluation": evaluation,
+            "training_config": train_config or None,
+            "parity": parity,
             "created_by": created_by("rnnlab seq2seq.export"),
         }
         bundle.write_manifest(manifest)  # the search check runs the staged bundle as the server would
@@ -377,23 +473,40 @@ def sample_sentences(train_config: dict, count: int = SAMPLE_SENTENCES) -> list[
     return [g.source for g in groups[:count]]
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, sentences: list[str] | None = None,
-               sample: int = SAMPLE_SENTENCES, which: str = "best", name: str | None = None) -> Path:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    sentences: list[str] | None = None,
+    sample: int = SAMPLE_SENTENCES,
+    which: str = "best",
+    name: str | None = None,
+) -> Path:
     """Exports a run's checkpoint; the search check uses ``sentences`` or ``sample`` valid sentences."""
     from seq2seq.run import load_run
 
     run = load_run(run_dir, which)
     if sentences is None:
         sentences = sample_sentences(run.train_config, sample) or None
-    return export_seq2seq(run.model, run.src_tokenizer, run.tgt_tokenizer, out_dir, sentences=sentences,
-                          train_config=run.train_config, evaluation=run.evaluation, name=name)
+    return export_seq2seq(
+        run.model,
+        run.src_tokenizer,
+        run.tgt_tokenizer,
+        out_dir,
+        sentences=sentences,
+        train_config=run.train_config,
+        evaluation=run.evaluation,
+        name=name,
+    )
 
 
 def describe(bundle_dir: str | Path) -> str:
     """One line about an exported bundle (for the CLI)."""
     data = load_manifest(bundle_dir, verify=False).data
     parity, check = data["parity"], data.get("search_check", {})
-    return (f"{bundle_dir}: {data['name']} ({data['languages']['source']}->{data['languages']['target']}), "
-            f"max |ORT - torch| log-probabilities {parity['max_abs_log_probs']:.2g}, "
-            f"greedy and beam-{check.get('beam')} "
-            f"identical on {check.get('sentences')} sentences")
+    return (
+        f"{bundle_dir}: {data['name']} ({data['languages']['source']}->{data['languages']['target']}), "
+        f"max |ORT - torch| log-probabilities {parity['max_abs_log_probs']:.2g}, "
+        f"greedy and beam-{check.get('beam')} "
+        f"identical on {check.get('sentences')} sentences"
+    )

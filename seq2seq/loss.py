@@ -7,18 +7,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def masked_cross_entropy(logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float = 0.0
-                         ) -> tuple[Tensor, int]:
+def masked_cross_entropy(
+    logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float = 0.0
+) -> tuple[Tensor, int]:
     """logits (B,T,V), targets (B,T) int64 -> (mean loss per non-pad token, number of non-pad tokens)."""
     tokens = int((targets != pad_id).sum())
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id,
-                            label_smoothing=label_smoothing, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
     return total / max(tokens, 1), tokens
 
 
 def token_nll(logits: Tensor, targets: Tensor, pad_id: int) -> tuple[float, int]:
     """Summed negative log-likelihood over non-pad tokens (no smoothing), and their count."""
     with torch.no_grad():
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                ignore_index=pad_id, reduction="sum")
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id, reduction="sum"
+        )
     return float(total), int((targets != pad_id).sum())

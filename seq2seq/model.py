@@ -50,8 +50,18 @@ class Seq2SeqConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
-        if min(self.src_vocab, self.tgt_vocab, self.embed, self.enc_hidden, self.dec_hidden,
-               self.layers, self.attn_dim) < 1:
+        if (
+            min(
+                self.src_vocab,
+                self.tgt_vocab,
+                self.embed,
+                self.enc_hidden,
+                self.dec_hidden,
+                self.layers,
+                self.attn_dim,
+            )
+            < 1
+        ):
             raise ValueError("vocabulary sizes, embed, hidden sizes, layers and attn_dim must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
@@ -95,15 +105,20 @@ class Seq2Seq(nn.Module):
         self.config = c = config
         between = c.dropout if c.layers > 1 else 0.0
         self.src_embed = nn.Embedding(c.src_vocab, c.embed, padding_idx=c.pad_id)
-        self.encoder = nn.GRU(c.embed, c.enc_hidden, c.layers, batch_first=True,
-                              bidirectional=c.bidirectional, dropout=between)
+        self.encoder = nn.GRU(
+            c.embed, c.enc_hidden, c.layers, batch_first=True, bidirectional=c.bidirectional, dropout=between
+        )
         needs_bridge = c.bidirectional or c.enc_hidden != c.dec_hidden
         self.bridge = nn.Linear(c.memory_features, c.dec_hidden) if needs_bridge else None
-        self.attention = (AdditiveAttention(c.dec_hidden, c.memory_features, c.attn_dim)
-                          if c.attention == "additive" else None)
+        self.attention = (
+            AdditiveAttention(c.dec_hidden, c.memory_features, c.attn_dim)
+            if c.attention == "additive"
+            else None
+        )
         self.tgt_embed = nn.Embedding(c.tgt_vocab, c.embed, padding_idx=c.pad_id)
-        self.decoder = nn.GRU(c.embed + c.memory_features, c.dec_hidden, c.layers, batch_first=True,
-                              dropout=between)
+        self.decoder = nn.GRU(
+            c.embed + c.memory_features, c.dec_hidden, c.layers, batch_first=True, dropout=between
+        )
         self.readout = nn.Linear(c.dec_hidden + c.memory_features + c.embed, c.embed)
         self.out = nn.Linear(c.embed, c.tgt_vocab)
         if c.tie:
@@ -124,14 +139,18 @@ class Seq2Seq(nn.Module):
         """src (B,S) int64, src_len (B,) int64 >= 1 -> enc_out (B,M,E'), mask (B,M) bool, state (L,B,H)."""
         c = self.config
         batch, length = src.shape
-        packed = pack_padded_sequence(self.drop(self.src_embed(src)), src_len.cpu(), batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.drop(self.src_embed(src)), src_len.cpu(), batch_first=True, enforce_sorted=False
+        )
         outputs, h_n = self.encoder(packed)
         outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=length)
         dirs = 2 if c.bidirectional else 1
         # h_n (L*dirs, B, H) -> (L, B, dirs*H): each layer's forward and backward final states side by side.
-        final = h_n.view(c.layers, dirs, batch, c.enc_hidden).permute(0, 2, 1, 3).reshape(
-            c.layers, batch, c.memory_features)
+        final = (
+            h_n.view(c.layers, dirs, batch, c.enc_hidden)
+            .permute(0, 2, 1, 3)
+            .reshape(c.layers, batch, c.memory_features)
+        )
         state = torch.tanh(self.bridge(final)) if self.bridge is not None else final
         if self.attention is None:
             return final[-1].unsqueeze(1), torch.ones(batch, 1, dtype=torch.bool), state.contiguous()
@@ -153,8 +172,9 @@ class Seq2Seq(nn.Module):
             return memory[:, 0]
         return self.attention(query, keys, memory, mask)
 
-    def _step(self, embedded: Tensor, state: Tensor, memory: Tensor, keys: Tensor | None, mask: Tensor
-              ) -> tuple[Tensor, Tensor, Tensor]:
+    def _step(
+        self, embedded: Tensor, state: Tensor, memory: Tensor, keys: Tensor | None, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """embedded (B,E) -> decoder output (B,H), context (B,C), state (L,B,H)."""
         context = self._context(state[-1], memory, keys, mask)
         output, state = self.decoder(torch.cat([embedded, context], dim=1).unsqueeze(1), state)
@@ -165,8 +185,9 @@ class Seq2Seq(nn.Module):
         hidden = torch.tanh(self.readout(torch.cat([output, context, embedded], dim=-1)))
         return self.out(self.drop(hidden))
 
-    def decode_step(self, prev: Tensor, state: Tensor, enc_out: Tensor, mask: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+    def decode_step(
+        self, prev: Tensor, state: Tensor, enc_out: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """prev (B,) int64, state (L,B,H), enc_out (B,M,E'), mask (B,M) -> logits (B,V), state (L,B,H)."""
         embedded = self.drop(self.tgt_embed(prev))
         output, context, state = self._step(embedded, state, *self._split(enc_out), mask)

@@ -31,9 +31,13 @@ class LoadedRun:
     def translator(self, max_src_tokens: int | None = None) -> Translator:
         """Text in, text out, with the training normalisation (and lowercasing if trained so)."""
         data = TrainConfig.from_dict(self.train_config, strict=False).data
-        return Translator(self.model, self.src_tokenizer, self.tgt_tokenizer,
-                          max_src_tokens or 2 * data.max_len,
-                          normalize_fn=lambda text: normalize(text, data.lowercase))
+        return Translator(
+            self.model,
+            self.src_tokenizer,
+            self.tgt_tokenizer,
+            max_src_tokens or 2 * data.max_len,
+            normalize_fn=lambda text: normalize(text, data.lowercase),
+        )
 
 
 def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:

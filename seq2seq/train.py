@@ -49,33 +49,49 @@ GREEDY = SearchParams(beam=1)
 class MTDataConfig(DataConfig):
     """The pairs (seq2seq.data.DataConfig), their sentencepiece models, and the batches."""
 
-    spm_vocab: int = setting(4000, "sentencepiece pieces per side (with --joint-spm: of the shared model)",
-                             minimum=8)
+    spm_vocab: int = setting(
+        4000, "sentencepiece pieces per side (with --joint-spm: of the shared model)", minimum=8
+    )
     spm_type: str = setting("unigram", "sentencepiece model type", choices=("unigram", "bpe"))
     joint_spm: bool = setting(False, "one sentencepiece model for both languages")
-    max_len: int = setting(64, "training pairs with more tokens than this on either side are skipped",
-                           minimum=1)
+    max_len: int = setting(
+        64, "training pairs with more tokens than this on either side are skipped", minimum=1
+    )
     batch_tokens: int = setting(4000, "budget per batch: sentences x longest padded length", minimum=1)
     batch_sentences: int = setting(0, "> 0: also at most this many sentences per batch", minimum=0)
-    valid_bleu_sentences: int = setting(500, "valid sources scored by greedy BLEU at each validation",
-                                        minimum=1)
+    valid_bleu_sentences: int = setting(
+        500, "valid sources scored by greedy BLEU at each validation", minimum=1
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fields(self)
 
 
-MTModelConfig = section_of(Seq2SeqConfig, "MTModelConfig", "The network (seq2seq.model.Seq2SeqConfig).",
-                           exclude=("src_vocab", "tgt_vocab", "pad_id"))
+MTModelConfig = section_of(
+    Seq2SeqConfig,
+    "MTModelConfig",
+    "The network (seq2seq.model.Seq2SeqConfig).",
+    exclude=("src_vocab", "tgt_vocab", "pad_id"),
+)
 
 
 @dataclass
-class MTOptimConfig(with_defaults(OptimConfig, "_MTOptim", lr=2e-3, lr_schedule="noam",  # type: ignore[misc]
-                                  warmup_steps=200, seed=1)):
+class MTOptimConfig(
+    with_defaults(
+        OptimConfig,
+        "_MTOptim",
+        lr=2e-3,
+        lr_schedule="noam",  # type: ignore[misc]
+        warmup_steps=200,
+        seed=1,
+    )
+):
     """How the weights move (the translator's recipe: AdamW, noam schedule); fixed on resume."""
 
-    label_smoothing: float = setting(0.1, "label smoothing of the training loss (the logged loss has none)",
-                                     minimum=0)
+    label_smoothing: float = setting(
+        0.1, "label smoothing of the training loss (the logged loss has none)", minimum=0
+    )
 
 
 MTRunConfig = with_defaults(RunConfig, "MTRunConfig", max_minutes=55.0, log_every=50)
@@ -132,20 +148,27 @@ class Corpus:
         return np.array([max(len(s), len(t) - 1) for s, t in zip(src, tgt, strict=True)])
 
 
-def train_tokenizers(data: MTDataConfig, train: list[Pair]
-                     ) -> tuple[SentencePieceTokenizer, SentencePieceTokenizer]:
+def train_tokenizers(
+    data: MTDataConfig, train: list[Pair]
+) -> tuple[SentencePieceTokenizer, SentencePieceTokenizer]:
     """Sentencepiece on the training split only (unique sentences, in file order)."""
     src_text = list(dict.fromkeys(p.side(data.src) for p in train))
     tgt_text = list(dict.fromkeys(p.side(data.tgt) for p in train))
     if data.joint_spm:
         joint = SentencePieceTokenizer.train(src_text + tgt_text, data.spm_vocab, data.spm_type)
         return joint, joint
-    return (SentencePieceTokenizer.train(src_text, data.spm_vocab, data.spm_type),
-            SentencePieceTokenizer.train(tgt_text, data.spm_vocab, data.spm_type))
+    return (
+        SentencePieceTokenizer.train(src_text, data.spm_vocab, data.spm_type),
+        SentencePieceTokenizer.train(tgt_text, data.spm_vocab, data.spm_type),
+    )
 
 
-def build_corpus(data: MTDataConfig, splits: dict[str, list[Pair]], src_tok: SentencePieceTokenizer,
-                 tgt_tok: SentencePieceTokenizer) -> Corpus:
+def build_corpus(
+    data: MTDataConfig,
+    splits: dict[str, list[Pair]],
+    src_tok: SentencePieceTokenizer,
+    tgt_tok: SentencePieceTokenizer,
+) -> Corpus:
     src_eos = src_tok.special_ids[EOS]
     bos, eos = tgt_tok.special_ids[BOS], tgt_tok.special_ids[EOS]
 
@@ -163,12 +186,19 @@ def build_corpus(data: MTDataConfig, splits: dict[str, list[Pair]], src_tok: Sen
     if not src or not valid_src:
         raise TrainError(f"{data.dataset}: no training or no validation pairs after filtering")
     groups = group_references(splits["valid"], data.src, data.tgt)[: data.valid_bleu_sentences]
-    return Corpus(src, tgt, valid_src, valid_tgt,
-                  [[*src_tok.encode(g.source), src_eos] for g in groups], [g.references for g in groups])
+    return Corpus(
+        src,
+        tgt,
+        valid_src,
+        valid_tgt,
+        [[*src_tok.encode(g.source), src_eos] for g in groups],
+        [g.references for g in groups],
+    )
 
 
-def _batch_tensors(corpus_src: list[list[int]], corpus_tgt: list[list[int]], indices: np.ndarray, pad: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_tensors(
+    corpus_src: list[list[int]], corpus_tgt: list[list[int]], indices: np.ndarray, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> src (B,S), src_len (B,), tgt_in (B,T) (BOS ...), tgt_out (B,T) (... EOS), pad-filled."""
     src, src_len = pad_batch([corpus_src[i] for i in indices], pad)
     tgt, _ = pad_batch([corpus_tgt[i] for i in indices], pad)
@@ -176,19 +206,20 @@ def _batch_tensors(corpus_src: list[list[int]], corpus_tgt: list[list[int]], ind
 
 
 @torch.no_grad()
-def validate(model: Seq2Seq, corpus: Corpus, tgt_tok: SentencePieceTokenizer, config: MTDataConfig
-             ) -> dict[str, float]:
+def validate(
+    model: Seq2Seq, corpus: Corpus, tgt_tok: SentencePieceTokenizer, config: MTDataConfig
+) -> dict[str, float]:
     """Valid NLL per token (no smoothing) over the valid split, and greedy BLEU on its first groups."""
     model.eval()
     total, tokens = 0.0, 0
     lengths = Corpus.padded_lengths(corpus.valid_src, corpus.valid_tgt)
     for indices in make_batches(lengths, 0, 0, config.batch_tokens):
-        src, src_len, tgt_in, tgt_out = _batch_tensors(corpus.valid_src, corpus.valid_tgt, indices,
-                                                       model.config.pad_id)
+        src, src_len, tgt_in, tgt_out = _batch_tensors(
+            corpus.valid_src, corpus.valid_tgt, indices, model.config.pad_id
+        )
         nll, count = token_nll(model(src, src_len, tgt_in), tgt_out, model.config.pad_id)
         total, tokens = total + nll, tokens + count
-    hyps = search(model, corpus.valid_bleu_src, GREEDY, tgt_tok.special_ids[BOS],
-                  tgt_tok.special_ids[EOS])
+    hyps = search(model, corpus.valid_bleu_src, GREEDY, tgt_tok.special_ids[BOS], tgt_tok.special_ids[EOS])
     texts = [tgt_tok.decode(list(h[0].tokens)) for h in hyps]
     model.train()
     loss = total / max(tokens, 1)
@@ -202,8 +233,13 @@ class Translation:
     kind = CHECKPOINT_KIND
     monitor, maximize = "bleu", True
 
-    def __init__(self, config: TrainConfig, src_tok: SentencePieceTokenizer, tgt_tok: SentencePieceTokenizer,
-                 splits: dict[str, list[Pair]]) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        src_tok: SentencePieceTokenizer,
+        tgt_tok: SentencePieceTokenizer,
+        splits: dict[str, list[Pair]],
+    ) -> None:
         self.config, self.src_tok, self.tgt_tok = config, src_tok, tgt_tok
         self.corpus = build_corpus(config.data, splits, src_tok, tgt_tok)
         self.lengths = Corpus.padded_lengths(self.corpus.src, self.corpus.tgt)
@@ -219,8 +255,12 @@ class Translation:
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
             data = self.config.data
-            self._epoch = (epoch, make_batches(self.lengths, self.config.optim.seed, epoch, data.batch_tokens,
-                                               data.batch_sentences))
+            self._epoch = (
+                epoch,
+                make_batches(
+                    self.lengths, self.config.optim.seed, epoch, data.batch_tokens, data.batch_sentences
+                ),
+            )
         return self._epoch[1]
 
     def epoch_length(self, epoch: int) -> int:
@@ -240,8 +280,9 @@ class Translation:
         logits = self.model(src, src_len, tgt_in)
         loss, tokens = masked_cross_entropy(logits, tgt_out, pad, self.config.optim.label_smoothing)
         with torch.no_grad():  # comparable with the valid loss (the smoothed loss is higher)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad,
-                                  reduction="sum") / max(tokens, 1)
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad, reduction="sum"
+            ) / max(tokens, 1)
         return StepLoss(loss, nll, tokens)
 
     def validate(self) -> dict[str, float]:
@@ -249,16 +290,25 @@ class Translation:
         return validate(self.model, self.corpus, self.tgt_tok, self.config.data)
 
     def payload(self) -> dict[str, Any]:
-        return {"model_config": self.model_config.to_dict(), "src_tokenizer": self.src_tok.to_dict(),
-                "tgt_tokenizer": self.tgt_tok.to_dict()}
+        return {
+            "model_config": self.model_config.to_dict(),
+            "src_tokenizer": self.src_tok.to_dict(),
+            "tgt_tokenizer": self.tgt_tok.to_dict(),
+        }
 
     def restore(self, payload: dict[str, Any]) -> None:
         pass  # nothing is carried from one batch to the next
 
     def run_files(self) -> dict[str, Any]:
-        return {"config.json": {"train": self.config.to_dict(), "model": self.model_config.to_dict(),
-                                "special_ids": self.tgt_tok.special_ids},
-                SRC_TOKENIZER: self.src_tok.to_dict(), TGT_TOKENIZER: self.tgt_tok.to_dict()}
+        return {
+            "config.json": {
+                "train": self.config.to_dict(),
+                "model": self.model_config.to_dict(),
+                "special_ids": self.tgt_tok.special_ids,
+            },
+            SRC_TOKENIZER: self.src_tok.to_dict(),
+            TGT_TOKENIZER: self.tgt_tok.to_dict(),
+        }
 
 
 def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> Trainer:
@@ -282,12 +332,18 @@ def resume_run(out: str | Path, overrides: dict[str, Any], **trainer_options: An
 
 def summary(trainer: Trainer, reason: str) -> dict[str, Any]:
     """What ``rnnlab-mt train`` prints: steps, epochs, best valid BLEU, why it stopped, seconds."""
-    return {"steps": trainer.position.step, "epochs": trainer.position.epoch, "best_valid_bleu": trainer.best,
-            "stopped_by": reason, "seconds": round(trainer.elapsed_s, 1)}
+    return {
+        "steps": trainer.position.step,
+        "epochs": trainer.position.epoch,
+        "best_valid_bleu": trainer.best,
+        "stopped_by": reason,
+        "seconds": round(trainer.elapsed_s, 1),
+    }
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
-          show_progress: bool | None = None) -> dict[str, Any]:
+def train(
+    config: TrainConfig, out_dir: str | Path, resume: bool = False, show_progress: bool | None = None
+) -> dict[str, Any]:
     """Trains a new run (or resumes one: then ``config``'s [run] settings apply); returns :func:`summary`."""
     if show_progress is not None:
         config = TrainConfig.from_dict({**config.to_dict(), "progress": show_progress})

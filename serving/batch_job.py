@@ -83,8 +83,12 @@ class JobConfig:
     """None: a bar when stderr is a terminal."""
 
     def params(self) -> SearchParams:
-        return SearchParams(beam=self.beam, length_penalty=self.length_penalty,
-                            max_len_ratio=self.max_len_ratio, n_best=self.n_best)
+        return SearchParams(
+            beam=self.beam,
+            length_penalty=self.length_penalty,
+            max_len_ratio=self.max_len_ratio,
+            n_best=self.n_best,
+        )
 
     def resolved_format(self) -> str:
         if self.format != "auto":
@@ -93,14 +97,15 @@ class JobConfig:
 
 
 def parse_shard(text: str) -> tuple[int, int] | str:
-    """"I/N" -> (I, N) with 0 <= I < N, or "auto" (argparse type: usage error otherwise)."""
+    """ "I/N" -> (I, N) with 0 <= I < N, or "auto" (argparse type: usage error otherwise)."""
     if text == AUTO:
         return AUTO
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like I/N (e.g. 0/4) or be auto, not {text!r}"
-                                         ) from None
+        raise argparse.ArgumentTypeError(
+            f"--shard must look like I/N (e.g. 0/4) or be auto, not {text!r}"
+        ) from None
     if not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
     return index, count
@@ -144,28 +149,42 @@ def remote_backend(config: JobConfig) -> tuple[Backend, str]:
         raise JobError(f"server {config.server}: {exc.code().name}: {exc.details()}") from None
     model = config.model or (models[0] if len(models) == 1 else None)
     if model not in models:
-        raise JobError(f"server {config.server} serves translators {models}; pick one with --model"
-                       if config.model is None else f"server {config.server} has no translator {model!r} "
-                       f"(has {', '.join(models) or 'none'})")
+        raise JobError(
+            f"server {config.server} serves translators {models}; pick one with --model"
+            if config.model is None
+            else f"server {config.server} has no translator {model!r} (has {', '.join(models) or 'none'})"
+        )
     params = config.params()
     pool = ThreadPoolExecutor(REMOTE_CONCURRENCY)
 
     def call(texts: list[str]) -> list[Translation]:
-        results = client.translate(model, texts, beam=params.beam, length_penalty=params.length_penalty,
-                                   max_length_ratio=params.max_len_ratio, max_length=params.max_len_cap,
-                                   n_best=params.n_best)
-        return [Translation("", [], r.error) if r.failed else
-                Translation(r.hypotheses[0].text, [(h.text, h.score) for h in r.hypotheses],
-                            source_tokens=r.source_tokens) for r in results]
+        results = client.translate(
+            model,
+            texts,
+            beam=params.beam,
+            length_penalty=params.length_penalty,
+            max_length_ratio=params.max_len_ratio,
+            max_length=params.max_len_cap,
+            n_best=params.n_best,
+        )
+        return [
+            Translation("", [], r.error)
+            if r.failed
+            else Translation(
+                r.hypotheses[0].text, [(h.text, h.score) for h in r.hypotheses], source_tokens=r.source_tokens
+            )
+            for r in results
+        ]
 
     def translate(texts: list[str]) -> list[Translation]:
         # Similar lengths together, several requests in flight: the server batches them across calls.
         order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-        parts = [order[i:i + REMOTE_BATCH] for i in range(0, len(order), REMOTE_BATCH)]
+        parts = [order[i : i + REMOTE_BATCH] for i in range(0, len(order), REMOTE_BATCH)]
         results: list[Translation | None] = [None] * len(texts)
         try:
-            for part, translated in zip(parts, pool.map(call, [[texts[i] for i in p] for p in parts]),
-                                        strict=True):
+            for part, translated in zip(
+                parts, pool.map(call, [[texts[i] for i in p] for p in parts]), strict=True
+            ):
                 for i, result in zip(part, translated, strict=True):
                     results[i] = result
         except grpc.RpcError as exc:
@@ -199,11 +218,16 @@ def parse_line(raw: bytes, number: int, fmt: str) -> tuple[str, str, str | None]
     return str(item.get("id", number)), item["text"], None
 
 
-def format_line(fmt: str, item_id: str, source: str, result: Translation, error: str | None,
-                n_best: int) -> str:
+def format_line(
+    fmt: str, item_id: str, source: str, result: Translation, error: str | None, n_best: int
+) -> str:
     if fmt == "jsonl":
-        record: dict = {"id": item_id, "source": source, "translation": "" if error else result.text,
-                        "score": None if error else round(result.n_best[0][1], 6)}
+        record: dict = {
+            "id": item_id,
+            "source": source,
+            "translation": "" if error else result.text,
+            "score": None if error else round(result.n_best[0][1], 6),
+        }
         if n_best > 1 and not error:
             record["n_best"] = [{"translation": t, "score": round(s, 6)} for t, s in result.n_best]
         if error:
@@ -264,23 +288,36 @@ class ResumableOutput:
             data = json.loads(self.sidecar.read_text(encoding="utf-8"))
             digest, lines, size = data["args_hash"], int(data["lines_done"]), int(data["output_bytes"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise JobError(f"{self.sidecar}: unreadable progress file ({exc}); delete it to start over"
-                           ) from None
+            raise JobError(
+                f"{self.sidecar}: unreadable progress file ({exc}); delete it to start over"
+            ) from None
         if digest != self.digest:
-            raise JobError(f"{self.sidecar}: left by a job with other arguments or another input/model; "
-                           f"rerun that job, or delete {self.sidecar} (and {self.path}) to start over")
+            raise JobError(
+                f"{self.sidecar}: left by a job with other arguments or another input/model; "
+                f"rerun that job, or delete {self.sidecar} (and {self.path}) to start over"
+            )
         current = self.path.stat().st_size if self.path.exists() else 0
         if current < size:
-            raise JobError(f"{self.path}: shorter ({current} bytes) than its progress file says ({size}); "
-                           f"delete {self.sidecar} to start over")
+            raise JobError(
+                f"{self.path}: shorter ({current} bytes) than its progress file says ({size}); "
+                f"delete {self.sidecar} to start over"
+            )
         self.lines_done, self.bytes_done = lines, size
 
     def _record(self, lines: int, complete: bool = False) -> None:
         self.lines_done = lines
         self.bytes_done = self.path.stat().st_size if lines else 0
-        atomic_write_json(self.sidecar, {"version": PROGRESS_VERSION, "args_hash": self.digest,
-                                          "lines_done": lines, "output_bytes": self.bytes_done,
-                                          **(self.record or {}), "complete": complete})
+        atomic_write_json(
+            self.sidecar,
+            {
+                "version": PROGRESS_VERSION,
+                "args_hash": self.digest,
+                "lines_done": lines,
+                "output_bytes": self.bytes_done,
+                **(self.record or {}),
+                "complete": complete,
+            },
+        )
 
     def append(self, text: str, lines: int) -> None:
         """Appends one chunk's output (``lines`` input lines), durably, then records the progress."""
@@ -357,17 +394,36 @@ def run_job(config: JobConfig, backend: tuple[Backend, str] | None = None) -> Jo
     start, stop = 0, None
     if config.shard is not None:
         start, stop = shard_range(count_lines(config.input), config.shard)
-    record = None if config.shard is None else {
-        "shard": list(config.shard), "job_hash": args_hash(config, identity, whole_job=True),
-        "lines_total": stop - start}
-    output = (StdoutOutput() if config.output == "-"
-              else ResumableOutput(Path(config.output), args_hash(config, identity), record))
+    record = (
+        None
+        if config.shard is None
+        else {
+            "shard": list(config.shard),
+            "job_hash": args_hash(config, identity, whole_job=True),
+            "lines_total": stop - start,
+        }
+    )
+    output = (
+        StdoutOutput()
+        if config.output == "-"
+        else ResumableOutput(Path(config.output), args_hash(config, identity), record)
+    )
     resumed = output.lines_done
-    total = None if stop is None and config.input == "-" else (
-        (stop if stop is not None else count_lines(config.input)) - start)
+    total = (
+        None
+        if stop is None and config.input == "-"
+        else ((stop if stop is not None else count_lines(config.input)) - start)
+    )
     source = sys.stdin.buffer if config.input == "-" else open(config.input, "rb")  # noqa: SIM115
-    bar = tqdm(total=total, initial=resumed, unit="sent", desc="translate", file=sys.stderr,
-               disable=None if config.progress is None else not config.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=resumed,
+        unit="sent",
+        desc="translate",
+        file=sys.stderr,
+        disable=None if config.progress is None else not config.progress,
+        dynamic_ncols=True,
+    )
     began = time.perf_counter()
     failed = done = 0
     try:
@@ -388,8 +444,12 @@ def run_job(config: JobConfig, backend: tuple[Backend, str] | None = None) -> Jo
     return summary
 
 
-def _chunks(lines: Iterator[bytes], first: int, stop: int | None, size: int,
-            ) -> Iterator[list[tuple[int, bytes]]]:
+def _chunks(
+    lines: Iterator[bytes],
+    first: int,
+    stop: int | None,
+    size: int,
+) -> Iterator[list[tuple[int, bytes]]]:
     """(line number, bytes) for input lines [first, stop), ``size`` at a time."""
     chunk = []
     for number, raw in enumerate(lines, 1):
@@ -405,8 +465,13 @@ def _chunks(lines: Iterator[bytes], first: int, stop: int | None, size: int,
         yield chunk
 
 
-def _run_chunk(chunk: list[tuple[int, bytes]], translate: Backend, fmt: str, n_best: int,
-               output: ResumableOutput | StdoutOutput) -> int:
+def _run_chunk(
+    chunk: list[tuple[int, bytes]],
+    translate: Backend,
+    fmt: str,
+    n_best: int,
+    output: ResumableOutput | StdoutOutput,
+) -> int:
     """Translates and writes one chunk in input order -> number of failed lines."""
     parsed = [parse_line(raw, number, fmt) for number, raw in chunk]
     results = translate([text if error is None else "" for _, text, error in parsed])
@@ -433,8 +498,9 @@ def score_output(config: JobConfig, fmt: str) -> dict:
         hypotheses = [h.split(" ||| ")[0].split("\t")[0] for h in hypotheses]
     references = Path(config.references).read_text(encoding="utf-8").splitlines()
     if len(references) != len(hypotheses):
-        raise JobError(f"{config.references}: {len(references)} references for {len(hypotheses)} "
-                       "translated lines")
+        raise JobError(
+            f"{config.references}: {len(references)} references for {len(hypotheses)} translated lines"
+        )
     return corpus_scores(hypotheses, [[r] for r in references])
 
 
@@ -445,22 +511,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bundle", help="exported bundle directory (torch-free, resumable job)")
     group.add_argument("--server", help="HOST:PORT of rnnlab-serve instead of a local bundle")
     group.add_argument("--model", help="translator name on --server (default: the only one)")
-    group.add_argument("--format", choices=FORMATS, default="auto",
-                       help="text or jsonl; auto: jsonl for a .jsonl/.json input (default auto)")
-    group.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
-                       help=f"batch budget: sentences x longest source in tokens (default {BATCH_TOKENS}; "
-                            "on CPU larger batches are slower per sentence)")
-    group.add_argument("--chunk-lines", type=int, default=1000,
-                       help="input lines per checkpointed chunk (default 1000)")
-    group.add_argument("--shard", type=parse_shard,
-                       help="I/N: translate the I-th of N contiguous line ranges (0-based); auto: I and N "
-                            "of this Slurm array task or Kubernetes Indexed Job, output G.shard-I-of-N "
-                            "(then rnnlab-mt merge --output G)")
-    group.add_argument("--shard-count", type=int,
-                       help="N for --shard auto in a Kubernetes Indexed Job (its completions)")
+    group.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="text or jsonl; auto: jsonl for a .jsonl/.json input (default auto)",
+    )
+    group.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=BATCH_TOKENS,
+        help=f"batch budget: sentences x longest source in tokens (default {BATCH_TOKENS}; "
+        "on CPU larger batches are slower per sentence)",
+    )
+    group.add_argument(
+        "--chunk-lines", type=int, default=1000, help="input lines per checkpointed chunk (default 1000)"
+    )
+    group.add_argument(
+        "--shard",
+        type=parse_shard,
+        help="I/N: translate the I-th of N contiguous line ranges (0-based); auto: I and N "
+        "of this Slurm array task or Kubernetes Indexed Job, output G.shard-I-of-N "
+        "(then rnnlab-mt merge --output G)",
+    )
+    group.add_argument(
+        "--shard-count", type=int, help="N for --shard auto in a Kubernetes Indexed Job (its completions)"
+    )
     group.add_argument("--references", help="reference file: print BLEU and chrF at the end")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="progress bar on stderr (default: when stderr is a terminal)")
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
 
 def resolve_shard(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
@@ -480,19 +563,35 @@ def resolve_shard(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     shard, output = resolve_shard(args)
-    return JobConfig(input=args.input or "-", output=output, bundle=args.bundle,
-                     server=args.server, model=args.model, format=args.format, beam=args.beam,
-                     length_penalty=args.length_penalty, max_len_ratio=args.max_len_ratio, n_best=args.n_best,
-                     batch_tokens=args.batch_tokens, chunk_lines=args.chunk_lines, shard=shard,
-                     references=args.references, threads=args.threads or 1, workers=args.workers,
-                     progress=args.progress)
+    return JobConfig(
+        input=args.input or "-",
+        output=output,
+        bundle=args.bundle,
+        server=args.server,
+        model=args.model,
+        format=args.format,
+        beam=args.beam,
+        length_penalty=args.length_penalty,
+        max_len_ratio=args.max_len_ratio,
+        n_best=args.n_best,
+        batch_tokens=args.batch_tokens,
+        chunk_lines=args.chunk_lines,
+        shard=shard,
+        references=args.references,
+        threads=args.threads or 1,
+        workers=args.workers,
+        progress=args.progress,
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     summary = run_job(config_from_args(args))
     note = f", resumed after line {summary.resumed_from}" if summary.resumed_from else ""
-    print(f"translated {summary.lines} lines ({summary.failed} failed) in {summary.seconds:.1f} s, "
-          f"{summary.sentences_per_s:.1f} sentences/s{note}", file=sys.stderr)
+    print(
+        f"translated {summary.lines} lines ({summary.failed} failed) in {summary.seconds:.1f} s, "
+        f"{summary.sentences_per_s:.1f} sentences/s{note}",
+        file=sys.stderr,
+    )
     if summary.bleu is not None:
         bleu = summary.bleu
         print(f"BLEU {bleu['bleu']:.2f} chrF {bleu['chrf']:.2f}\n{bleu['bleu_signature']}", file=sys.stderr)

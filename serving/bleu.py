@@ -23,5 +23,9 @@ def corpus_scores(hypotheses: list[str], references: list[list[str]]) -> dict:
     bleu, chrf = BLEU(), CHRF()
     bleu_score = bleu.corpus_score(hypotheses, streams)
     chrf_score = chrf.corpus_score(hypotheses, streams)
-    return {"bleu": round(bleu_score.score, 2), "chrf": round(chrf_score.score, 2),
-            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    return {
+        "bleu": round(bleu_score.score, 2),
+        "chrf": round(chrf_score.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }

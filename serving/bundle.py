@@ -58,7 +58,8 @@ class TensorSpec:
         name = data["name"]
         shape = data.get("shape")
         valid = isinstance(shape, list) and all(
-            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or isinstance(d, str) for d in shape)
+            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or isinstance(d, str) for d in shape
+        )
         if not valid:
             raise BundleError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
         dtype = data.get("dtype")
@@ -141,8 +142,11 @@ def bundle_digest(bundle_dir: str | Path) -> str:
 def numeric_leaves(data: object, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a JSON value, nested keys joined with dots; booleans and strings are left out."""
     if isinstance(data, dict):
-        return {name: number for key, value in data.items()
-                for name, number in numeric_leaves(value, f"{prefix}{key}.").items()}
+        return {
+            name: number
+            for key, value in data.items()
+            for name, number in numeric_leaves(value, f"{prefix}{key}.").items()
+        }
     if isinstance(data, bool) or not isinstance(data, int | float):
         return {}
     return {prefix.rstrip("."): float(data)}
@@ -187,8 +191,9 @@ def verify_files(bundle_dir: Path, files: dict[str, str], sizes: dict[str, int])
             raise BundleError(f"{path}: missing (listed in {MANIFEST})")
         size = path.stat().st_size
         if relpath in sizes and size != sizes[relpath]:
-            raise BundleError(f"{path}: {size} bytes, {MANIFEST} says {sizes[relpath]} "
-                              "(truncated or changed)")
+            raise BundleError(
+                f"{path}: {size} bytes, {MANIFEST} says {sizes[relpath]} (truncated or changed)"
+            )
         if sha256_file(path) != expected:
             raise BundleError(f"{path}: sha256 differs from {MANIFEST} (file changed or corrupt)")
 
@@ -202,14 +207,18 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{where}: not an rnnlab bundle (format {data.get('format')!r})")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{where}: unsupported format_version {version!r} "
-                          f"(this rnnlab reads {FORMAT_VERSION})")
+        raise BundleError(
+            f"{where}: unsupported format_version {version!r} (this rnnlab reads {FORMAT_VERSION})"
+        )
     kind = data.get("kind")
     if kind not in KINDS:
         raise BundleError(f"{where}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
     files = data.get("files")
-    if not isinstance(files, dict) or not files or not all(
-            isinstance(v, str) and len(v) == 64 for v in files.values()):
+    if (
+        not isinstance(files, dict)
+        or not files
+        or not all(isinstance(v, str) and len(v) == 64 for v in files.values())
+    ):
         raise BundleError(f"{where}: 'files' must map every bundle file to its sha256")
     files = {_safe_relpath(k, where): v for k, v in files.items()}
     sizes = data.get("file_sizes") or {}
@@ -232,11 +241,22 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     if verify:
         verify_files(bundle_dir, files, sizes)
     return Manifest(
-        path=bundle_dir, kind=kind, name=str(data.get("name") or bundle_dir.name), format_version=version,
-        architecture=architecture, graphs=dict(graphs), inputs=_tensors(data, "inputs", where),
-        outputs=_tensors(data, "outputs", where), state=_tensors(data, "state", where),
-        special_ids=special_ids, tokenizer=tokenizer, files=files, evaluation=data.get("evaluation"),
-        training_config=data.get("training_config"), created_by=data.get("created_by") or {}, data=data,
+        path=bundle_dir,
+        kind=kind,
+        name=str(data.get("name") or bundle_dir.name),
+        format_version=version,
+        architecture=architecture,
+        graphs=dict(graphs),
+        inputs=_tensors(data, "inputs", where),
+        outputs=_tensors(data, "outputs", where),
+        state=_tensors(data, "state", where),
+        special_ids=special_ids,
+        tokenizer=tokenizer,
+        files=files,
+        evaluation=data.get("evaluation"),
+        training_config=data.get("training_config"),
+        created_by=data.get("created_by") or {},
+        data=data,
         digest=digest,
     )
 
@@ -266,9 +286,13 @@ def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
     bundle_dir = Path(bundle_dir)
     files = sorted(p for p in bundle_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     rel = [p.relative_to(bundle_dir).as_posix() for p in files]
-    document = {"format": BUNDLE_FORMAT, "format_version": FORMAT_VERSION, **manifest,
-                "files": {r: sha256_file(p) for r, p in zip(rel, files, strict=True)},
-                "file_sizes": {r: p.stat().st_size for r, p in zip(rel, files, strict=True)}}
+    document = {
+        "format": BUNDLE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "files": {r: sha256_file(p) for r, p in zip(rel, files, strict=True)},
+        "file_sizes": {r: p.stat().st_size for r, p in zip(rel, files, strict=True)},
+    }
     path = bundle_dir / MANIFEST
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

@@ -1,12 +1,12 @@
 """A small synchronous client for the rnnlab gRPC API.
 
-    with Client("127.0.0.1:50151") as client:
-        for piece in client.generate_text("tiny", "The Time", max_tokens=64):
-            print(piece, end="", flush=True)
-        session = client.open_session("tiny", prompt="Hello")
-        print("".join(session.generate_text(max_tokens=20)))
-        token = session.export()          # resume anywhere: client.resume(token)
-        session.close()
+with Client("127.0.0.1:50151") as client:
+    for piece in client.generate_text("tiny", "The Time", max_tokens=64):
+        print(piece, end="", flush=True)
+    session = client.open_session("tiny", prompt="Hello")
+    print("".join(session.generate_text(max_tokens=20)))
+    token = session.export()          # resume anywhere: client.resume(token)
+    session.close()
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from serving.api.rnnlab.v1 import translation_pb2_grpc as tpb_grpc
 from serving.search import DEFAULT_SEARCH
 
 
-def sampling_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int | None = None) -> pb.SamplingOptions:
+def sampling_options(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+) -> pb.SamplingOptions:
     options = pb.SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
         options.seed = seed
@@ -35,8 +36,14 @@ def sampling_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.
 class Client:
     """target "host:port"; ``token`` sends "authorization: Bearer <token>"; ``tls_ca`` (PEM) turns on TLS."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None,
-                 timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        timeout: float | None = None,
+    ) -> None:
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(target, credentials)
@@ -62,7 +69,7 @@ class Client:
         return {"metadata": self.metadata, "timeout": timeout if timeout is not None else self.timeout}
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
-        """"SERVING", "NOT_SERVING", ...; raises grpc.RpcError when the server cannot be reached."""
+        """ "SERVING", "NOT_SERVING", ...; raises grpc.RpcError when the server cannot be reached."""
         reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), **self._kw(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
@@ -72,13 +79,29 @@ class Client:
     def model(self, name: str, timeout: float | None = None) -> pb.ModelInfo:
         return self.generation.GetModel(pb.GetModelRequest(model=name), **self._kw(timeout))
 
-    def generate(self, model: str, prompt: str, max_tokens: int = 0, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (),
-                 logprobs: bool = False, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int = 0,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[pb.GenerateResponse]:
         """The raw stream: messages with text, token ids (and logprobs); the last one has ``end`` set."""
-        request = pb.GenerateRequest(model=model, prompt=prompt, max_tokens=max_tokens,
-                                     sampling=sampling_options(temperature, top_k, top_p, seed),
-                                     stop=list(stop), logprobs=logprobs)
+        request = pb.GenerateRequest(
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            sampling=sampling_options(temperature, top_k, top_p, seed),
+            stop=list(stop),
+            logprobs=logprobs,
+        )
         return self.generation.Generate(request, **self._kw(timeout))
 
     def generate_text(self, model: str, prompt: str, max_tokens: int = 0, **options: object) -> Iterator[str]:
@@ -95,8 +118,11 @@ class Client:
         info = self.sessions.Resume(pb.ResumeSessionRequest(token=token), **self._kw(timeout))
         return ClientSession(self, info)
 
-    def interact(self, requests: Iterable[pb.InteractRequest], timeout: float | None = None,
-                 ) -> Iterator[pb.InteractResponse]:
+    def interact(
+        self,
+        requests: Iterable[pb.InteractRequest],
+        timeout: float | None = None,
+    ) -> Iterator[pb.InteractResponse]:
         return self.sessions.Interact(iter(requests), **self._kw(timeout))
 
     # --- translation (serving/translation_service.py) ---
@@ -104,18 +130,34 @@ class Client:
         reply = self.translation.ListTranslators(tpb.ListTranslatorsRequest(), **self._kw(timeout))
         return list(reply.models)
 
-    def translate(self, model: str, sentences: Iterable[str], *, beam: int = DEFAULT_SEARCH.beam,
-                  length_penalty: float = DEFAULT_SEARCH.length_penalty,
-                  max_length_ratio: float = DEFAULT_SEARCH.max_len_ratio, max_length: int = 0,
-                  n_best: int = 1, timeout: float | None = None) -> list[tpb.TranslationResult]:
+    def translate(
+        self,
+        model: str,
+        sentences: Iterable[str],
+        *,
+        beam: int = DEFAULT_SEARCH.beam,
+        length_penalty: float = DEFAULT_SEARCH.length_penalty,
+        max_length_ratio: float = DEFAULT_SEARCH.max_len_ratio,
+        max_length: int = 0,
+        n_best: int = 1,
+        timeout: float | None = None,
+    ) -> list[tpb.TranslationResult]:
         """One result per sentence, in order (a bad sentence has ``failed``/``error`` set)."""
-        options = tpb.TranslateOptions(beam_size=beam, length_penalty=length_penalty, n_best=n_best,
-                                       max_length_ratio=max_length_ratio, max_length=max_length)
+        options = tpb.TranslateOptions(
+            beam_size=beam,
+            length_penalty=length_penalty,
+            n_best=n_best,
+            max_length_ratio=max_length_ratio,
+            max_length=max_length,
+        )
         request = tpb.TranslateRequest(model=model, sentences=list(sentences), options=options)
         return list(self.translation.Translate(request, **self._kw(timeout)).results)
 
-    def translate_stream(self, requests: Iterable[tpb.TranslateStreamRequest], timeout: float | None = None,
-                         ) -> Iterator[tpb.TranslateStreamResponse]:
+    def translate_stream(
+        self,
+        requests: Iterable[tpb.TranslateStreamRequest],
+        timeout: float | None = None,
+    ) -> Iterator[tpb.TranslateStreamResponse]:
         """Long jobs: results come back as they are ready, each with the id of its request."""
         return self.translation.TranslateStream(iter(requests), **self._kw(timeout))
 
@@ -130,17 +172,33 @@ class ClientSession:
         self.tokens = info.tokens
 
     def append(self, text: str, timeout: float | None = None) -> pb.SessionInfo:
-        info = self.client.sessions.Append(pb.AppendRequest(session_id=self.id, text=text),
-                                           **self.client._kw(timeout))
+        info = self.client.sessions.Append(
+            pb.AppendRequest(session_id=self.id, text=text), **self.client._kw(timeout)
+        )
         self.tokens = info.tokens
         return info
 
-    def generate(self, max_tokens: int = 0, *, text: str = "", temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (),
-                 logprobs: bool = False, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
-        request = pb.SessionGenerateRequest(session_id=self.id, text=text, max_tokens=max_tokens,
-                                            sampling=sampling_options(temperature, top_k, top_p, seed),
-                                            stop=list(stop), logprobs=logprobs)
+    def generate(
+        self,
+        max_tokens: int = 0,
+        *,
+        text: str = "",
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[pb.GenerateResponse]:
+        request = pb.SessionGenerateRequest(
+            session_id=self.id,
+            text=text,
+            max_tokens=max_tokens,
+            sampling=sampling_options(temperature, top_k, top_p, seed),
+            stop=list(stop),
+            logprobs=logprobs,
+        )
         for message in self.client.sessions.Generate(request, **self.client._kw(timeout)):
             if message.HasField("end"):
                 self.tokens = message.end.session_tokens
@@ -153,8 +211,9 @@ class ClientSession:
 
     def export(self, timeout: float | None = None) -> bytes:
         """A signed state token: ``Client.resume(token)`` continues from here on any replica with the key."""
-        return self.client.sessions.Export(pb.ExportSessionRequest(session_id=self.id),
-                                           **self.client._kw(timeout)).token
+        return self.client.sessions.Export(
+            pb.ExportSessionRequest(session_id=self.id), **self.client._kw(timeout)
+        ).token
 
     def close(self, timeout: float | None = None) -> None:
         self.client.sessions.Close(pb.CloseSessionRequest(session_id=self.id), **self.client._kw(timeout))

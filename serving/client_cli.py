@@ -1,9 +1,9 @@
 """``rnnlab-client``: stream generations, chat in a session, list models, check health.
 
-    rnnlab-client --target 127.0.0.1:50151 generate tiny "The Time" --max-tokens 80 --temperature 0.8
-    rnnlab-client session tiny --prompt "The Time"     # each stdin line: appended, then a continuation
-    rnnlab-client models [NAME]
-    rnnlab-client health [--wait 30]
+rnnlab-client --target 127.0.0.1:50151 generate tiny "The Time" --max-tokens 80 --temperature 0.8
+rnnlab-client session tiny --prompt "The Time"     # each stdin line: appended, then a continuation
+rnnlab-client models [NAME]
+rnnlab-client health [--wait 30]
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ from serving.search import DEFAULT_SEARCH
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=0, help="0: the server default")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature,
-                        help=f"0: greedy (default {DEFAULT_SAMPLING.temperature}, as rnnlab-lm generate)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_SAMPLING.temperature,
+        help=f"0: greedy (default {DEFAULT_SAMPLING.temperature}, as rnnlab-lm generate)",
+    )
     parser.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
     parser.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p)
     parser.add_argument("--seed", type=int)
@@ -37,8 +41,11 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnlab-client", description="Talk to an rnnlab-serve server.")
-    parser.add_argument("--target", default=os.environ.get("RNNLAB_TARGET", "127.0.0.1:50151"),
-                        help="host:port (env RNNLAB_TARGET)")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("RNNLAB_TARGET", "127.0.0.1:50151"),
+        help="host:port (env RNNLAB_TARGET)",
+    )
     parser.add_argument("--token", default=os.environ.get("RNNLAB_AUTH_TOKEN"), help="bearer token")
     parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate")
     parser.add_argument("--timeout", type=float, help="deadline per call in seconds")
@@ -63,16 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     end = None
-    for message in client.generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):
+    for message in client.generate(
+        args.model,
+        args.prompt,
+        args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    ):
         sys.stdout.write(message.text)
         sys.stdout.flush()
         if message.HasField("end"):
             end = message.end
     sys.stdout.write("\n")
     if args.stats and end is not None:
-        print(f"finish={pb.FinishReason.Name(end.finish_reason)} prompt_tokens={end.prompt_tokens} "
-              f"generated_tokens={end.generated_tokens}", file=sys.stderr)
+        print(
+            f"finish={pb.FinishReason.Name(end.finish_reason)} prompt_tokens={end.prompt_tokens} "
+            f"generated_tokens={end.generated_tokens}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -82,8 +100,11 @@ def _session(client: Client, args: argparse.Namespace) -> int:
     def requests():
         yield pb.InteractRequest(open=pb.OpenSessionRequest(model=args.model, prompt=args.prompt))
         for line in sys.stdin:
-            yield pb.InteractRequest(generate=pb.SessionGenerateRequest(
-                text=line, max_tokens=args.max_tokens, sampling=options, stop=args.stop))
+            yield pb.InteractRequest(
+                generate=pb.SessionGenerateRequest(
+                    text=line, max_tokens=args.max_tokens, sampling=options, stop=args.stop
+                )
+            )
         if args.export:
             yield pb.InteractRequest(export=True)
 
@@ -102,8 +123,10 @@ def _models(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(json_format.MessageToDict(client.model(args.name)), indent=2))
         return 0
     for info in client.models():
-        print(f"{info.name}\t{info.cell} x{info.layers} h{info.hidden_size}\tvocab {info.vocab_size}\t"
-              f"{info.tokenizer}\t{info.bundle_digest[:12]}")
+        print(
+            f"{info.name}\t{info.cell} x{info.layers} h{info.hidden_size}\tvocab {info.vocab_size}\t"
+            f"{info.tokenizer}\t{info.bundle_digest[:12]}"
+        )
     return 0
 
 
@@ -115,20 +138,33 @@ def _translate_args(commands: argparse._SubParsersAction) -> None:
     translate.add_argument("--beam", type=int, default=DEFAULT_SEARCH.beam)
     translate.add_argument("--n-best", type=int, default=1)
     translate.add_argument("--length-penalty", type=float, default=DEFAULT_SEARCH.length_penalty)
-    translate.add_argument("--max-length-ratio", "--max-len-ratio", dest="max_length_ratio", type=float,
-                           default=DEFAULT_SEARCH.max_len_ratio)
+    translate.add_argument(
+        "--max-length-ratio",
+        "--max-len-ratio",
+        dest="max_length_ratio",
+        type=float,
+        default=DEFAULT_SEARCH.max_len_ratio,
+    )
     translate.add_argument("--json", action="store_true", help="one JSON result per line")
 
 
 def _translate(client: Client, args: argparse.Namespace) -> int:
     if args.list or not args.model:
         for info in client.translators():
-            print(f"{info.name}\t{info.source_language}->{info.target_language}\t"
-                  f"attention {'yes' if info.attention else 'no'}\t{info.bundle_digest[:12]}")
+            print(
+                f"{info.name}\t{info.source_language}->{info.target_language}\t"
+                f"attention {'yes' if info.attention else 'no'}\t{info.bundle_digest[:12]}"
+            )
         return 0
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
-    results = client.translate(args.model, sentences, beam=args.beam, n_best=args.n_best,
-                               length_penalty=args.length_penalty, max_length_ratio=args.max_length_ratio)
+    results = client.translate(
+        args.model,
+        sentences,
+        beam=args.beam,
+        n_best=args.n_best,
+        length_penalty=args.length_penalty,
+        max_length_ratio=args.max_length_ratio,
+    )
     failed = 0
     for number, result in enumerate(results, 1):
         if args.json:
@@ -166,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         with Client(args.target, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
-            return {"generate": _generate, "session": _session, "models": _models,
-                    "health": _health, "translate": _translate}[args.command](client, args)
+            return {
+                "generate": _generate,
+                "session": _session,
+                "models": _models,
+                "health": _health,
+                "translate": _translate,
+            }[args.command](client, args)
     except grpc.RpcError as exc:
         return fail(f"{exc.code().name}: {exc.details()}", ExitCode.SOME_FAILED)
     except ValueError as exc:

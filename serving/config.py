@@ -23,37 +23,37 @@ class ConfigError(UserError):
 
 @dataclass
 class ServerConfig:
-    models: str = "bundles"            # directory holding one bundle per subdirectory (or a bundle itself)
-    host: str = "127.0.0.1"           # "0.0.0.0" / "[::]" to listen on every interface
-    port: int = 50151                 # 0 picks a free port (printed on stdout)
-    metrics_port: int | None = None   # Prometheus /metrics over HTTP; None disables, 0 picks a free port
-    ort_threads: int = 1              # onnxruntime intra-op threads per model (per translation worker)
+    models: str = "bundles"  # directory holding one bundle per subdirectory (or a bundle itself)
+    host: str = "127.0.0.1"  # "0.0.0.0" / "[::]" to listen on every interface
+    port: int = 50151  # 0 picks a free port (printed on stdout)
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None disables, 0 picks a free port
+    ort_threads: int = 1  # onnxruntime intra-op threads per model (per translation worker)
     # translation batches searched at once per translator (threads): 2, or 1 on a one-core machine
     translate_workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
-    batching: bool = True             # False: one stream per ORT call (max_batch 1), for comparison
-    max_batch: int = 256              # streams per batched decode step; more wait in the queue
-    prefill_chunk: int = 256          # prompt tokens read per step, so prefill never stalls decoding long
-    flush_ms: float = 1.0             # hand tokens to the event loop at most this often (first/last at once)
+    batching: bool = True  # False: one stream per ORT call (max_batch 1), for comparison
+    max_batch: int = 256  # streams per batched decode step; more wait in the queue
+    prefill_chunk: int = 256  # prompt tokens read per step, so prefill never stalls decoding long
+    flush_ms: float = 1.0  # hand tokens to the event loop at most this often (first/last at once)
     max_messages_per_s: float = 2000  # ... and rarely enough to send at most this many stream messages per s
     prompt_cache_entries: int = 4096  # prompt states kept per model: shared prompts skip prefill (0: off)
     prompt_cache_bytes: int = 64 * 2**20
     max_prompt_chars: int = 32_768
     max_prompt_tokens: int = 8_192
-    max_tokens: int = 4_096           # cap on max_tokens per call
-    default_max_tokens: int = 256     # when a call leaves max_tokens 0
+    max_tokens: int = 4_096  # cap on max_tokens per call
+    default_max_tokens: int = 256  # when a call leaves max_tokens 0
     max_stop_strings: int = 8
     max_stop_chars: int = 64
-    max_streams: int = 512            # concurrent generations over all models
+    max_streams: int = 512  # concurrent generations over all models
     max_sessions: int = 100_000
     max_session_bytes: int = 512 * 2**20
     session_ttl_s: float = 3600.0
     evict_idle_sessions: bool = True  # evict least recently used idle sessions when the store is full
     max_message_bytes: int = 4 * 2**20
-    grace_s: float = 10.0             # SIGTERM: seconds in-flight calls may take to finish
+    grace_s: float = 10.0  # SIGTERM: seconds in-flight calls may take to finish
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no auth (env adds one)
-    state_key: str | None = None      # HMAC key for state tokens; else $RNNLAB_STATE_KEY, else random
+    state_key: str | None = None  # HMAC key for state tokens; else $RNNLAB_STATE_KEY, else random
     log_level: str = "INFO"
 
     def validate(self) -> ServerConfig:
@@ -62,9 +62,20 @@ class ServerConfig:
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"TLS file {path} does not exist")
-        for name in ("max_batch", "prefill_chunk", "max_prompt_chars", "max_prompt_tokens", "max_tokens",
-                     "default_max_tokens", "max_streams", "max_sessions", "max_session_bytes",
-                     "max_message_bytes", "ort_threads", "translate_workers"):
+        for name in (
+            "max_batch",
+            "prefill_chunk",
+            "max_prompt_chars",
+            "max_prompt_tokens",
+            "max_tokens",
+            "default_max_tokens",
+            "max_streams",
+            "max_sessions",
+            "max_session_bytes",
+            "max_message_bytes",
+            "ort_threads",
+            "translate_workers",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
         for name in ("prompt_cache_entries", "prompt_cache_bytes"):

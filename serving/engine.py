@@ -183,8 +183,9 @@ class _Rows:
 
     def extend(self, other: _Rows) -> _Rows:
         """These rows followed by ``other``'s (made at the same cursor)."""
-        return self._with({name: np.concatenate([getattr(self, name), getattr(other, name)])
-                           for name in self._FIELDS})
+        return self._with(
+            {name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in self._FIELDS}
+        )
 
     def next_uniforms(self, batch: Sequence[Stream]) -> np.ndarray:
         """(B,) this step's uniform of every row, 0 for greedy rows (they draw nothing, as ``sample_one``)."""
@@ -230,9 +231,17 @@ def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class ModelEngine:
     """The step loop of one model. ``submit``/``cancel`` are called from the event loop."""
 
-    def __init__(self, name: str, runtime: LMRuntime, metrics: ModelMetrics, max_batch: int = 256,
-                 prefill_chunk: int = 256, flush_interval: float = 0.001, max_messages_per_s: float = 2000.0,
-                 prompt_cache: PromptCache | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        runtime: LMRuntime,
+        metrics: ModelMetrics,
+        max_batch: int = 256,
+        prefill_chunk: int = 256,
+        flush_interval: float = 0.001,
+        max_messages_per_s: float = 2000.0,
+        prompt_cache: PromptCache | None = None,
+    ) -> None:
         self.name = name
         self.runtime = runtime
         self.metrics = metrics
@@ -350,8 +359,9 @@ class ModelEngine:
     def _fail(self, incoming: list[Stream], events: list[_Update], exc: Exception) -> None:
         """Fails every stream of the model that has not finished, and starts afresh."""
         log.exception("model %s: step failed", self.name)
-        failed = dict.fromkeys([*incoming, *self._prefilling, *(s for s, _, _ in self._ready),
-                                *self._batch])  # admitted streams are in two of these lists
+        failed = dict.fromkeys(
+            [*incoming, *self._prefilling, *(s for s, _, _ in self._ready), *self._batch]
+        )  # admitted streams are in two of these lists
         events += [(s, "", [], [], exc) for s in failed if not s.cancelled]
         self._reset()
 
@@ -416,7 +426,7 @@ class ModelEngine:
             self.metrics.prompt_tokens.inc(tokens.size)
             for row, stream in enumerate(streams):
                 del stream.remaining[:length]
-                row_state = [np.ascontiguousarray(a[:, row:row + 1]) for a in new_state]
+                row_state = [np.ascontiguousarray(a[:, row : row + 1]) for a in new_state]
                 if stream.remaining:
                     stream.request.state = row_state
                     continue
@@ -426,8 +436,9 @@ class ModelEngine:
                     self.prompt_cache.put(stream.request.ids, row_state, last)
                 self._prompt_read(stream, row_state, last, updates)
 
-    def _prompt_read(self, stream: Stream, state: list[np.ndarray], logits: np.ndarray,
-                     updates: list[_Update]) -> None:
+    def _prompt_read(
+        self, stream: Stream, state: list[np.ndarray], logits: np.ndarray, updates: list[_Update]
+    ) -> None:
         """A stream whose prompt is read (state (L, 1, ...) arrays, next logits (V,)) decodes, or ends if it
         only appends."""
         if stream.request.max_tokens == 0:
@@ -505,7 +516,7 @@ class ModelEngine:
 
     def _observe_step(self, batch: list[Stream], joined: int, now: float) -> None:
         """Step metrics, and the time to first token of the ``joined`` last rows (their first token)."""
-        for stream in batch[len(batch) - joined:]:
+        for stream in batch[len(batch) - joined :]:
             self.metrics.ttft.observe(now - stream.submitted)
             self._urgent.add(stream)
         self.metrics.batch.observe(len(batch))
@@ -560,17 +571,19 @@ class ModelEngine:
         stream.unsent.append(text)
         return finish
 
-    def _retire(self, batch: list[Stream], tokens: np.ndarray, rows: _Rows,
-                finished: list[tuple[int, Finish]]) -> np.ndarray:
+    def _retire(
+        self, batch: list[Stream], tokens: np.ndarray, rows: _Rows, finished: list[tuple[int, Finish]]
+    ) -> np.ndarray:
         """Records the outcome of the finished rows and drops them; returns the kept rows (K,) int64.
 
         An outcome's state is the row's state before this step: its last token is pending, not read.
         """
         for row, finish in finished:
             stream = batch[row]
-            state = [np.ascontiguousarray(a[:, row:row + 1]) for a in self._state]
-            self._ends[stream] = Outcome(finish, len(stream.request.ids), int(rows.count[row]), state, None,
-                                         int(tokens[row]))
+            state = [np.ascontiguousarray(a[:, row : row + 1]) for a in self._state]
+            self._ends[stream] = Outcome(
+                finish, len(stream.request.ids), int(rows.count[row]), state, None, int(tokens[row])
+            )
             self._urgent.add(stream)
         keep = np.setdiff1d(np.arange(len(batch)), [row for row, _ in finished])
         self._batch = [batch[i] for i in keep]
@@ -587,8 +600,11 @@ class ModelEngine:
             run = list(group)
             tokens = np.stack([step.tokens for step in run], axis=1)
             texts = self._texts[tokens].tolist()
-            logprobs = (np.stack([step.logprobs for step in run], axis=1).tolist()
-                        if run[0].logprobs is not None else None)
+            logprobs = (
+                np.stack([step.logprobs for step in run], axis=1).tolist()
+                if run[0].logprobs is not None
+                else None
+            )
             for row, (stream, ids) in enumerate(zip(run[0].batch, tokens.tolist(), strict=True)):
                 pending = self._pending.get(stream)
                 if pending is None:

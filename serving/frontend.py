@@ -58,8 +58,11 @@ def token_batches(order: list[int], lengths: list[int], batch_tokens: int) -> It
         yield batch
 
 
-def sorted_batches(sources: list[list[int]], batch_size: int = 64, batch_tokens: int | None = None,
-                   ) -> Iterator[list[int]]:
+def sorted_batches(
+    sources: list[list[int]],
+    batch_size: int = 64,
+    batch_tokens: int | None = None,
+) -> Iterator[list[int]]:
     """Indices of ``sources`` sorted by length (less padding), cut into batches of ``batch_size``
     sentences or, with ``batch_tokens``, of at most that many sentences x longest source."""
     order = sorted(range(len(sources)), key=lambda i: (len(sources[i]), i))
@@ -67,14 +70,19 @@ def sorted_batches(sources: list[list[int]], batch_size: int = 64, batch_tokens:
         yield from token_batches(order, [len(sources[i]) for i in order], batch_tokens)
         return
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
 class TextTranslator(ABC):
     """Tokenisation, length checks, batching and detokenisation around ``search_batch``."""
 
-    def __init__(self, src_tokenizer: SentencePieceTokenizer, tgt_tokenizer: SentencePieceTokenizer,
-                 max_src_tokens: int, normalize_fn: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        src_tokenizer: SentencePieceTokenizer,
+        tgt_tokenizer: SentencePieceTokenizer,
+        max_src_tokens: int,
+        normalize_fn: Callable[[str], str] | None = None,
+    ) -> None:
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.max_src_tokens = max_src_tokens
         self.normalize_fn = normalize_fn
@@ -85,8 +93,14 @@ class TextTranslator(ABC):
     def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
         """One batch of source id lists (EOS included, non-empty) -> ``params.n_best`` hypotheses each."""
 
-    def search(self, sources: list[list[int]], params: SearchParams, batch_size: int = 64,
-               batch_tokens: int | None = None, workers: int = 1) -> list[list[Hypothesis]]:
+    def search(
+        self,
+        sources: list[list[int]],
+        params: SearchParams,
+        batch_size: int = 64,
+        batch_tokens: int | None = None,
+        workers: int = 1,
+    ) -> list[list[Hypothesis]]:
         """Any number of sources in length-sorted batches (``sorted_batches``); input order out.
 
         ``workers`` > 1 searches that many batches at once, in threads: both runtimes release the GIL
@@ -132,11 +146,18 @@ class TextTranslator(ABC):
     def finish(self, hyps: list[Hypothesis], source_tokens: int, warning: str | None = None) -> Translation:
         """Hypotheses of one sentence -> its Translation (detokenised n-best)."""
         n_best = [(self.tgt_tokenizer.decode(list(h.tokens)), h.normalized) for h in hyps]
-        return Translation(n_best[0][0], n_best, warning=warning, hypotheses=tuple(hyps),
-                           source_tokens=source_tokens)
+        return Translation(
+            n_best[0][0], n_best, warning=warning, hypotheses=tuple(hyps), source_tokens=source_tokens
+        )
 
-    def translate(self, texts: list[str], params: SearchParams | None = None, batch_size: int = 64,
-                  batch_tokens: int | None = None, workers: int = 1) -> list[Translation]:
+    def translate(
+        self,
+        texts: list[str],
+        params: SearchParams | None = None,
+        batch_size: int = 64,
+        batch_tokens: int | None = None,
+        workers: int = 1,
+    ) -> list[Translation]:
         """One Translation per text, failures included (``error`` set, empty text); greedy by default.
         ``workers``: batches searched at once (``search``)."""
         results: list[Translation | None] = [None] * len(texts)

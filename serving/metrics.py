@@ -27,35 +27,62 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("rnnlab_time_to_first_token_seconds",
-                              "From receiving a generation call to its first token", ["model"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("rnnlab_inter_token_seconds",
-                                     "Time between consecutive decode steps of a model (each active stream "
-                                     "gets one token per step)", ["model"], buckets=_LATENCY_BUCKETS,
-                                     registry=r)
-        self.queue = Histogram("rnnlab_queue_seconds",
-                               "From receiving a generation call to its first ORT call", ["model"],
-                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch = Histogram("rnnlab_batch_size", "Streams per batched decode step", ["model"],
-                               buckets=_BATCH_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "rnnlab_time_to_first_token_seconds",
+            "From receiving a generation call to its first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "rnnlab_inter_token_seconds",
+            "Time between consecutive decode steps of a model (each active stream gets one token per step)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "rnnlab_queue_seconds",
+            "From receiving a generation call to its first ORT call",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "rnnlab_batch_size",
+            "Streams per batched decode step",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("rnnlab_generated_tokens", "Tokens generated", ["model"], registry=r)
-        self.prompt_tokens = Counter("rnnlab_prompt_tokens", "Prompt and appended tokens read", ["model"],
-                                     registry=r)
-        self.prompt_cache_hits = Counter("rnnlab_prompt_cache_hits",
-                                         "Prompts whose state came from the prompt cache, not a prefill",
-                                         ["model"], registry=r)
+        self.prompt_tokens = Counter(
+            "rnnlab_prompt_tokens", "Prompt and appended tokens read", ["model"], registry=r
+        )
+        self.prompt_cache_hits = Counter(
+            "rnnlab_prompt_cache_hits",
+            "Prompts whose state came from the prompt cache, not a prefill",
+            ["model"],
+            registry=r,
+        )
         self.active_streams = Gauge("rnnlab_active_streams", "Generation calls in progress", registry=r)
         self.sessions = Gauge("rnnlab_sessions", "Open sessions", registry=r)
         self.session_bytes = Gauge("rnnlab_session_bytes", "Bytes held by open sessions", registry=r)
-        self.requests = Counter("rnnlab_requests", "Finished RPCs by method and status code",
-                                ["method", "code"], registry=r)
+        self.requests = Counter(
+            "rnnlab_requests", "Finished RPCs by method and status code", ["method", "code"], registry=r
+        )
         self.models = Gauge("rnnlab_models", "Language models being served", registry=r)
 
     def for_model(self, model: str) -> ModelMetrics:
-        return ModelMetrics(self.ttft.labels(model), self.inter_token.labels(model),
-                            self.queue.labels(model), self.batch.labels(model), self.tokens.labels(model),
-                            self.prompt_tokens.labels(model), self.prompt_cache_hits.labels(model))
+        return ModelMetrics(
+            self.ttft.labels(model),
+            self.inter_token.labels(model),
+            self.queue.labels(model),
+            self.batch.labels(model),
+            self.tokens.labels(model),
+            self.prompt_tokens.labels(model),
+            self.prompt_cache_hits.labels(model),
+        )
 
     def serve_http(self, port: int, host: str) -> int:
         """Starts the /metrics endpoint on a daemon thread; returns the bound port."""

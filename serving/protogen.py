@@ -41,8 +41,15 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = [str(p.relative_to(proto_dir)) for p in proto_files(proto_dir)]
     include = str(resources.files("grpc_tools") / "_proto")
-    args = ["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *protos]
+    args = [
+        "protoc",
+        f"-I{proto_dir}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise ProtogenError(f"protoc failed on {', '.join(protos)}")
     written = []
@@ -59,8 +66,9 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
 
 
 def _tree(directory: Path) -> set[Path]:
-    return {p.relative_to(directory) for p in directory.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(directory) for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def differences(expected_dir: Path, actual_dir: Path) -> list[str]:
@@ -68,15 +76,21 @@ def differences(expected_dir: Path, actual_dir: Path) -> list[str]:
     expected, actual = _tree(expected_dir), _tree(actual_dir)
     diffs = [f"missing {p}" for p in sorted(expected - actual)]
     diffs += [f"extra {p}" for p in sorted(actual - expected)]
-    diffs += [f"differs {p}" for p in sorted(expected & actual)
-              if not filecmp.cmp(expected_dir / p, actual_dir / p, shallow=False)]
+    diffs += [
+        f"differs {p}"
+        for p in sorted(expected & actual)
+        if not filecmp.cmp(expected_dir / p, actual_dir / p, shallow=False)
+    ]
     return diffs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.protogen", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="fail when the committed stubs differ from what protos/ generates")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail when the committed stubs differ from what protos/ generates",
+    )
     args = parser.parse_args(argv)
     try:
         if not args.check:
@@ -92,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if diffs:
-        print("error: serving/api is out of date with protos/ (run `make protos`): " + "; ".join(diffs),
-              file=sys.stderr)
+        print(
+            "error: serving/api is out of date with protos/ (run `make protos`): " + "; ".join(diffs),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -26,8 +26,12 @@ from serving.tokenizers import load_tokenizer
 
 # dtype instances: ``dtype != np.int64`` converts the type on every call, and validation runs every step.
 _INT64, _FLOAT32 = np.dtype(np.int64), np.dtype(np.float32)
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
-               "tensor(bool)": "bool"}
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
@@ -73,15 +77,17 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _check_session_tensor(kind: str, arg: ort.NodeArg, shape: Sequence[int | str], dtype: str,
-                          path: Path) -> None:
+def _check_session_tensor(
+    kind: str, arg: ort.NodeArg, shape: Sequence[int | str], dtype: str, path: Path
+) -> None:
     """The graph's declared tensor agrees with the manifest (symbolic axes may have any name)."""
     got_dtype = _ORT_DTYPES.get(arg.type, arg.type)
     if got_dtype != dtype:
         raise BundleError(f"{path}: {kind} {arg.name!r} has dtype {got_dtype}, manifest says {dtype}")
     got = list(arg.shape)
     ok = len(got) == len(shape) and all(
-        isinstance(want, str) or got_dim == want for got_dim, want in zip(got, shape, strict=True))
+        isinstance(want, str) or got_dim == want for got_dim, want in zip(got, shape, strict=True)
+    )
     if not ok:
         raise BundleError(f"{path}: {kind} {arg.name!r} has shape {got}, manifest says {list(shape)}")
 
@@ -94,8 +100,13 @@ class LMRuntime:
     second graph, role "decode", that ``step`` uses whenever T = 1.
     """
 
-    def __init__(self, manifest: Manifest, session: ort.InferenceSession, threads: int = 1,
-                 decode_session: ort.InferenceSession | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        session: ort.InferenceSession,
+        threads: int = 1,
+        decode_session: ort.InferenceSession | None = None,
+    ) -> None:
         self.manifest = manifest
         self.session = session
         self.decode_session = decode_session
@@ -131,14 +142,20 @@ class LMRuntime:
             raise BundleError(f"{manifest.where}: no state tensors listed")
         graph = manifest.graph("step")
         decode = manifest.graph("decode") if "decode" in manifest.graphs else None
-        runtime = cls(manifest, open_session(graph, threads), threads,
-                      open_session(decode, threads) if decode is not None else None)
+        runtime = cls(
+            manifest,
+            open_session(graph, threads),
+            threads,
+            open_session(decode, threads) if decode is not None else None,
+        )
         runtime._check_graph(runtime.session, graph, "time")
         if decode is not None:
             runtime._check_graph(runtime.decode_session, decode, 1)
         if runtime.tokenizer.vocab_size != runtime.vocab_size:
-            raise BundleError(f"{manifest.file(str(manifest.tokenizer))}: tokenizer has "
-                              f"{runtime.tokenizer.vocab_size} tokens, the model {runtime.vocab_size}")
+            raise BundleError(
+                f"{manifest.file(str(manifest.tokenizer))}: tokenizer has "
+                f"{runtime.tokenizer.vocab_size} tokens, the model {runtime.vocab_size}"
+            )
         return runtime
 
     def _check_graph(self, session: ort.InferenceSession, path: Path, time: str | int) -> None:
@@ -150,16 +167,24 @@ class LMRuntime:
         for spec, out_name in zip(self.manifest.state, self.state_output_names, strict=True):
             shape = spec.shape
             fixed = [d for k, d in enumerate(shape) if k != 1]
-            if (len(shape) < 3 or shape[0] != self.layers or shape[1] != "batch"
-                    or not all(isinstance(d, int) for d in fixed) or spec.dtype != "float32"):
-                raise BundleError(f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
-                                  f"{list(shape)} {spec.dtype} is not [{self.layers}, batch, ...] float32")
+            if (
+                len(shape) < 3
+                or shape[0] != self.layers
+                or shape[1] != "batch"
+                or not all(isinstance(d, int) for d in fixed)
+                or spec.dtype != "float32"
+            ):
+                raise BundleError(
+                    f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
+                    f"{list(shape)} {spec.dtype} is not [{self.layers}, batch, ...] float32"
+                )
             want_in[spec.name] = (spec.shape, spec.dtype)
             want_out[out_name] = (spec.shape, spec.dtype)
         for kind, have, want in (("input", inputs, want_in), ("output", outputs, want_out)):
             if set(have) != set(want):
-                raise BundleError(f"{path}: graph {kind}s {sorted(have)} differ from "
-                                  f"the manifest's {sorted(want)}")
+                raise BundleError(
+                    f"{path}: graph {kind}s {sorted(have)} differ from the manifest's {sorted(want)}"
+                )
             for name, (shape, dtype) in want.items():
                 _check_session_tensor(kind, have[name], shape, dtype, path)
 
@@ -191,8 +216,9 @@ class LMRuntime:
             raise ValueError(f"tokens must have batch and time >= 1, got shape {tokens.shape}")
         self.check_ids(tokens)
         if len(state) != len(self.state_names):
-            raise ValueError(f"state: expected {len(self.state_names)} tensors {self.state_names}, "
-                             f"got {len(state)}")
+            raise ValueError(
+                f"state: expected {len(self.state_names)} tensors {self.state_names}, got {len(state)}"
+            )
         for value, want in zip(state, self.state_shapes(batch), strict=True):
             if not isinstance(value, np.ndarray) or value.dtype != _FLOAT32 or value.shape != want:
                 self._raise_bad_state(state, batch)
@@ -222,8 +248,11 @@ class LMRuntime:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def prefill(self, ids: Sequence[int], state: Sequence[np.ndarray] | None = None,
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def prefill(
+        self,
+        ids: Sequence[int],
+        state: Sequence[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Runs the whole prompt in one call over the time axis -> (last logits (V,), state for batch 1)."""
         if len(ids) == 0:
             raise ValueError("prompt: empty (no tokens to condition on)")
@@ -231,16 +260,22 @@ class LMRuntime:
         logits, new_state = self.step(tokens, self.init_state(1) if state is None else state)
         return logits[0, -1], new_state
 
-    def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
-                     ) -> Iterator[int]:
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        params: SamplingParams,
+    ) -> Iterator[int]:
         """Yields up to ``max_tokens`` sampled ids, stopping after <eos> if the vocabulary has one."""
         logits, state = self.prefill(prompt_ids)
         decoder = StatefulDecoder(self, state)
-        yield from sample_ids(logits, lambda token_id: decoder.step([token_id])[0], max_tokens, params,
-                              self._eos)
+        yield from sample_ids(
+            logits, lambda token_id: decoder.step([token_id])[0], max_tokens, params, self._eos
+        )
 
-    def generate(self, prompt: str, max_tokens: int, params: SamplingParams | None = None,
-                 stop: Sequence[str] = ()) -> Iterator[str]:
+    def generate(
+        self, prompt: str, max_tokens: int, params: SamplingParams | None = None, stop: Sequence[str] = ()
+    ) -> Iterator[str]:
         """Streams the text pieces of a continuation of ``prompt`` (see serving.streaming.stream_text)."""
         ids = self.generate_ids(self.encode(prompt), max_tokens, params or SamplingParams())
         return stream_text(ids, self.tokenizer, stop, self._eos)
@@ -256,8 +291,8 @@ class LMRuntime:
         state = self.init_state(1)
         total = 0.0
         for start in range(0, len(ids) - 1, chunk):
-            inputs = ids[start:min(start + chunk, len(ids) - 1)]
-            targets = ids[start + 1:start + 1 + len(inputs)]
+            inputs = ids[start : min(start + chunk, len(ids) - 1)]
+            targets = ids[start + 1 : start + 1 + len(inputs)]
             logits, state = self.step(inputs[None, :], state)
             z = logits[0].astype(np.float64)
             peak = z.max(axis=1, keepdims=True)
@@ -265,5 +300,10 @@ class LMRuntime:
             total += float((log_norm - z[np.arange(len(targets)), targets]).sum())
         count = len(ids) - 1
         chars = max(1, len(self.tokenizer.decode(ids[1:].tolist())))
-        return {"perplexity": math.exp(total / count), "nll": total / count,
-                "bits_per_char": total / math.log(2) / chars, "tokens": count, "characters": chars}
+        return {
+            "perplexity": math.exp(total / count),
+            "nll": total / count,
+            "bits_per_char": total / math.log(2) / chars,
+            "tokens": count,
+            "characters": chars,
+        }

@@ -42,8 +42,9 @@ DEFAULT_SAMPLING = SamplingParams()
 """What rnnlab-lm generate, rnnlab-client generate and the server use for options left unset."""
 
 
-def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-                uniforms: np.ndarray) -> np.ndarray:
+def sample_next(
+    logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray
+) -> np.ndarray:
     """Draws one token per row by inverse-CDF sampling.
 
     logits: (B, V) float; temperature, top_p: (B,) float; top_k: (B,) int; uniforms: (B,) in [0, 1)
@@ -59,8 +60,12 @@ def sample_next(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     if plain.any():
         out[plain] = sample_unfiltered(logits[plain], temperature[plain], uniforms[plain])
     if filtered.any():
-        out[filtered] = _sample_filtered(logits[filtered] / temperature[filtered, None], top_k[filtered],
-                                         top_p[filtered], uniforms[filtered])
+        out[filtered] = _sample_filtered(
+            logits[filtered] / temperature[filtered, None],
+            top_k[filtered],
+            top_p[filtered],
+            uniforms[filtered],
+        )
     return out
 
 
@@ -92,8 +97,12 @@ def _inverse_cdf(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return np.minimum((cdf <= targets[:, None]).sum(axis=1), probs.shape[1] - 1)
 
 
-def _sample_filtered(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray,
-                     ) -> np.ndarray:
+def _sample_filtered(
+    scaled: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    uniforms: np.ndarray,
+) -> np.ndarray:
     vocab = scaled.shape[1]
     order = np.argsort(-scaled, axis=1, kind="stable")
     ranked = np.take_along_axis(scaled, order, axis=1)
@@ -111,8 +120,15 @@ def _sample_filtered(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u
 def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """logits: (V,) -> one token id, drawing from ``rng`` only when sampling."""
     uniform = 0.0 if params.greedy else rng.random()
-    return int(sample_next(logits[None, :], np.array([params.temperature]), np.array([params.top_k]),
-                           np.array([params.top_p]), np.array([uniform]))[0])
+    return int(
+        sample_next(
+            logits[None, :],
+            np.array([params.temperature]),
+            np.array([params.top_k]),
+            np.array([params.top_p]),
+            np.array([uniform]),
+        )[0]
+    )
 
 
 class StopMatcher:

@@ -39,8 +39,13 @@ class StepDecoder(Protocol[State, Memory]):
     their sentence's memory instead of each carrying a copy.
     """
 
-    def step(self, prev: np.ndarray, state: State, memory: Memory, k: int,
-             ) -> tuple[np.ndarray, np.ndarray, State]:
+    def step(
+        self,
+        prev: np.ndarray,
+        state: State,
+        memory: Memory,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, State]:
         """prev (N,) int64 -> log_probs (N,k') float64, ids (N,k') int64, new state: each row's k' =
         min(k, V) best next tokens, best first (equal log-probabilities: lower id first)."""
         ...
@@ -72,8 +77,9 @@ class SearchParams:
 
     def __post_init__(self) -> None:
         if self.beam < 1 or not 1 <= self.n_best <= self.beam:
-            raise ValueError(f"need beam >= 1 and 1 <= n_best <= beam (got beam {self.beam}, "
-                             f"n_best {self.n_best})")
+            raise ValueError(
+                f"need beam >= 1 and 1 <= n_best <= beam (got beam {self.beam}, n_best {self.n_best})"
+            )
         if self.max_len_ratio < 0 or self.max_len_extra < 1 or self.max_len_cap < 1 or self.min_len < 0:
             raise ValueError("max_len_ratio and min_len must be >= 0, max_len_extra and max_len_cap >= 1")
 
@@ -103,8 +109,15 @@ def length_normalize(score: float, length: int, alpha: float) -> float:
     return score / (((5.0 + length) / 6.0) ** alpha)
 
 
-def _top(decoder: StepDecoder, prev: np.ndarray, state: State, memory: Memory, width: int, eos: int,
-         eos_allowed: bool) -> tuple[np.ndarray, np.ndarray, State]:
+def _top(
+    decoder: StepDecoder,
+    prev: np.ndarray,
+    state: State,
+    memory: Memory,
+    width: int,
+    eos: int,
+    eos_allowed: bool,
+) -> tuple[np.ndarray, np.ndarray, State]:
     """One step: each row's ``width`` best (log-probability (N,width), id (N,width)), best first; when
     EOS is not allowed yet it counts as -inf (it is then last: one more candidate is asked for)."""
     if eos_allowed:
@@ -115,8 +128,15 @@ def _top(decoder: StepDecoder, prev: np.ndarray, state: State, memory: Memory, w
     return np.take_along_axis(log_probs, order, axis=1), np.take_along_axis(ids, order, axis=1), state
 
 
-def greedy_search(decoder: StepDecoder[State, Memory], state: State, memory: Memory, src_lens: np.ndarray,
-                  bos: int, eos: int, params: SearchParams | None = None) -> list[Hypothesis]:
+def greedy_search(
+    decoder: StepDecoder[State, Memory],
+    state: State,
+    memory: Memory,
+    src_lens: np.ndarray,
+    bos: int,
+    eos: int,
+    params: SearchParams | None = None,
+) -> list[Hypothesis]:
     """The arg-max continuation of each of B sentences (row b of state/memory is sentence b).
 
     src_lens (B,): source lengths (EOS included), for the length limits. A sentence leaves the batch
@@ -146,8 +166,12 @@ def greedy_search(decoder: StepDecoder[State, Memory], state: State, memory: Mem
         for row in np.flatnonzero(~keep):
             sentence, done = int(alive[row]), bool(ended[row])
             score, length = float(scores[sentence]), int(lengths[sentence])
-            results[sentence] = Hypothesis(tuple(outputs[sentence, :length].tolist()), score,
-                                           length_normalize(score, length + done, alpha), done)
+            results[sentence] = Hypothesis(
+                tuple(outputs[sentence, :length].tolist()),
+                score,
+                length_normalize(score, length + done, alpha),
+                done,
+            )
         if not keep.all():
             rows = np.flatnonzero(keep)
             if len(rows):
@@ -173,8 +197,15 @@ class _Beams(Generic[State, Memory]):
     """One row per sentence."""
 
 
-def beam_search(decoder: StepDecoder[State, Memory], state: State, memory: Memory, src_lens: np.ndarray,
-                bos: int, eos: int, params: SearchParams) -> list[list[Hypothesis]]:
+def beam_search(
+    decoder: StepDecoder[State, Memory],
+    state: State,
+    memory: Memory,
+    src_lens: np.ndarray,
+    bos: int,
+    eos: int,
+    params: SearchParams,
+) -> list[list[Hypothesis]]:
     """The ``params.n_best`` best hypotheses of each of B sentences, best first.
 
     On entry row b of state/memory is sentence b. The first step runs one row per sentence (the K-1
@@ -184,22 +215,32 @@ def beam_search(decoder: StepDecoder[State, Memory], state: State, memory: Memor
     k, count = params.beam, len(src_lens)
     limits = np.array([params.max_len(int(n)) for n in src_lens], dtype=np.int64)
     finished: list[list[Hypothesis]] = [[] for _ in range(count)]
-    beams = _Beams(np.arange(count), 1, np.zeros((count, 1)), np.zeros((count, 1, 0), dtype=np.int64),
-                   state, memory)
+    beams = _Beams(
+        np.arange(count), 1, np.zeros((count, 1)), np.zeros((count, 1, 0), dtype=np.int64), state, memory
+    )
     prev = np.full(count, bos, dtype=np.int64)
     step_no = 0
     while len(beams.alive):
         step_no += 1
-        log_probs, ids, state = _top(decoder, prev, beams.state, beams.memory, 2 * k, eos,
-                                     step_no > params.min_len)
+        log_probs, ids, state = _top(
+            decoder, prev, beams.state, beams.memory, 2 * k, eos, step_no > params.min_len
+        )
         beams.state = state
         prev = _advance(decoder, beams, log_probs, ids, finished, limits, step_no, eos, params)
     return [_n_best(hyps, params.n_best) for hyps in finished]
 
 
-def _advance(decoder: StepDecoder[State, Memory], beams: _Beams[State, Memory], log_probs: np.ndarray,
-             ids: np.ndarray, finished: list[list[Hypothesis]], limits: np.ndarray, step_no: int, eos: int,
-             params: SearchParams) -> np.ndarray:
+def _advance(
+    decoder: StepDecoder[State, Memory],
+    beams: _Beams[State, Memory],
+    log_probs: np.ndarray,
+    ids: np.ndarray,
+    finished: list[list[Hypothesis]],
+    limits: np.ndarray,
+    step_no: int,
+    eos: int,
+    params: SearchParams,
+) -> np.ndarray:
     """Extends every live beam by one step from its rows' best tokens (log_probs, ids (n*R, 2K)):
     records finished hypotheses, drops done sentences, returns the next step's tokens (n'*K,)."""
     k, alpha, rows = params.beam, params.length_penalty, beams.rows
@@ -209,8 +250,14 @@ def _advance(decoder: StepDecoder[State, Memory], beams: _Beams[State, Memory], 
     ends = live & is_eos & (np.arange(best_scores.shape[1]) < k)[None, :]
     for slot, rank in zip(*np.nonzero(ends), strict=True):
         score = float(best_scores[slot, rank])
-        finished[beams.alive[slot]].append(Hypothesis(tuple(beams.history[slot, origin[slot, rank]].tolist()),
-                                                      score, length_normalize(score, step_no, alpha), True))
+        finished[beams.alive[slot]].append(
+            Hypothesis(
+                tuple(beams.history[slot, origin[slot, rank]].tolist()),
+                score,
+                length_normalize(score, step_no, alpha),
+                True,
+            )
+        )
     going = live & ~is_eos
     chosen = going & (np.cumsum(going, axis=1) <= k)
     n_chosen = chosen.sum(axis=1)
@@ -219,14 +266,20 @@ def _advance(decoder: StepDecoder[State, Memory], beams: _Beams[State, Memory], 
     new_token = np.take_along_axis(token, picks, axis=1)
     new_scores = np.take_along_axis(best_scores, picks, axis=1)
     new_history = np.concatenate(
-        [np.take_along_axis(beams.history, new_origin[:, :, None], axis=1), new_token[:, :, None]], axis=2)
+        [np.take_along_axis(beams.history, new_origin[:, :, None], axis=1), new_token[:, :, None]], axis=2
+    )
     n_finished = np.array([len(finished[s]) for s in beams.alive])
     done = (n_finished >= k) | (step_no >= limits[beams.alive]) | (n_chosen == 0)
     for slot in np.flatnonzero(done & (n_finished < k)):  # its live hypotheses count as unfinished ones
         finished[beams.alive[slot]].extend(
-            Hypothesis(tuple(new_history[slot, j].tolist()), float(new_scores[slot, j]),
-                       length_normalize(float(new_scores[slot, j]), step_no, alpha), False)
-            for j in range(int(n_chosen[slot])))
+            Hypothesis(
+                tuple(new_history[slot, j].tolist()),
+                float(new_scores[slot, j]),
+                length_normalize(float(new_scores[slot, j]), step_no, alpha),
+                False,
+            )
+            for j in range(int(n_chosen[slot]))
+        )
     slots = np.flatnonzero(~done)
     # A beam narrower than K keeps K rows: the missing ones repeat the first, with score -inf.
     pad = (np.arange(k)[None, :] >= n_chosen[:, None])[slots]
@@ -243,8 +296,12 @@ def _advance(decoder: StepDecoder[State, Memory], beams: _Beams[State, Memory], 
     return new_token.reshape(-1).astype(np.int64)
 
 
-def _ranked(beams: _Beams, log_probs: np.ndarray, ids: np.ndarray, k: int,
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ranked(
+    beams: _Beams,
+    log_probs: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each sentence's best 2K candidates from its R rows' best tokens (log_probs, ids (n*R, W)), in
     order of score (sum of log-probabilities), then lower row, then lower token:
     -> scores (n, 2K) float64, origin rows (n, 2K), tokens (n, 2K)."""
@@ -252,9 +309,12 @@ def _ranked(beams: _Beams, log_probs: np.ndarray, ids: np.ndarray, k: int,
     candidates = (beams.scores[:, :, None] + log_probs.reshape(n, rows, width)).reshape(n, rows * width)
     tokens = ids.reshape(n, rows * width)
     origins = np.broadcast_to(np.repeat(np.arange(rows), width), (n, rows * width))
-    order = np.lexsort((tokens, origins, -candidates), axis=1)[:, :min(2 * k, rows * width)]
-    return (np.take_along_axis(candidates, order, axis=1), np.take_along_axis(origins, order, axis=1),
-            np.take_along_axis(tokens, order, axis=1))
+    order = np.lexsort((tokens, origins, -candidates), axis=1)[:, : min(2 * k, rows * width)]
+    return (
+        np.take_along_axis(candidates, order, axis=1),
+        np.take_along_axis(origins, order, axis=1),
+        np.take_along_axis(tokens, order, axis=1),
+    )
 
 
 def _n_best(finished: list[Hypothesis], n_best: int) -> list[Hypothesis]:

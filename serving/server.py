@@ -42,8 +42,11 @@ from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore
 
 log = logging.getLogger("rnnlab.serve")
 
-_FINISH = {Finish.LENGTH: pb.FINISH_REASON_LENGTH, Finish.STOP: pb.FINISH_REASON_STOP,
-           Finish.EOS: pb.FINISH_REASON_EOS}
+_FINISH = {
+    Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+    Finish.STOP: pb.FINISH_REASON_STOP,
+    Finish.EOS: pb.FINISH_REASON_EOS,
+}
 GENERATION_SERVICES = ("rnnlab.v1.Generation", "rnnlab.v1.Sessions")
 
 
@@ -68,8 +71,9 @@ def _refusal(exc: Exception) -> Refusal:
         return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, state_token.TokenError):
         signature = exc.reason == "signature"
-        return Refusal(grpc.StatusCode.PERMISSION_DENIED if signature else grpc.StatusCode.INVALID_ARGUMENT,
-                       str(exc))
+        return Refusal(
+            grpc.StatusCode.PERMISSION_DENIED if signature else grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        )
     if isinstance(exc, EngineStopped):
         return Refusal(grpc.StatusCode.UNAVAILABLE, str(exc))
     log.error("internal error: %r", exc)
@@ -149,23 +153,35 @@ def _numbers(data: object, prefix: str = "") -> dict[str, float]:
 def model_info(runtime: LMRuntime, digest: str) -> pb.ModelInfo:
     manifest, arch = runtime.manifest, runtime.manifest.architecture
     return pb.ModelInfo(
-        name=manifest.name, kind=manifest.kind, cell=str(arch.get("cell", "")), layers=runtime.layers,
-        hidden_size=runtime.hidden, embedding_size=int(arch.get("embed", 0)), vocab_size=runtime.vocab_size,
-        tokenizer=runtime.tokenizer.kind, bundle_digest=digest,
+        name=manifest.name,
+        kind=manifest.kind,
+        cell=str(arch.get("cell", "")),
+        layers=runtime.layers,
+        hidden_size=runtime.hidden,
+        embedding_size=int(arch.get("embed", 0)),
+        vocab_size=runtime.vocab_size,
+        tokenizer=runtime.tokenizer.kind,
+        bundle_digest=digest,
         evaluation=_numbers(manifest.evaluation or {}),
         architecture_json=json.dumps(arch, sort_keys=True),
-        state_bytes=sum(a.nbytes for a in runtime.init_state(1)))
+        state_bytes=sum(a.nbytes for a in runtime.init_state(1)),
+    )
 
 
-def load_runtimes(models_dir: str | Path, threads: int = 1,
-                  ) -> tuple[dict[str, tuple[LMRuntime, str]], list[Path]]:
+def load_runtimes(
+    models_dir: str | Path,
+    threads: int = 1,
+) -> tuple[dict[str, tuple[LMRuntime, str]], list[Path]]:
     """Every good LM bundle under ``models_dir`` (or the bundle ``models_dir`` itself), by manifest name.
 
     -> ({name: (runtime, digest)}, seq2seq bundle dirs). Bad bundles are logged and skipped.
     """
     models_dir = Path(models_dir)
-    found = ([(models_dir.name, models_dir)] if (models_dir / "manifest.json").is_file()
-             else discover_bundles(models_dir))
+    found = (
+        [(models_dir.name, models_dir)]
+        if (models_dir / "manifest.json").is_file()
+        else discover_bundles(models_dir)
+    )
     runtimes: dict[str, tuple[LMRuntime, str]] = {}
     translators: list[Path] = []
     for dirname, entry in found:
@@ -197,17 +213,31 @@ class App:
         self.metrics = ServerMetrics()
         self.models: dict[str, Model] = {}
         for name, (runtime, digest) in runtimes.items():
-            engine = ModelEngine(name, runtime, self.metrics.for_model(name), config.batch_limit,
-                                 config.prefill_chunk, config.flush_ms / 1000,
-                                 config.max_messages_per_s,
-                                 PromptCache(config.prompt_cache_entries, config.prompt_cache_bytes))
+            engine = ModelEngine(
+                name,
+                runtime,
+                self.metrics.for_model(name),
+                config.batch_limit,
+                config.prefill_chunk,
+                config.flush_ms / 1000,
+                config.max_messages_per_s,
+                PromptCache(config.prompt_cache_entries, config.prompt_cache_bytes),
+            )
             self.models[name] = Model(name, runtime, engine, digest, model_info(runtime, digest))
-        self.sessions = SessionStore(StoreLimits(config.max_sessions, config.max_session_bytes,
-                                                 config.session_ttl_s, config.evict_idle_sessions))
+        self.sessions = SessionStore(
+            StoreLimits(
+                config.max_sessions,
+                config.max_session_bytes,
+                config.session_ttl_s,
+                config.evict_idle_sessions,
+            )
+        )
         key = state_token.resolve_key(config.state_key)
         if key is None:
-            log.warning("no state key configured (state_key / $%s): state tokens are valid on this process "
-                        "only", state_token.KEY_ENV)
+            log.warning(
+                "no state key configured (state_key / $%s): state tokens are valid on this process only",
+                state_token.KEY_ENV,
+            )
             key = secrets.token_bytes(32)
         self.state_key = key
         self.active_streams = 0
@@ -229,50 +259,64 @@ class App:
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise Refusal(grpc.StatusCode.NOT_FOUND,
-                          f"no model {name!r} (serving: {', '.join(sorted(self.models)) or 'none'})")
+            raise Refusal(
+                grpc.StatusCode.NOT_FOUND,
+                f"no model {name!r} (serving: {', '.join(sorted(self.models)) or 'none'})",
+            )
         return model
 
     def encode(self, model: Model, text: str, what: str, allow_empty: bool = False) -> list[int]:
         if not text and not allow_empty:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is empty")
         if len(text) > self.config.max_prompt_chars:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{what} has {len(text)} characters, over the limit of "
-                          f"{self.config.max_prompt_chars}")
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what} has {len(text)} characters, over the limit of {self.config.max_prompt_chars}",
+            )
         ids = model.runtime.encode(text) if text else []
         if len(ids) > self.config.max_prompt_tokens:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{what} has {len(ids)} tokens, over the limit of {self.config.max_prompt_tokens}")
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what} has {len(ids)} tokens, over the limit of {self.config.max_prompt_tokens}",
+            )
         return ids
 
-    def generation_options(self, max_tokens: int, sampling: pb.SamplingOptions,
-                           stop: list[str]) -> tuple[int, SamplingParams, tuple[str, ...]]:
+    def generation_options(
+        self, max_tokens: int, sampling: pb.SamplingOptions, stop: list[str]
+    ) -> tuple[int, SamplingParams, tuple[str, ...]]:
         cap = self.config.max_tokens
         if max_tokens < 0 or max_tokens > cap:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"max_tokens must be in 0..{cap}, not {max_tokens}")
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens must be in 0..{cap}, not {max_tokens}"
+            )
         top_p = sampling.top_p if sampling.top_p != 0 else 1.0
         if math.isnan(top_p):
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1], not nan")
         try:
-            params = SamplingParams(float(sampling.temperature), int(sampling.top_k), float(top_p),
-                                    sampling.seed if sampling.HasField("seed") else None)
+            params = SamplingParams(
+                float(sampling.temperature),
+                int(sampling.top_k),
+                float(top_p),
+                sampling.seed if sampling.HasField("seed") else None,
+            )
         except ValueError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         stops = tuple(s for s in stop if s)
         limit, chars = self.config.max_stop_strings, self.config.max_stop_chars
         if len(stops) > limit or any(len(s) > chars for s in stops):
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"at most {limit} stop strings of at most {chars} characters")
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {limit} stop strings of at most {chars} characters",
+            )
         return max_tokens or self.config.default_max_tokens, params, stops
 
     @contextlib.contextmanager
     def stream_slot(self):
         if self.active_streams >= self.config.max_streams:
-            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"server busy: {self.active_streams} streams running "
-                          f"(limit {self.config.max_streams})")
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.active_streams} streams running (limit {self.config.max_streams})",
+            )
         self.active_streams += 1
         try:
             yield
@@ -281,8 +325,12 @@ class App:
 
     # -- running requests ---------------------------------------------------------------------------
 
-    async def relay(self, model: Model, stream: Stream, session_tokens: int | None = None,
-                    ) -> AsyncIterator[pb.GenerateResponse]:
+    async def relay(
+        self,
+        model: Model,
+        stream: Stream,
+        session_tokens: int | None = None,
+    ) -> AsyncIterator[pb.GenerateResponse]:
         """Yields one message per wake-up with everything produced meanwhile; the last one has ``end``.
 
         Leaving early (client cancel, deadline) takes the stream out of the batch at once.
@@ -298,9 +346,14 @@ class App:
                 outcome = stream.outcome
                 if outcome is not None:
                     total = 0 if session_tokens is None else session_tokens + outcome.generated_tokens
-                    message.end.CopyFrom(pb.GenerationEnd(
-                        finish_reason=_FINISH[outcome.finish], prompt_tokens=outcome.prompt_tokens,
-                        generated_tokens=outcome.generated_tokens, session_tokens=total))
+                    message.end.CopyFrom(
+                        pb.GenerationEnd(
+                            finish_reason=_FINISH[outcome.finish],
+                            prompt_tokens=outcome.prompt_tokens,
+                            generated_tokens=outcome.generated_tokens,
+                            session_tokens=total,
+                        )
+                    )
                     yield message
                     return
                 yield message
@@ -325,8 +378,13 @@ class App:
     # -- sessions -----------------------------------------------------------------------------------
 
     def session_info(self, session: Session, appended: int = 0) -> pb.SessionInfo:
-        return pb.SessionInfo(session_id=session.id, model=session.model, tokens=session.tokens,
-                              appended_tokens=appended, idle_ttl_seconds=self.config.session_ttl_s)
+        return pb.SessionInfo(
+            session_id=session.id,
+            model=session.model,
+            tokens=session.tokens,
+            appended_tokens=appended,
+            idle_ttl_seconds=self.config.session_ttl_s,
+        )
 
     async def open_session(self, model_name: str, prompt: str) -> pb.SessionInfo:
         model = self.model(model_name)
@@ -365,20 +423,35 @@ class App:
         finally:
             self.sessions.release(session)
 
-    async def session_generate(self, request: pb.SessionGenerateRequest, session_id: str,
-                               ) -> AsyncIterator[pb.GenerateResponse]:
+    async def session_generate(
+        self,
+        request: pb.SessionGenerateRequest,
+        session_id: str,
+    ) -> AsyncIterator[pb.GenerateResponse]:
         session, model = self.acquire(session_id)
         try:
             ids = self.encode(model, request.text, "text", allow_empty=True)
-            max_tokens, params, stops = self.generation_options(request.max_tokens, request.sampling,
-                                                                list(request.stop))
+            max_tokens, params, stops = self.generation_options(
+                request.max_tokens, request.sampling, list(request.stop)
+            )
             feed = [session.pending, *ids] if session.pending is not None else ids
             if not feed and session.logits is None:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              "the session holds no text yet: append text or pass it with the call")
+                raise Refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "the session holds no text yet: append text or pass it with the call",
+                )
             with self.stream_slot():
-                stream = model.engine.submit(Request(feed, max_tokens, params, stops, request.logprobs,
-                                                     session.state, None if feed else session.logits))
+                stream = model.engine.submit(
+                    Request(
+                        feed,
+                        max_tokens,
+                        params,
+                        stops,
+                        request.logprobs,
+                        session.state,
+                        None if feed else session.logits,
+                    )
+                )
                 base = session.tokens + len(ids)
                 async for message in self.relay(model, stream, session_tokens=base):
                     if message.HasField("end"):
@@ -392,10 +465,12 @@ class App:
     def export_session(self, session_id: str) -> pb.StateToken:
         session, model = self.acquire(session_id)
         try:
-            snapshot = state_token.SessionState(model.name, model.digest, session.state, session.logits,
-                                                session.pending, session.tokens)
-            return pb.StateToken(token=state_token.encode(snapshot, self.state_key), model=model.name,
-                                 tokens=session.tokens)
+            snapshot = state_token.SessionState(
+                model.name, model.digest, session.state, session.logits, session.pending, session.tokens
+            )
+            return pb.StateToken(
+                token=state_token.encode(snapshot, self.state_key), model=model.name, tokens=session.tokens
+            )
         finally:
             self.sessions.release(session)
 
@@ -403,15 +478,18 @@ class App:
         snapshot = state_token.decode(token, self.state_key)
         model = self.model(snapshot.model)
         if snapshot.bundle_digest != model.digest:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"state token is for another version of model {model.name!r} "
-                          "(bundle digest differs)")
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"state token is for another version of model {model.name!r} (bundle digest differs)",
+            )
         want = [a.shape for a in model.runtime.init_state(1)]
         if [a.shape for a in snapshot.state] != want or (
-                snapshot.logits is not None and snapshot.logits.shape != (model.runtime.vocab_size,)):
+            snapshot.logits is not None and snapshot.logits.shape != (model.runtime.vocab_size,)
+        ):
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "state token arrays do not fit the model")
-        session = self.sessions.create(model.name, snapshot.state, snapshot.logits, snapshot.pending,
-                                       snapshot.tokens)
+        session = self.sessions.create(
+            model.name, snapshot.state, snapshot.logits, snapshot.pending, snapshot.tokens
+        )
         return self.session_info(session)
 
 
@@ -425,8 +503,9 @@ class GenerationService(_Service, pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         app = self.app
         model = app.model(request.model)
-        max_tokens, params, stops = app.generation_options(request.max_tokens, request.sampling,
-                                                           list(request.stop))
+        max_tokens, params, stops = app.generation_options(
+            request.max_tokens, request.sampling, list(request.stop)
+        )
         ids = app.encode(model, request.prompt, "prompt")
         with app.stream_slot():
             stream = model.engine.submit(Request(ids, max_tokens, params, stops, request.logprobs))
@@ -470,8 +549,9 @@ class SessionService(_Service, pb_grpc.SessionsServicer):
         return self.app.resume_session(request.token)
 
     @streaming
-    async def Interact(self, request_iterator: AsyncIterator[pb.InteractRequest],
-                       context: grpc.aio.ServicerContext):
+    async def Interact(
+        self, request_iterator: AsyncIterator[pb.InteractRequest], context: grpc.aio.ServicerContext
+    ):
         app, session_id, owned = self.app, None, False
         try:
             async for request in request_iterator:
@@ -486,8 +566,10 @@ class SessionService(_Service, pb_grpc.SessionsServicer):
                         app.sessions.release(session)
                         info = app.session_info(session)
                     else:
-                        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                                      "the first message must open, attach or resume a session")
+                        raise Refusal(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "the first message must open, attach or resume a session",
+                        )
                     session_id = info.session_id
                     owned = action != "attach_session_id" and not request.keep_open
                     yield pb.InteractResponse(session=info)
@@ -499,8 +581,10 @@ class SessionService(_Service, pb_grpc.SessionsServicer):
                 elif action == "export":
                     yield pb.InteractResponse(state=app.export_session(session_id))
                 else:
-                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{action or 'an empty message'} is only allowed as the first message")
+                    raise Refusal(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{action or 'an empty message'} is only allowed as the first message",
+                    )
         finally:
             if owned:
                 with contextlib.suppress(SessionNotFound):
@@ -517,12 +601,13 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         values = [v for k, v in metadata or () if k == "authorization"]
         if not values or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
             return False
-        offered = values[0][len("Bearer "):].encode("utf-8")
+        offered = values[0][len("Bearer ") :].encode("utf-8")
         return any(hmac.compare_digest(offered, token) for token in self._tokens)
 
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith("/grpc.health.v1.Health/") or self._allowed(
-                handler_call_details.invocation_metadata):
+            handler_call_details.invocation_metadata
+        ):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -536,17 +621,23 @@ class BearerAuth(grpc.aio.ServerInterceptor):
             yield  # an async generator, as streaming handlers are
 
         kind = (handler.request_streaming, handler.response_streaming)
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }
         behaviour = deny_stream if handler.response_streaming else deny
-        return make[kind](behaviour, request_deserializer=handler.request_deserializer,
-                          response_serializer=handler.response_serializer)
+        return make[kind](
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
-def _add_translation(server: grpc.aio.Server, bundles: list[Path], config: ServerConfig,
-                     registry: object = None) -> list[str]:
+def _add_translation(
+    server: grpc.aio.Server, bundles: list[Path], config: ServerConfig, registry: object = None
+) -> list[str]:
     """Hands seq2seq bundles to serving.translation_service; -> its service names."""
     if not bundles:
         return []
@@ -571,20 +662,25 @@ class RnnlabServer:
     async def start(self) -> int:
         config = self.config
         tokens = config.bearer_tokens()
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
         server = grpc.aio.server(interceptors=[BearerAuth(tokens)] if tokens else [], options=options)
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.app), server)
         pb_grpc.add_SessionsServicer_to_server(SessionService(self.app), server)
-        services = [*GENERATION_SERVICES, *_add_translation(server, self._translators, config,
-                                                                   self.app.metrics.registry)]
+        services = [
+            *GENERATION_SERVICES,
+            *_add_translation(server, self._translators, config, self.app.metrics.registry),
+        ]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_cert:
-                credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
-                                                            Path(config.tls_cert).read_bytes())])
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+                )
                 self.port = server.add_secure_port(address, credentials)
             else:
                 self.port = server.add_insecure_port(address)
@@ -600,8 +696,13 @@ class RnnlabServer:
         if config.metrics_port is not None:
             self.metrics_port = self.app.metrics.serve_http(config.metrics_port, config.host)
         self._sweeper = asyncio.create_task(self._sweep())
-        log.info("listening on %s:%d (%d models)%s", config.host, self.port, len(self.app.models),
-                 f", metrics on :{self.metrics_port}" if self.metrics_port is not None else "")
+        log.info(
+            "listening on %s:%d (%d models)%s",
+            config.host,
+            self.port,
+            len(self.app.models),
+            f", metrics on :{self.metrics_port}" if self.metrics_port is not None else "",
+        )
         return self.port
 
     async def _sweep(self) -> None:
@@ -677,14 +778,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--config", help="server.toml with any ServerConfig setting")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: a free one)")
-    parser.add_argument("--no-batching", dest="batching", action="store_const", const=False,
-                        help="one stream per ORT call (comparison runs)")
+    parser.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_const",
+        const=False,
+        help="one stream per ORT call (comparison runs)",
+    )
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--max-streams", type=int)
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--prompt-cache-entries", type=int, help="prompt states cached per model (0: off)")
-    parser.add_argument("--translate-workers", type=int,
-                        help="translation batches searched at once per translator (default 2; 1 on one core)")
+    parser.add_argument(
+        "--translate-workers",
+        type=int,
+        help="translation batches searched at once per translator (default 2; 1 on one core)",
+    )
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--grace", dest="grace_s", type=float, help="SIGTERM drain grace period in seconds")
@@ -713,8 +822,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_from(config: ServerConfig) -> int:
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     asyncio.run(_serve(config))
     return 0
 

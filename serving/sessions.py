@@ -64,8 +64,9 @@ class StoreLimits:
 class SessionStore:
     """Not thread-safe: used from the server's event loop only."""
 
-    def __init__(self, limits: StoreLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limits: StoreLimits | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits or StoreLimits()
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
@@ -78,12 +79,20 @@ class SessionStore:
     def nbytes(self) -> int:
         return self._bytes
 
-    def create(self, model: str, state: list[np.ndarray], logits: np.ndarray | None,
-               pending: int | None, tokens: int, busy: bool = False) -> Session:
+    def create(
+        self,
+        model: str,
+        state: list[np.ndarray],
+        logits: np.ndarray | None,
+        pending: int | None,
+        tokens: int,
+        busy: bool = False,
+    ) -> Session:
         """Adds a session (busy if asked, so that its opening call can finish filling it)."""
         self.expire()
-        session = Session(secrets.token_urlsafe(16), model, state, logits, pending, tokens,
-                          self._clock(), busy)
+        session = Session(
+            secrets.token_urlsafe(16), model, state, logits, pending, tokens, self._clock(), busy
+        )
         session.nbytes = session.measure()
         self._make_room(session.nbytes, extra_count=1)
         self._sessions[session.id] = session
@@ -137,8 +146,10 @@ class SessionStore:
 
     def _make_room(self, nbytes: int, extra_count: int, keep: str | None = None) -> None:
         def over() -> bool:
-            return (len(self._sessions) + extra_count > self.limits.max_sessions
-                    or self._bytes + nbytes > self.limits.max_bytes)
+            return (
+                len(self._sessions) + extra_count > self.limits.max_sessions
+                or self._bytes + nbytes > self.limits.max_bytes
+            )
 
         if not over():
             return

@@ -57,9 +57,14 @@ def encode(snapshot: SessionState, key: bytes) -> bytes:
     arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in snapshot.state]
     if snapshot.logits is not None:
         arrays.append(np.ascontiguousarray(snapshot.logits, dtype=np.float32))
-    header = {"model": snapshot.model, "bundle_digest": snapshot.bundle_digest,
-              "shapes": [list(a.shape) for a in arrays], "has_logits": snapshot.logits is not None,
-              "pending": snapshot.pending, "tokens": snapshot.tokens}
+    header = {
+        "model": snapshot.model,
+        "bundle_digest": snapshot.bundle_digest,
+        "shapes": [list(a.shape) for a in arrays],
+        "has_logits": snapshot.logits is not None,
+        "pending": snapshot.pending,
+        "tokens": snapshot.tokens,
+    }
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body = MAGIC + bytes([VERSION]) + len(head).to_bytes(4, "big") + head
     body += zlib.compress(b"".join(a.tobytes() for a in arrays), 1)
@@ -72,12 +77,13 @@ def decode(token: bytes, key: bytes) -> SessionState:
         raise TokenError("malformed", "not an rnnlab state token")
     body, tag = token[:-_TAG], token[-_TAG:]
     if not hmac.compare_digest(tag, hmac.new(key, body, hashlib.sha256).digest()):
-        raise TokenError("signature",
-                         "state token signature does not match (tampered, or signed with another key)")
+        raise TokenError(
+            "signature", "state token signature does not match (tampered, or signed with another key)"
+        )
     if body[len(MAGIC)] != VERSION:
         raise TokenError("malformed", f"state token version {body[len(MAGIC)]} is not supported")
     start = len(MAGIC) + 5
-    end = start + int.from_bytes(body[len(MAGIC) + 1:start], "big")
+    end = start + int.from_bytes(body[len(MAGIC) + 1 : start], "big")
     try:
         header = json.loads(body[start:end])
         raw = zlib.decompress(body[end:])
@@ -89,7 +95,8 @@ def decode(token: bytes, key: bytes) -> SessionState:
         if offset != len(raw):
             raise ValueError("array bytes do not match the shapes")
         logits = arrays.pop() if header["has_logits"] else None
-        return SessionState(header["model"], header["bundle_digest"], arrays, logits, header["pending"],
-                            int(header["tokens"]))
+        return SessionState(
+            header["model"], header["bundle_digest"], arrays, logits, header["pending"], int(header["tokens"])
+        )
     except (ValueError, KeyError, TypeError, zlib.error) as exc:
         raise TokenError("malformed", f"state token is malformed ({exc})") from exc

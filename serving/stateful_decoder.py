@@ -43,8 +43,12 @@ class StatefulDecoder:
         self._bindings = [self._bind(names, self._buffers[i], self._buffers[1 - i]) for i in (0, 1)]
         self._current = 0  # the buffer that holds the state now
 
-    def _bind(self, names: list[tuple[str, str]], state_in: list[np.ndarray], state_out: list[np.ndarray],
-              ) -> ort.IOBinding:
+    def _bind(
+        self,
+        names: list[tuple[str, str]],
+        state_in: list[np.ndarray],
+        state_out: list[np.ndarray],
+    ) -> ort.IOBinding:
         binding = self._session.io_binding()
         _bind_array(binding.bind_input, "tokens", self._tokens)
         _bind_array(binding.bind_output, "logits", self._logits)
@@ -66,8 +70,10 @@ class StatefulDecoder:
         else:
             tokens = np.asarray(tokens)
             if tokens.shape != (self.batch,) or tokens.dtype.kind not in "iu":
-                raise ValueError(f"tokens: expected {self.batch} integer ids (one per stream), got "
-                                 f"{tokens.dtype} {tokens.shape}")
+                raise ValueError(
+                    f"tokens: expected {self.batch} integer ids (one per stream), got "
+                    f"{tokens.dtype} {tokens.shape}"
+                )
             self._check_ids(tokens)
         self._tokens[:, 0] = tokens
         self._session.run_with_iobinding(self._bindings[self._current])

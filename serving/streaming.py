@@ -13,8 +13,13 @@ from serving.sampling import SamplingParams, StopMatcher, sample_one
 from serving.tokenizers import Tokenizer
 
 
-def sample_ids(logits: np.ndarray, step: Callable[[int], np.ndarray], max_tokens: int,
-               params: SamplingParams, eos: int | None = None) -> Iterator[int]:
+def sample_ids(
+    logits: np.ndarray,
+    step: Callable[[int], np.ndarray],
+    max_tokens: int,
+    params: SamplingParams,
+    eos: int | None = None,
+) -> Iterator[int]:
     """Yields up to ``max_tokens`` ids, stopping after ``eos``.
 
     logits: (V,) after the prompt; step(token_id) feeds one token and returns the next (V,) logits.
@@ -30,8 +35,9 @@ def sample_ids(logits: np.ndarray, step: Callable[[int], np.ndarray], max_tokens
         logits = step(next_id)
 
 
-def stream_text(ids: Iterable[int], tokenizer: Tokenizer, stop: Sequence[str] = (),
-                eos: int | None = None) -> Iterator[str]:
+def stream_text(
+    ids: Iterable[int], tokenizer: Tokenizer, stop: Sequence[str] = (), eos: int | None = None
+) -> Iterator[str]:
     """Turns generated ids into text pieces as they come.
 
     Text that could begin a stop string is held back until it cannot; the stop string and anything

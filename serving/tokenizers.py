@@ -74,8 +74,12 @@ class CharTokenizer:
         return self.vocab.itos[token_id]
 
     def to_dict(self) -> dict:
-        return {"format": TOKENIZER_FORMAT, "kind": self.kind, "lowercase": self.lowercase,
-                "vocab": self.vocab.to_dict()}
+        return {
+            "format": TOKENIZER_FORMAT,
+            "kind": self.kind,
+            "lowercase": self.lowercase,
+            "vocab": self.vocab.to_dict(),
+        }
 
 
 _WORDS_AND_PUNCT = re.compile(r"\n|\w+(?:'\w+)?|[^\w\s]")
@@ -101,8 +105,14 @@ class WordTokenizer:
         return self._pattern.findall(text.lower() if self.lowercase else text)
 
     @classmethod
-    def train(cls, text: str, lowercase: bool = True, keep_punct: bool = True,
-              min_freq: int = 1, max_size: int | None = None) -> WordTokenizer:
+    def train(
+        cls,
+        text: str,
+        lowercase: bool = True,
+        keep_punct: bool = True,
+        min_freq: int = 1,
+        max_size: int | None = None,
+    ) -> WordTokenizer:
         splitter = cls(Vocab([UNK]), lowercase, keep_punct)
         vocab = Vocab.build(splitter.split(text), min_freq=min_freq, max_size=max_size)
         return cls(vocab, lowercase, keep_punct)
@@ -126,8 +136,13 @@ class WordTokenizer:
         return token if first or token == "\n" else " " + token
 
     def to_dict(self) -> dict:
-        return {"format": TOKENIZER_FORMAT, "kind": self.kind, "lowercase": self.lowercase,
-                "keep_punct": self.keep_punct, "vocab": self.vocab.to_dict()}
+        return {
+            "format": TOKENIZER_FORMAT,
+            "kind": self.kind,
+            "lowercase": self.lowercase,
+            "keep_punct": self.keep_punct,
+            "vocab": self.vocab.to_dict(),
+        }
 
 
 class SentencePieceTokenizer:
@@ -138,22 +153,36 @@ class SentencePieceTokenizer:
     def __init__(self, model_proto: bytes) -> None:
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self._pieces = [self.sp.id_to_piece(i).replace("\u2581", " ")
-                        for i in range(self.sp.get_piece_size())]
+        self._pieces = [
+            self.sp.id_to_piece(i).replace("\u2581", " ") for i in range(self.sp.get_piece_size())
+        ]
 
     @classmethod
-    def train(cls, sentences: Iterable[str], vocab_size: int = 4000, model_type: str = "unigram",
-              character_coverage: float = 1.0, seed_sentencepiece_size: int = 1_000_000,
-              ) -> SentencePieceTokenizer:
+    def train(
+        cls,
+        sentences: Iterable[str],
+        vocab_size: int = 4000,
+        model_type: str = "unigram",
+        character_coverage: float = 1.0,
+        seed_sentencepiece_size: int = 1_000_000,
+    ) -> SentencePieceTokenizer:
         """Trains with fixed special ids: pad 0, unk 1, bos 2, eos 3."""
         import io
 
         buffer = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=vocab_size,
-            model_type=model_type, character_coverage=character_coverage,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
-            seed_sentencepiece_size=seed_sentencepiece_size, num_threads=1,
+            sentence_iterator=iter(sentences),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            hard_vocab_limit=False,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            num_threads=1,
             minloglevel=2,
         )
         return cls(buffer.getvalue())
@@ -164,8 +193,12 @@ class SentencePieceTokenizer:
 
     @property
     def special_ids(self) -> dict[str, int]:
-        ids = {"<pad>": self.sp.pad_id(), "<unk>": self.sp.unk_id(),
-               "<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id()}
+        ids = {
+            "<pad>": self.sp.pad_id(),
+            "<unk>": self.sp.unk_id(),
+            "<bos>": self.sp.bos_id(),
+            "<eos>": self.sp.eos_id(),
+        }
         return {k: v for k, v in ids.items() if v >= 0}
 
     def encode(self, text: str) -> list[int]:
@@ -181,8 +214,11 @@ class SentencePieceTokenizer:
         return text.lstrip(" ") if first else text
 
     def to_dict(self) -> dict:
-        return {"format": TOKENIZER_FORMAT, "kind": self.kind,
-                "model": base64.b64encode(self.model_proto).decode("ascii")}
+        return {
+            "format": TOKENIZER_FORMAT,
+            "kind": self.kind,
+            "model": base64.b64encode(self.model_proto).decode("ascii"),
+        }
 
 
 def tokenizer_from_dict(data: dict) -> CharTokenizer | WordTokenizer | SentencePieceTokenizer:

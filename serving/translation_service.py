@@ -59,14 +59,28 @@ class TranslationMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry()
-        self.batch = Histogram("rnnlab_translation_batch_sentences", "Sentences per encoder call",
-                               ["model"], buckets=_BATCH_BUCKETS, registry=r)
-        self.shared = Counter("rnnlab_translation_shared_batches",
-                              "Encoder calls holding sentences of two or more RPCs", ["model"], registry=r)
-        self.sentences = Counter("rnnlab_translation_sentences", "Sentences translated", ["model"],
-                                 registry=r)
-        self.latency = Histogram("rnnlab_translation_sentence_seconds",
-                                 "From queueing a sentence to its result", ["model"], registry=r)
+        self.batch = Histogram(
+            "rnnlab_translation_batch_sentences",
+            "Sentences per encoder call",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.shared = Counter(
+            "rnnlab_translation_shared_batches",
+            "Encoder calls holding sentences of two or more RPCs",
+            ["model"],
+            registry=r,
+        )
+        self.sentences = Counter(
+            "rnnlab_translation_sentences", "Sentences translated", ["model"], registry=r
+        )
+        self.latency = Histogram(
+            "rnnlab_translation_sentence_seconds",
+            "From queueing a sentence to its result",
+            ["model"],
+            registry=r,
+        )
 
 
 @dataclass
@@ -86,8 +100,15 @@ class SentenceBatcher:
     fill up instead of queueing small.
     """
 
-    def __init__(self, name: str, runtime: Seq2SeqRuntime, metrics: TranslationMetrics,
-                 gather_ms: float = 3.0, batch_tokens: int = 600, workers: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        runtime: Seq2SeqRuntime,
+        metrics: TranslationMetrics,
+        gather_ms: float = 3.0,
+        batch_tokens: int = 600,
+        workers: int = 1,
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self.name, self.runtime = name, runtime
@@ -175,8 +196,9 @@ class SentenceBatcher:
         for item in self.pending:
             if not full and item.params == params:
                 size = max(longest, len(item.ids))
-                full = bool(batch) and ((len(batch) + 1) * size > self.batch_tokens
-                                        or len(batch) == max_sentences)
+                full = bool(batch) and (
+                    (len(batch) + 1) * size > self.batch_tokens or len(batch) == max_sentences
+                )
                 if not full:
                     batch.append(item)
                     longest = size
@@ -216,11 +238,15 @@ def translator_info(runtime: Seq2SeqRuntime) -> tpb.TranslatorInfo:
     manifest = runtime.manifest
     languages = manifest.data.get("languages") or {}
     return tpb.TranslatorInfo(
-        name=manifest.name, source_language=str(languages.get("source", "")),
+        name=manifest.name,
+        source_language=str(languages.get("source", "")),
         target_language=str(languages.get("target", "")),
-        attention=manifest.architecture.get("attention") == "additive", source_vocab_size=runtime.src_vocab,
-        target_vocab_size=runtime.tgt_vocab, evaluation=_numbers(manifest.evaluation or {}),
-        bundle_digest=hashlib.sha256((manifest.path / "manifest.json").read_bytes()).hexdigest())
+        attention=manifest.architecture.get("attention") == "additive",
+        source_vocab_size=runtime.src_vocab,
+        target_vocab_size=runtime.tgt_vocab,
+        evaluation=_numbers(manifest.evaluation or {}),
+        bundle_digest=hashlib.sha256((manifest.path / "manifest.json").read_bytes()).hexdigest(),
+    )
 
 
 def search_params(options: tpb.TranslateOptions) -> SearchParams:
@@ -229,8 +255,11 @@ def search_params(options: tpb.TranslateOptions) -> SearchParams:
     n_best = options.n_best or 1
     # float32 on the wire: 0.6 arrives as 0.60000002; round back to what the client wrote.
     ratio = float(f"{options.max_length_ratio:.6g}") or DEFAULT_RATIO
-    alpha = (float(f"{options.length_penalty:.6g}") if options.HasField("length_penalty")
-             else DEFAULT_SEARCH.length_penalty)
+    alpha = (
+        float(f"{options.length_penalty:.6g}")
+        if options.HasField("length_penalty")
+        else DEFAULT_SEARCH.length_penalty
+    )
     max_length = options.max_length or DEFAULT_MAX_LENGTH
     problems = []
     if not 1 <= beam <= MAX_BEAM:
@@ -245,15 +274,19 @@ def search_params(options: tpb.TranslateOptions) -> SearchParams:
         problems.append(f"length_penalty must be in [0, {MAX_LENGTH_PENALTY:g}], not {alpha:g}")
     if problems:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
-    return SearchParams(beam=beam, length_penalty=alpha, max_len_ratio=ratio, max_len_cap=max_length,
-                        n_best=n_best)
+    return SearchParams(
+        beam=beam, length_penalty=alpha, max_len_ratio=ratio, max_len_cap=max_length, n_best=n_best
+    )
 
 
 def _result(translator: Translator, hyps: list[Hypothesis], source_tokens: int) -> tpb.TranslationResult:
     decode = translator.runtime.tgt_tokenizer.decode
     return tpb.TranslationResult(
-        hypotheses=[tpb.Hypothesis(text=decode(list(h.tokens)), score=h.normalized, token_ids=h.tokens)
-                    for h in hyps], source_tokens=source_tokens)
+        hypotheses=[
+            tpb.Hypothesis(text=decode(list(h.tokens)), score=h.normalized, token_ids=h.tokens) for h in hyps
+        ],
+        source_tokens=source_tokens,
+    )
 
 
 def _failed(error: str) -> tpb.TranslationResult:
@@ -271,8 +304,13 @@ class TranslationService(tpb_grpc.TranslationServicer):
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no translation model {name!r} (loaded: {known})")
         return self.translators[name]
 
-    async def _translate_one(self, translator: Translator, sentence: str, params: SearchParams, call: int,
-                             ) -> tpb.TranslationResult:
+    async def _translate_one(
+        self,
+        translator: Translator,
+        sentence: str,
+        params: SearchParams,
+        call: int,
+    ) -> tpb.TranslationResult:
         try:
             ids, _warning = translator.runtime.encode_source(sentence)
         except ValueError as exc:
@@ -280,20 +318,26 @@ class TranslationService(tpb_grpc.TranslationServicer):
         hyps = await translator.batcher.submit(ids, params, call)
         return _result(translator, hyps, len(ids) - 1)
 
-    async def Translate(self, request: tpb.TranslateRequest, context: grpc.aio.ServicerContext,
-                        ) -> tpb.TranslateResponse:
+    async def Translate(
+        self,
+        request: tpb.TranslateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> tpb.TranslateResponse:
         try:
             translator = self._translator(request.model)
             params = search_params(request.options)
             if len(request.sentences) > MAX_SENTENCES:
-                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{len(request.sentences)} sentences in one call (limit {MAX_SENTENCES}); "
-                              "split the batch or use TranslateStream")
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{len(request.sentences)} sentences in one call (limit {MAX_SENTENCES}); "
+                    "split the batch or use TranslateStream",
+                )
         except Refused as exc:
             await context.abort(exc.code, exc.message)
         call = next(self._calls)
-        tasks = [asyncio.ensure_future(self._translate_one(translator, s, params, call))
-                 for s in request.sentences]
+        tasks = [
+            asyncio.ensure_future(self._translate_one(translator, s, params, call)) for s in request.sentences
+        ]
         try:
             results = await asyncio.gather(*tasks)
         finally:  # a cancelled call (client gone, deadline) takes its queued sentences with it
@@ -301,9 +345,11 @@ class TranslationService(tpb_grpc.TranslationServicer):
                 task.cancel()
         return tpb.TranslateResponse(results=results)
 
-    async def TranslateStream(self, request_iterator: AsyncIterator[tpb.TranslateStreamRequest],
-                              context: grpc.aio.ServicerContext,
-                              ) -> AsyncIterator[tpb.TranslateStreamResponse]:
+    async def TranslateStream(
+        self,
+        request_iterator: AsyncIterator[tpb.TranslateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tpb.TranslateStreamResponse]:
         call = next(self._calls)
         done: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
@@ -311,8 +357,10 @@ class TranslationService(tpb_grpc.TranslationServicer):
         params: SearchParams | None = None
         received = answered = 0
 
-        async def answer(item_id: str, result: Awaitable[tpb.TranslationResult],
-                         ) -> tpb.TranslateStreamResponse:
+        async def answer(
+            item_id: str,
+            result: Awaitable[tpb.TranslationResult],
+        ) -> tpb.TranslateStreamResponse:
             return tpb.TranslateStreamResponse(id=item_id, result=await result)
 
         reader = asyncio.ensure_future(_pump(request_iterator, done))
@@ -325,9 +373,10 @@ class TranslationService(tpb_grpc.TranslationServicer):
                         if translator is None:
                             translator = self._translator(payload.model)
                         elif payload.model and payload.model != translator.name:
-                            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                                          f"one stream, one model: got {payload.model!r} after "
-                                          f"{translator.name!r}")
+                            raise Refused(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"one stream, one model: got {payload.model!r} after {translator.name!r}",
+                            )
                         if params is None and payload.HasField("options"):
                             params = search_params(payload.options)
                     except Refused as exc:
@@ -351,8 +400,11 @@ class TranslationService(tpb_grpc.TranslationServicer):
             for task in tasks:
                 task.cancel()
 
-    async def ListTranslators(self, request: tpb.ListTranslatorsRequest, context: grpc.aio.ServicerContext,
-                              ) -> tpb.ListTranslatorsResponse:
+    async def ListTranslators(
+        self,
+        request: tpb.ListTranslatorsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> tpb.ListTranslatorsResponse:
         return tpb.ListTranslatorsResponse(models=[t.info for t in self.translators.values()])
 
 
@@ -367,8 +419,13 @@ async def _pump(request_iterator: AsyncIterator, done: asyncio.Queue) -> None:
         done.put_nowait(("error", exc))
 
 
-def load_translators(bundles: Iterable[Path], threads: int = 1, metrics: TranslationMetrics | None = None,
-                     gather_ms: float = 3.0, workers: int = 1) -> dict[str, Translator]:
+def load_translators(
+    bundles: Iterable[Path],
+    threads: int = 1,
+    metrics: TranslationMetrics | None = None,
+    gather_ms: float = 3.0,
+    workers: int = 1,
+) -> dict[str, Translator]:
     """Every loadable seq2seq bundle by manifest name, each searching up to ``workers`` batches at once
     (threads of ``threads`` onnxruntime threads each); bad bundles are logged and skipped."""
     metrics = metrics or TranslationMetrics()
@@ -384,18 +441,23 @@ def load_translators(bundles: Iterable[Path], threads: int = 1, metrics: Transla
         if name in translators:
             log.warning("refusing translation bundle %s: model name %r is already served", path, name)
             continue
-        translators[name] = Translator(name, runtime, SentenceBatcher(name, runtime, metrics, gather_ms,
-                                                                       workers=workers),
-                                       translator_info(runtime))
+        translators[name] = Translator(
+            name,
+            runtime,
+            SentenceBatcher(name, runtime, metrics, gather_ms, workers=workers),
+            translator_info(runtime),
+        )
         log.info("serving translator %r from %s (%.2f s to load)", name, path, time.perf_counter() - started)
     return translators
 
 
-def add_to_server(server: grpc.aio.Server, bundles: list[Path], config,
-                  registry: CollectorRegistry | None = None) -> list[str]:
+def add_to_server(
+    server: grpc.aio.Server, bundles: list[Path], config, registry: CollectorRegistry | None = None
+) -> list[str]:
     """Registers the Translation service for the loadable bundles -> [its full name] (or [] if none)."""
-    translators = load_translators(bundles, config.ort_threads, TranslationMetrics(registry),
-                                   workers=config.translate_workers)
+    translators = load_translators(
+        bundles, config.ort_threads, TranslationMetrics(registry), workers=config.translate_workers
+    )
     if not translators:
         return []
     tpb_grpc.add_TranslationServicer_to_server(TranslationService(translators), server)

@@ -49,8 +49,13 @@ class OrtStepDecoder:
     def __init__(self, session: ort.InferenceSession, vocab: int) -> None:
         self.session, self.vocab = session, vocab
 
-    def step(self, prev: np.ndarray, state: np.ndarray, memory: Memory, k: int,
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self,
+        prev: np.ndarray,
+        state: np.ndarray,
+        memory: Memory,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """prev (N,) int64 -> log_probs (N,k') float64, ids (N,k') int64, state (L,N,H); k' = min(k, V)."""
         k_in = np.array([min(k, self.vocab)], dtype=np.int64)
         log_probs, ids, state = self.session.run(None, {"prev": prev, "k": k_in, "state": state, **memory})
@@ -72,14 +77,21 @@ class Seq2SeqRuntime(TextTranslator):
     one-thread session computes on its caller's thread.
     """
 
-    def __init__(self, manifest: Manifest, encoder: ort.InferenceSession, decoder: ort.InferenceSession,
-                 ) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        encoder: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+    ) -> None:
         tokenizers = manifest.tokenizer if isinstance(manifest.tokenizer, dict) else {}
         preprocessing = manifest.data.get("preprocessing") or {}
         self.lowercase = bool(preprocessing.get("lowercase", False))
-        super().__init__(_spm(manifest, tokenizers.get("source")), _spm(manifest, tokenizers.get("target")),
-                         int(preprocessing.get("max_src_tokens", 128)),
-                         lambda text: normalize(text, self.lowercase))
+        super().__init__(
+            _spm(manifest, tokenizers.get("source")),
+            _spm(manifest, tokenizers.get("target")),
+            int(preprocessing.get("max_src_tokens", 128)),
+            lambda text: normalize(text, self.lowercase),
+        )
         self.manifest = manifest
         self.encoder = encoder
         arch = manifest.architecture
@@ -105,13 +117,23 @@ class Seq2SeqRuntime(TextTranslator):
         encoder = open_session(manifest.graph(ENCODER), threads)
         decoder = open_session(manifest.graph(DECODER), threads)
         attention = "keys" in {a.name for a in encoder.get_outputs()}
-        _check_names(encoder, manifest.graph(ENCODER), ENCODER_INPUTS,
-                     ENCODER_OUTPUTS if attention else PLAIN_ENCODER_OUTPUTS)
-        _check_names(decoder, manifest.graph(DECODER), DECODER_INPUTS if attention else PLAIN_DECODER_INPUTS,
-                     DECODER_OUTPUTS)
+        _check_names(
+            encoder,
+            manifest.graph(ENCODER),
+            ENCODER_INPUTS,
+            ENCODER_OUTPUTS if attention else PLAIN_ENCODER_OUTPUTS,
+        )
+        _check_names(
+            decoder,
+            manifest.graph(DECODER),
+            DECODER_INPUTS if attention else PLAIN_DECODER_INPUTS,
+            DECODER_OUTPUTS,
+        )
         runtime = cls(manifest, encoder, decoder)
-        for role, tok, size in (("source", runtime.src_tokenizer, runtime.src_vocab),
-                                ("target", runtime.tgt_tokenizer, runtime.tgt_vocab)):
+        for role, tok, size in (
+            ("source", runtime.src_tokenizer, runtime.src_vocab),
+            ("target", runtime.tgt_tokenizer, runtime.tgt_vocab),
+        ):
             if tok.vocab_size != size:
                 raise BundleError(f"{where}: {role} tokenizer has {tok.vocab_size} tokens, the model {size}")
         return runtime
@@ -126,8 +148,9 @@ class Seq2SeqRuntime(TextTranslator):
         with self._count_lock:
             self.encoder_calls += 1
             self.encoder_rows += len(src)
-        outputs = dict(zip(self._encoder_outputs, self.encoder.run(None, {"src": src, "src_len": src_len}),
-                           strict=True))
+        outputs = dict(
+            zip(self._encoder_outputs, self.encoder.run(None, {"src": src, "src_len": src_len}), strict=True)
+        )
         return {name: outputs[name] for name in self._memory_names}, outputs["state"]
 
     def search_batch(self, sources: list[list[int]], params: SearchParams) -> list[list[Hypothesis]]:
@@ -135,8 +158,10 @@ class Seq2SeqRuntime(TextTranslator):
         src, src_len = pad_batch(sources, self.pad)
         memory, state = self.encode(src, src_len)
         if params.beam == 1:
-            return [[hyp] for hyp in greedy_search(self.decoder, state, memory, src_len, self.bos, self.eos,
-                                                   params)]
+            return [
+                [hyp]
+                for hyp in greedy_search(self.decoder, state, memory, src_len, self.bos, self.eos, params)
+            ]
         return beam_search(self.decoder, state, memory, src_len, self.bos, self.eos, params)
 
 
@@ -153,11 +178,17 @@ def _spm(manifest: Manifest, relpath: str | None) -> SentencePieceTokenizer:
     return tokenizer
 
 
-def _check_names(session: ort.InferenceSession, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
-                 ) -> None:
+def _check_names(
+    session: ort.InferenceSession,
+    path: Path,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+) -> None:
     """The graph's tensor names, in order."""
     got_in = tuple(a.name for a in session.get_inputs())
     got_out = tuple(a.name for a in session.get_outputs())
     if got_in != inputs or got_out != outputs:
-        raise BundleError(f"{path}: graph has inputs {list(got_in)} and outputs {list(got_out)}, "
-                          f"expected {list(inputs)} -> {list(outputs)}")
+        raise BundleError(
+            f"{path}: graph has inputs {list(got_in)} and outputs {list(got_out)}, "
+            f"expected {list(inputs)} -> {list(outputs)}"
+        )

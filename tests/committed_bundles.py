@@ -69,9 +69,11 @@ def _graph_differences(ours: Path, theirs: Path) -> list[str]:
 
     a, b = onnx.load(str(ours)).graph, onnx.load(str(theirs)).graph
     problems = []
-    for what, get in (("nodes", lambda g: [n.op_type for n in g.node]),
-                      ("inputs", lambda g: [i.name for i in g.input]),
-                      ("outputs", lambda g: [o.name for o in g.output])):
+    for what, get in (
+        ("nodes", lambda g: [n.op_type for n in g.node]),
+        ("inputs", lambda g: [i.name for i in g.input]),
+        ("outputs", lambda g: [o.name for o in g.output]),
+    ):
         if get(a) != get(b):
             problems.append(f"{ours}: {what} differ from the script's")
     weights = {t.name: numpy_helper.to_array(t) for t in b.initializer}
@@ -90,8 +92,11 @@ def compare_bundles(ours: Path, theirs: Path) -> list[str]:
     from serving.files import sha256_file
 
     a, b = (json.loads((d / MANIFEST).read_text(encoding="utf-8")) for d in (ours, theirs))
-    problems = [f"{ours / MANIFEST}: {key!r} differs from the script's" for key in sorted(set(a) | set(b))
-                if key not in MEASURED and a.get(key) != b.get(key)]
+    problems = [
+        f"{ours / MANIFEST}: {key!r} differs from the script's"
+        for key in sorted(set(a) | set(b))
+        if key not in MEASURED and a.get(key) != b.get(key)
+    ]
     if sorted(a["files"]) != sorted(b["files"]):
         return [*problems, f"{ours}: files {sorted(a['files'])}, the script's {sorted(b['files'])}"]
     for relpath in a["files"]:

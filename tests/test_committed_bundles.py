@@ -21,6 +21,7 @@ def test_the_committed_bundles_are_what_the_script_makes(tmp_path):
     manifest = copy / "tiny" / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "other"}))
     (copy / "tiny-lstm" / "tokenizer.json").write_text("{}")
-    assert compare_bundle_dirs(copy, made) == [f"{manifest}: 'name' differs from the script's",
-                                               f"{copy / 'tiny-lstm' / 'tokenizer.json'}: content differs "
-                                               "from the script's"]
+    assert compare_bundle_dirs(copy, made) == [
+        f"{manifest}: 'name' differs from the script's",
+        f"{copy / 'tiny-lstm' / 'tokenizer.json'}: content differs from the script's",
+    ]

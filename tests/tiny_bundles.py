@@ -22,8 +22,17 @@ TINY_TEXT = (
 )
 
 
-def train_tiny_model(cell: str = "gru", *, layers: int = 1, hidden: int = 32, embed: int = 16,
-                     steps: int = 60, seed: int = 0, impl: str = "fused", text: str = TINY_TEXT):
+def train_tiny_model(
+    cell: str = "gru",
+    *,
+    layers: int = 1,
+    hidden: int = 32,
+    embed: int = 16,
+    steps: int = 60,
+    seed: int = 0,
+    impl: str = "fused",
+    text: str = TINY_TEXT,
+):
     """A char RNNLM trained ``steps`` Adam steps on random windows of ``text`` -> (eval model, tokenizer)."""
     import torch
     from torch.nn import functional as F
@@ -34,8 +43,17 @@ def train_tiny_model(cell: str = "gru", *, layers: int = 1, hidden: int = 32, em
     torch.manual_seed(seed)
     tokenizer = CharTokenizer.train(text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
-    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell=cell, layers=layers, embed=embed,
-                              hidden=hidden, dropout=0.0, impl=impl))
+    model = RNNLM(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            cell=cell,
+            layers=layers,
+            embed=embed,
+            hidden=hidden,
+            dropout=0.0,
+            impl=impl,
+        )
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     window, batch = 32, 8
     gen = torch.Generator().manual_seed(seed)
@@ -52,15 +70,33 @@ def train_tiny_model(cell: str = "gru", *, layers: int = 1, hidden: int = 32, em
     return model.eval(), tokenizer
 
 
-def make_tiny_bundle(tmp_path: Path, cell: str = "gru", *, layers: int = 1, hidden: int = 32, embed: int = 16,
-                     steps: int = 60, seed: int = 0, impl: str = "fused", quantize: str | None = None,
-                     name: str = "tiny", text: str = TINY_TEXT) -> Path:
+def make_tiny_bundle(
+    tmp_path: Path,
+    cell: str = "gru",
+    *,
+    layers: int = 1,
+    hidden: int = 32,
+    embed: int = 16,
+    steps: int = 60,
+    seed: int = 0,
+    impl: str = "fused",
+    quantize: str | None = None,
+    name: str = "tiny",
+    text: str = TINY_TEXT,
+) -> Path:
     """Trains a tiny char model (see ``train_tiny_model``) and exports it -> the bundle dir tmp_path/name."""
     from lm.export import export_lm
 
-    model, tokenizer = train_tiny_model(cell, layers=layers, hidden=hidden, embed=embed, steps=steps,
-                                        seed=seed, impl=impl, text=text)
+    model, tokenizer = train_tiny_model(
+        cell, layers=layers, hidden=hidden, embed=embed, steps=steps, seed=seed, impl=impl, text=text
+    )
     evaluation = {"split": "train", "note": "tiny test model"}
     training_config = {"steps": steps, "seed": seed, "lr": 0.02, "text_chars": len(text)}
-    return export_lm(model, tokenizer, Path(tmp_path) / name, evaluation=evaluation,
-                     training_config=training_config, quantize=quantize)
+    return export_lm(
+        model,
+        tokenizer,
+        Path(tmp_path) / name,
+        evaluation=evaluation,
+        training_config=training_config,
+        quantize=quantize,
+    )

@@ -22,7 +22,7 @@ def pairs_lines(count: int = _PAIRS) -> list[str]:
 
 def tiny_sources(count: int, start: int = 0) -> list[str]:
     """English sides of real Tatoeba pairs (from the training file: the model says something sensible)."""
-    return [line.split("\t")[0] for line in pairs_lines()[start:start + count]]
+    return [line.split("\t")[0] for line in pairs_lines()[start : start + count]]
 
 
 def make_tiny_translator(base: Path, bundle: Path, attention: str = "additive", **config: Any) -> Path:
@@ -36,19 +36,43 @@ def make_tiny_translator(base: Path, bundle: Path, attention: str = "additive", 
     base.mkdir(parents=True, exist_ok=True)
     pairs = base / "pairs.txt"
     pairs.write_text("\n".join(pairs_lines()) + "\n", encoding="utf-8")
-    fields = {"valid_fraction": 0.1, "test_fraction": 0.1, "spm_vocab": 300, "embed": 32, "enc_hidden": 32,
-              "dec_hidden": 32, "attn_dim": 16, "dropout": 0.1, "batch_tokens": 600, "warmup_steps": 20,
-              "schedule": "constant", "lr": 5e-3, "max_steps": 300, "epochs": 1000, "max_minutes": None,
-              "valid_bleu_sentences": 20, "checkpoint_every": 0, "label_smoothing": 0.1, "patience": 1000,
-              "attention": attention, **config}
+    fields = {
+        "valid_fraction": 0.1,
+        "test_fraction": 0.1,
+        "spm_vocab": 300,
+        "embed": 32,
+        "enc_hidden": 32,
+        "dec_hidden": 32,
+        "attn_dim": 16,
+        "dropout": 0.1,
+        "batch_tokens": 600,
+        "warmup_steps": 20,
+        "schedule": "constant",
+        "lr": 5e-3,
+        "max_steps": 300,
+        "epochs": 1000,
+        "max_minutes": None,
+        "valid_bleu_sentences": 20,
+        "checkpoint_every": 0,
+        "label_smoothing": 0.1,
+        "patience": 1000,
+        "attention": attention,
+        **config,
+    }
     train_config = TrainConfig.of(dataset=str(pairs), **fields)
     run_dir = base / "run"
     train(train_config, run_dir, show_progress=False)
     run = load_run(run_dir, "last")
     # the pairs file is a temporary copy: the bundle records where its pairs came from instead
     recorded = {**run.train_config, "dataset": f"fra-eng, first {_PAIRS} pairs"}
-    export_seq2seq(run.model, run.src_tokenizer, run.tgt_tokenizer, bundle, sentences=tiny_sources(24),
-                   train_config=recorded)
+    export_seq2seq(
+        run.model,
+        run.src_tokenizer,
+        run.tgt_tokenizer,
+        bundle,
+        sentences=tiny_sources(24),
+        train_config=recorded,
+    )
     return run_dir
 
 

@@ -39,10 +39,20 @@ def serve(models, tmp_path):
     settings = tmp_path / "server.toml"
     settings.write_text(f"max_tokens = {LONG}\ngrace_s = 10.0\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RNNLAB_STATE_KEY": "e2e"}
-    command = [sys.executable, "-m", "serving.server", "--models", str(models), "--port", "0",
-               "--config", str(settings)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "serving.server",
+        "--models",
+        str(models),
+        "--port",
+        "0",
+        "--config",
+        str(settings),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = process.stdout.readline()
     assert line.startswith("rnnlab-serve listening on 127.0.0.1:"), process.stderr.read()
     yield process, line.split()[-1]
@@ -72,8 +82,12 @@ def test_client_cli_streams_lists_and_reports_errors(serve, models, capsys):
     runtime = LMRuntime.load(models / "tiny")
     expected = "".join(runtime.generate("The Time", 25, SamplingParams(temperature=0)))
     assert client_cli.main(["--target", target, "health", "--wait", "5"]) == 0
-    assert client_cli.main(["--target", target, "generate", "tiny", "The Time", "--max-tokens", "25",
-                            "--temperature", "0"]) == 0
+    assert (
+        client_cli.main(
+            ["--target", target, "generate", "tiny", "The Time", "--max-tokens", "25", "--temperature", "0"]
+        )
+        == 0
+    )
     assert client_cli.main(["--target", target, "models"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "SERVING" and out[1] == expected and out[2].startswith("tiny\tgru x1 h32")
@@ -87,8 +101,19 @@ def test_client_cli_session_continues_each_line_of_stdin(serve, models, capsys, 
     greedy = SamplingParams(temperature=0)
     first = "".join(runtime.generate("The Time\n", 10, greedy))
     monkeypatch.setattr(sys, "stdin", io.StringIO("\nHis grey\n"))
-    args = ["--target", target, "session", "tiny", "--prompt", "The Time", "--max-tokens", "10", "--export",
-            "--temperature", "0"]
+    args = [
+        "--target",
+        target,
+        "session",
+        "tiny",
+        "--prompt",
+        "The Time",
+        "--max-tokens",
+        "10",
+        "--export",
+        "--temperature",
+        "0",
+    ]
     assert client_cli.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == first

@@ -10,8 +10,25 @@ from lm.cli import main
 from tests.tiny_bundles import TINY_TEXT
 
 # A model small enough that an epoch over the tiny corpus takes a few hundredths of a second.
-TINY_FLAGS = ["--hidden", "16", "--embed", "8", "--layers", "1", "--batch-size", "4", "--bptt", "16",
-              "--threads", "1", "--no-progress", "--checkpoint-every", "0", "--log-every", "5"]
+TINY_FLAGS = [
+    "--hidden",
+    "16",
+    "--embed",
+    "8",
+    "--layers",
+    "1",
+    "--batch-size",
+    "4",
+    "--bptt",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--checkpoint-every",
+    "0",
+    "--log-every",
+    "5",
+]
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +43,19 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
     """A char GRU trained for 3 epochs on the tiny corpus (shared read-only by the tests)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    code = main(["train", "--corpus", str(corpus_file), "--out", str(out), "--epochs", "3", "--hidden", "32",
-                 *TINY_FLAGS[2:]])
+    code = main(
+        [
+            "train",
+            "--corpus",
+            str(corpus_file),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--hidden",
+            "32",
+            *TINY_FLAGS[2:],
+        ]
+    )
     assert code == 0
     return out

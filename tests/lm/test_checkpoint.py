@@ -25,10 +25,19 @@ def _training_state() -> dict:
     optimizer.step()
     schedule.step()
     generator = torch.Generator().manual_seed(7)
-    return {"kind": "lm", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "early_stopping": EarlyStopping(2).state_dict(),
-            "rng": capture_rng_state(), "data_generator": generator.get_state(),
-            "epoch": 1, "step": 1, "best": None, "model_config": {"cell": "gru", "hidden": 8}}
+    return {
+        "kind": "lm",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "early_stopping": EarlyStopping(2).state_dict(),
+        "rng": capture_rng_state(),
+        "data_generator": generator.get_state(),
+        "epoch": 1,
+        "step": 1,
+        "best": None,
+        "model_config": {"cell": "gru", "hidden": 8},
+    }
 
 
 def _draws() -> tuple[float, float, float]:

@@ -71,14 +71,17 @@ def test_corpus_too_short_and_not_utf8(capsys, tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--tie", "--embed", "8", "--hidden", "16"], "--tie needs embed == hidden"),
-    (["--bptt", "0"], "--bptt must be >= 1"),
-    (["--cell", "transformer"], "invalid choice"),
-    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
-    (["--lr", "fast"], "invalid float value"),
-    (["--no-such-flag"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tie", "--embed", "8", "--hidden", "16"], "--tie needs embed == hidden"),
+        (["--bptt", "0"], "--bptt must be >= 1"),
+        (["--cell", "transformer"], "invalid choice"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["--lr", "fast"], "invalid float value"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ],
+)
 def test_invalid_flags_are_usage_errors(capsys, tmp_path: Path, corpus_file: Path, flags, message) -> None:
     out = str(tmp_path / "r")
     code, _, err = run_cli(capsys, "train", "--corpus", str(corpus_file), "--out", out, *flags)
@@ -111,8 +114,12 @@ def test_corrupt_and_foreign_checkpoints(capsys, tmp_path: Path, tiny_run: Path)
     wrong_kind = tmp_path / "wrong_kind"
     wrong_kind.mkdir()
     save_checkpoint(wrong_kind / "best.pt", {"kind": "mt", "model": {}})
-    for run_dir, fragment in ((corrupt, "corrupt"), (foreign, "not an rnnlab checkpoint"),
-                              (wrong_kind, "expected 'lm'"), (tmp_path / "missing", "no such run directory")):
+    for run_dir, fragment in (
+        (corrupt, "corrupt"),
+        (foreign, "not an rnnlab checkpoint"),
+        (wrong_kind, "expected 'lm'"),
+        (tmp_path / "missing", "no such run directory"),
+    ):
         for command in (["eval", str(run_dir)], ["generate", str(run_dir), "--prompt", "The"]):
             code, out, err = run_cli(capsys, *command)
             assert code == 2 and out == ""
@@ -129,18 +136,48 @@ def test_generate_flag_errors(capsys, tiny_run: Path) -> None:
 
 
 def test_train_with_scratch_cells_then_generate(capsys, tmp_path: Path, corpus_file: Path) -> None:
-    code, _, _ = run_cli(capsys, "train", "--corpus", str(corpus_file), "--out", str(tmp_path / "run"),
-                         *TINY_FLAGS, "--impl", "scratch", "--cell", "lstm", "--epochs", "1", "--bptt", "8")
+    code, _, _ = run_cli(
+        capsys,
+        "train",
+        "--corpus",
+        str(corpus_file),
+        "--out",
+        str(tmp_path / "run"),
+        *TINY_FLAGS,
+        "--impl",
+        "scratch",
+        "--cell",
+        "lstm",
+        "--epochs",
+        "1",
+        "--bptt",
+        "8",
+    )
     assert code == 0
-    code, out, _ = run_cli(capsys, "generate", str(tmp_path / "run"), "--prompt", "The", "--max-tokens", "5",
-                           "--temperature", "0")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        str(tmp_path / "run"),
+        "--prompt",
+        "The",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+    )
     assert code == 0 and len(out) == 6
 
 
 def test_the_installed_entry_point_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "lm.cli", "eval", str(tmp_path / "nothing-here")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.cli", "eval", str(tmp_path / "nothing-here")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr

@@ -29,7 +29,10 @@ def test_the_model_section_is_the_model_config_so_its_defaults_live_in_one_place
     mt = MTConfig()
     assert isinstance(mt.data, DataConfig)  # DataConfig's fields are inherited, not re-declared
     assert {f.name for f in fields(mt.model)} == {f.name for f in fields(Seq2SeqConfig)} - {
-        "src_vocab", "tgt_vocab", "pad_id"}
+        "src_vocab",
+        "tgt_vocab",
+        "pad_id",
+    }
 
 
 def test_flat_names_are_unique_and_round_trip() -> None:
@@ -44,9 +47,15 @@ def test_flat_names_are_unique_and_round_trip() -> None:
 def test_flags_are_generated_with_help_defaults_and_aliases() -> None:
     assert parse(TrainConfig) == {}  # only what the user gives
     assert parse(TrainConfig, "--hidden", "32", "--no-progress", "--schedule", "cosine") == {
-        "hidden": 32, "progress": False, "lr_schedule": "cosine"}
+        "hidden": 32,
+        "progress": False,
+        "lr_schedule": "cosine",
+    }
     assert parse(MTConfig, "--lr-schedule", "constant", "--label-smoothing", "0", "--src", "fr") == {
-        "lr_schedule": "constant", "label_smoothing": 0.0, "src": "fr"}
+        "lr_schedule": "constant",
+        "label_smoothing": 0.0,
+        "src": "fr",
+    }
     with pytest.raises(SystemExit):
         parse(TrainConfig, "--cell", "transformer")  # choices come from the field
 

@@ -44,18 +44,31 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Synthetic:
     (mirror / "tiny.txt").write_bytes(TEXT.encode())
     with zipfile.ZipFile(mirror / "pairs.zip", "w") as zf:
         zf.writestr("pairs/p.txt", PAIRS)
-    monkeypatch.setitem(REGISTRY, "tiny", Dataset(
-        "tiny", f"{CLOSED}/canonical/tiny.txt", _sha(TEXT.encode()), None, "tiny.txt", "test"))
-    monkeypatch.setitem(REGISTRY, "pairs", Dataset(
-        "pairs", f"{CLOSED}/canonical/pairs.zip", _sha((mirror / "pairs.zip").read_bytes()), "pairs/p.txt",
-        "pairs.zip", "test"))
+    monkeypatch.setitem(
+        REGISTRY,
+        "tiny",
+        Dataset("tiny", f"{CLOSED}/canonical/tiny.txt", _sha(TEXT.encode()), None, "tiny.txt", "test"),
+    )
+    monkeypatch.setitem(
+        REGISTRY,
+        "pairs",
+        Dataset(
+            "pairs",
+            f"{CLOSED}/canonical/pairs.zip",
+            _sha((mirror / "pairs.zip").read_bytes()),
+            "pairs/p.txt",
+            "pairs.zip",
+            "test",
+        ),
+    )
     monkeypatch.setenv("RNNLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RNNLAB_DATA_MIRROR", str(mirror))
     return Synthetic(mirror, tmp_path / "cache")
 
 
 def test_fetch_copies_from_the_mirror_into_the_cache_then_uses_the_cache(
-        synthetic: Synthetic, monkeypatch: pytest.MonkeyPatch) -> None:
+    synthetic: Synthetic, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = fetch("tiny")
     assert path == synthetic.cache / "tiny.txt" and path.read_text() == TEXT
     monkeypatch.setenv("RNNLAB_DATA_MIRROR", f"{CLOSED}/gone")  # every source is down now
@@ -91,8 +104,9 @@ def test_checksum_mismatch_names_file_and_both_digests(synthetic: Synthetic) -> 
     assert not synthetic.cache.exists() or list(synthetic.cache.iterdir()) == []  # nothing half-written
 
 
-def test_no_network_and_no_mirror_says_which_address_failed(synthetic: Synthetic,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_network_and_no_mirror_says_which_address_failed(
+    synthetic: Synthetic, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("RNNLAB_DATA_MIRROR")
     with pytest.raises(DatasetError) as caught:
         fetch("tiny")
@@ -123,8 +137,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_mirror_may_be_a_url_prefix(synthetic: Synthetic, http_mirror: str,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mirror_may_be_a_url_prefix(
+    synthetic: Synthetic, http_mirror: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RNNLAB_DATA_MIRROR", http_mirror)
     assert read_text("pairs") == PAIRS
     assert read_text("tiny") == TEXT

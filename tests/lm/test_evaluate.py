@@ -38,9 +38,11 @@ def test_the_state_is_carried_across_chunks_as_in_one_long_forward() -> None:
         logits, _ = model(ids[None, :-1])
         manual = F.cross_entropy(logits[0].double(), ids[1:], reduction="sum").item()
         chunks_without_state = sum(
-            F.cross_entropy(model(ids[None, s:min(s + 7, 99)])[0][0].double(), ids[s + 1:s + 8],
-                            reduction="sum").item()
-            for s in range(0, 99, 7))
+            F.cross_entropy(
+                model(ids[None, s : min(s + 7, 99)])[0][0].double(), ids[s + 1 : s + 8], reduction="sum"
+            ).item()
+            for s in range(0, 99, 7)
+        )
     nll, count = stream_nll(model, ids, chunk=7)
     assert count == 99
     assert math.isclose(nll, manual, rel_tol=1e-6)
@@ -84,12 +86,34 @@ def test_validation_streams_read_consecutive_pieces_side_by_side() -> None:
 
 @pytest.mark.parametrize(("tokenizer", "flags"), [("word", []), ("spm", ["--vocab-size", "80"])])
 def test_word_and_sentencepiece_runs_report_bits_per_character(
-        tokenizer: str, flags: list[str], corpus_file: Path, tmp_path: Path, capsys) -> None:
+    tokenizer: str, flags: list[str], corpus_file: Path, tmp_path: Path, capsys
+) -> None:
     run = tmp_path / tokenizer
-    assert main(["train", "--corpus", str(corpus_file), "--out", str(run), "--tokenizer", tokenizer, *flags,
-                 *TINY_FLAGS, "--bptt", "4", "--epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(run),
+                "--tokenizer",
+                tokenizer,
+                *flags,
+                *TINY_FLAGS,
+                "--bptt",
+                "4",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(run), "--split", "valid", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["characters"] > result["tokens"] > 10  # several characters per token
-    assert math.isclose(result["bits_per_char"],
-                        result["nll"] * result["tokens"] / math.log(2) / result["characters"], rel_tol=1e-12)
+    assert math.isclose(
+        result["bits_per_char"],
+        result["nll"] * result["tokens"] / math.log(2) / result["characters"],
+        rel_tol=1e-12,
+    )

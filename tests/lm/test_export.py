@@ -21,8 +21,11 @@ CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 
 def random_model(cell: str, vocab: int, layers: int = 2, hidden: int = 16, impl: str = "fused") -> RNNLM:
     torch.manual_seed(1)
-    return RNNLM(ModelConfig(vocab_size=vocab, cell=cell, layers=layers, embed=12, hidden=hidden,
-                             dropout=0.2, impl=impl))
+    return RNNLM(
+        ModelConfig(
+            vocab_size=vocab, cell=cell, layers=layers, embed=12, hidden=hidden, dropout=0.2, impl=impl
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +58,22 @@ def test_step_graph_matches_torch_at_any_batch_and_length(cell, tokenizer, tmp_p
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_manifest_describes_the_bundle(cell, tokenizer, tmp_path):
     model = random_model(cell, tokenizer.vocab_size, layers=2, hidden=16)
-    bundle = export_lm(model, tokenizer, tmp_path / "m", evaluation={"perplexity": 9.5},
-                       training_config={"lr": 0.01})
+    bundle = export_lm(
+        model, tokenizer, tmp_path / "m", evaluation={"perplexity": 9.5}, training_config={"lr": 0.01}
+    )
     data = json.loads((bundle / "manifest.json").read_text())
     assert data["format"] == "rnnlab-bundle" and data["format_version"] == 1 and data["kind"] == "lm"
     assert data["architecture"] == {
-        "type": "rnnlm", "cell": cell, "layers": 2, "embed": 12, "hidden": 16,
-        "vocab_size": tokenizer.vocab_size, "tie": False, "trained_impl": "fused", "exported_impl": "fused"}
+        "type": "rnnlm",
+        "cell": cell,
+        "layers": 2,
+        "embed": 12,
+        "hidden": 16,
+        "vocab_size": tokenizer.vocab_size,
+        "tie": False,
+        "trained_impl": "fused",
+        "exported_impl": "fused",
+    }
     names = ["h", "c"] if cell == "lstm" else ["h"]
     assert [s["name"] for s in data["state"]] == names
     assert [s["output"] for s in data["state"]] == [f"{n}_out" for n in names]
@@ -79,8 +91,17 @@ def test_manifest_describes_the_bundle(cell, tokenizer, tmp_path):
 
 def test_scratch_model_is_exported_through_the_fused_rnn(tokenizer, tmp_path):
     torch.manual_seed(2)
-    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell="lstm", layers=3, embed=16, hidden=16,
-                              tie=True, impl="scratch")).eval()
+    model = RNNLM(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            cell="lstm",
+            layers=3,
+            embed=16,
+            hidden=16,
+            tie=True,
+            impl="scratch",
+        )
+    ).eval()
     runtime = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "s"))
     assert runtime.manifest.architecture["trained_impl"] == "scratch"
     tokens = np.array([tokenizer.encode("The Time Traveller")], dtype=np.int64)
@@ -182,8 +203,18 @@ def test_cli_exports_a_run_and_generates_from_the_bundle(tiny_run, tmp_path, cap
     assert manifest.training_config == run.train_config
     assert manifest.evaluation == run.evaluation
     capsys.readouterr()
-    args = ["--prompt", "The Time", "--max-tokens", "60", "--temperature", "0.8", "--seed", "3",
-            "--stop", "q"]
+    args = [
+        "--prompt",
+        "The Time",
+        "--max-tokens",
+        "60",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--stop",
+        "q",
+    ]
     assert main(["generate", str(out), *args]) == 0
     from_bundle = capsys.readouterr().out
     assert main(["generate", str(tiny_run), *args]) == 0
@@ -202,8 +233,18 @@ def test_cli_export_of_a_missing_run_fails_cleanly(tmp_path, capsys):
 @pytest.mark.parametrize("cell", ["mamba", "mingru"])
 def test_parallel_cells_export_step_and_decode_graphs_that_match_torch(cell, tokenizer, tmp_path):
     torch.manual_seed(2)
-    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell=cell, layers=2, embed=12, hidden=16,
-                              heads=2, state_size=4, conv_kernel=3)).eval()
+    model = RNNLM(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            cell=cell,
+            layers=2,
+            embed=12,
+            hidden=16,
+            heads=2,
+            state_size=4,
+            conv_kernel=3,
+        )
+    ).eval()
     bundle = export_lm(model, tokenizer, tmp_path / cell)
     data = json.loads((bundle / "manifest.json").read_text())
     shapes = [[2, "batch", 2, 40], [2, "batch", 2, 16, 4]] if cell == "mamba" else [[2, "batch", 32]]

@@ -34,16 +34,26 @@ class Forecaster(nn.Module):
         return self.head(out), h_out
 
 
-SIGNATURE = Signature(inputs=(TensorSpec("values", ("batch", "time", FEATURES), "float32"),),
-                      outputs=(TensorSpec("mean", ("batch", "time", FEATURES), "float32"),),
-                      state=(TensorSpec("h", (LAYERS, "batch", HIDDEN), "float32", output="h_out"),))
+SIGNATURE = Signature(
+    inputs=(TensorSpec("values", ("batch", "time", FEATURES), "float32"),),
+    outputs=(TensorSpec("mean", ("batch", "time", FEATURES), "float32"),),
+    state=(TensorSpec("h", (LAYERS, "batch", HIDDEN), "float32", output="h_out"),),
+)
 
 
 def cases(seed=0):
     gen = torch.Generator().manual_seed(seed)
     shapes = ((1, 1), (4, 9))
-    return [(f"B={b} T={t}", {"values": torch.randn(b, t, FEATURES, generator=gen),
-                              "h": torch.randn(LAYERS, b, HIDDEN, generator=gen)}) for b, t in shapes]
+    return [
+        (
+            f"B={b} T={t}",
+            {
+                "values": torch.randn(b, t, FEATURES, generator=gen),
+                "h": torch.randn(LAYERS, b, HIDDEN, generator=gen),
+            },
+        )
+        for b, t in shapes
+    ]
 
 
 def export(model, out_dir):
@@ -51,9 +61,16 @@ def export(model, out_dir):
         example = (torch.zeros(2, 3, FEATURES), torch.zeros(LAYERS, 2, HIDDEN))
         export_graph(model, example, bundle.path("model.onnx"), SIGNATURE.input_specs, SIGNATURE.output_specs)
         parity = require_parity(step_parity(model, bundle.path("model.onnx"), SIGNATURE, cases()), "the step")
-        return bundle.publish({"kind": "forecast", "name": out_dir.name, "graphs": {"step": "model.onnx"},
-                               **SIGNATURE.manifest_fields(), "parity": parity,
-                               "created_by": created_by("test")})
+        return bundle.publish(
+            {
+                "kind": "forecast",
+                "name": out_dir.name,
+                "graphs": {"step": "model.onnx"},
+                **SIGNATURE.manifest_fields(),
+                "parity": parity,
+                "created_by": created_by("test"),
+            }
+        )
 
 
 def test_a_new_family_exports_a_checked_step_graph_with_state(tmp_path):
@@ -63,7 +80,8 @@ def test_a_new_family_exports_a_checked_step_graph_with_state(tmp_path):
     verify_files(bundle, data["files"], data["file_sizes"])
     assert data["parity"]["max_abs_mean"] <= 1e-4 and data["parity"]["max_abs_state"] <= 1e-4
     assert data["parity"]["cases"] == 2 and data["state"] == [
-        {"name": "h", "output": "h_out", "shape": [LAYERS, "batch", HIDDEN], "dtype": "float32"}]
+        {"name": "h", "output": "h_out", "shape": [LAYERS, "batch", HIDDEN], "dtype": "float32"}
+    ]
     assert [t["name"] for t in data["inputs"]] == ["values", "h"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forecaster"]
 
@@ -75,8 +93,10 @@ def test_a_graph_that_disagrees_with_torch_is_refused_and_nothing_is_left(tmp_pa
             # traced with T = 3, the exported graph keeps the +1 whatever T is; torch adds it only at T = 3
             return (mean + 1 if values.shape[1] == 3 else mean), h_out
 
-    message = (r"on the step: max abs difference [0-9.e+-]+ on mean, .* on the state "
-               r"\(worst: B=\d T=\d; tolerance 0.0001\); bundle not written")
+    message = (
+        r"on the step: max abs difference [0-9.e+-]+ on mean, .* on the state "
+        r"\(worst: B=\d T=\d; tolerance 0.0001\); bundle not written"
+    )
     with pytest.raises(ExportError, match=message):
         export(Drifting().eval(), tmp_path / "forecaster")
     assert list(tmp_path.iterdir()) == []

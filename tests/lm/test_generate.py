@@ -56,8 +56,9 @@ def test_bad_prompt_and_budget(tiny_run: Path) -> None:
     assert text(run, n=0) == ""
 
 
-def test_generate_command_gives_the_same_text_from_the_run_and_its_onnx_bundle(tiny_run: Path, tmp_path: Path,
-                                                                               capsys) -> None:
+def test_generate_command_gives_the_same_text_from_the_run_and_its_onnx_bundle(
+    tiny_run: Path, tmp_path: Path, capsys
+) -> None:
     argv = ["--prompt", PROMPT, "--max-tokens", "60", "--temperature", "0.8", "--top-k", "20", "--seed", "3"]
     assert main(["generate", str(tiny_run), *argv]) == 0
     torch_out = capsys.readouterr()

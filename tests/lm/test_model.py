@@ -22,8 +22,10 @@ def twin_models(cell: str) -> tuple[RNNLM, RNNLM]:
 def test_scratch_cells_equal_fused_modules_forward_state_and_gradients(cell: str) -> None:
     fused, scratch = twin_models(cell)
     tokens = torch.randint(0, 11, (3, 9), generator=torch.Generator().manual_seed(1))
-    state = tuple(torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(2 + i))
-                  for i in range(len(fused.config.state_names)))
+    state = tuple(
+        torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(2 + i))
+        for i in range(len(fused.config.state_names))
+    )
     outputs = []
     for model in (fused, scratch):
         logits, new_state = model(tokens, state)
@@ -44,11 +46,12 @@ def test_scratch_cells_equal_fused_modules_forward_state_and_gradients(cell: str
 def test_lstm_forget_bias_is_one_by_default_and_switchable() -> None:
     hidden = 8
     for forget_bias, expected in ((1.0, 1.0), (0.0, None)):
-        model = RNNLM(ModelConfig(vocab_size=5, cell="lstm", layers=2, embed=4, hidden=hidden,
-                                  forget_bias=forget_bias))
+        model = RNNLM(
+            ModelConfig(vocab_size=5, cell="lstm", layers=2, embed=4, hidden=hidden, forget_bias=forget_bias)
+        )
         for k in range(2):
             biases = getattr(model.rnn, f"bias_ih_l{k}") + getattr(model.rnn, f"bias_hh_l{k}")
-            total = biases[hidden:2 * hidden]  # gates i|f|g|o
+            total = biases[hidden : 2 * hidden]  # gates i|f|g|o
             if expected is None:
                 assert not torch.allclose(total, torch.ones(hidden))  # torch's uniform init
             else:

@@ -63,15 +63,21 @@ def test_concurrent_seeded_streams_are_batched_and_equal_their_solo_outputs(cell
     registry = cell_server.app.metrics.registry
 
     def batch_stats() -> tuple[float, float]:
-        return (registry.get_sample_value("rnnlab_batch_size_count", {"model": cell}) or 0.0,
-                registry.get_sample_value("rnnlab_batch_size_sum", {"model": cell}) or 0.0)
+        return (
+            registry.get_sample_value("rnnlab_batch_size_count", {"model": cell}) or 0.0,
+            registry.get_sample_value("rnnlab_batch_size_sum", {"model": cell}) or 0.0,
+        )
 
     stubs = Stubs(cell_server.port)
 
     def run(i: int) -> str:
         p = params[i]
-        request = pb.GenerateRequest(model=cell, prompt=prompts[i], max_tokens=60,
-                                     sampling=sampling_options(p.temperature, p.top_k, p.top_p, p.seed))
+        request = pb.GenerateRequest(
+            model=cell,
+            prompt=prompts[i],
+            max_tokens=60,
+            sampling=sampling_options(p.temperature, p.top_k, p.top_p, p.seed),
+        )
         return _joined(stubs.generation.Generate(request))
 
     steps_before, rows_before = batch_stats()

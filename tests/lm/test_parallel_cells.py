@@ -60,8 +60,9 @@ def _outputs_and_grads(block, u, state, parallel):
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("batch,time", SHAPES)
 @pytest.mark.parametrize("cell", ["mamba", "mingru"])
-def test_parallel_form_equals_the_step_by_step_reference(cell: str, batch: int, time: int, dtype,
-                                                         tol: float) -> None:
+def test_parallel_form_equals_the_step_by_step_reference(
+    cell: str, batch: int, time: int, dtype, tol: float
+) -> None:
     block = _block(cell, dtype)
     u = torch.randn(batch, time, 8, generator=torch.Generator().manual_seed(time), dtype=dtype)
     state = _random_state(block, batch, dtype)
@@ -102,8 +103,18 @@ def test_training_scan_stays_exact_under_strong_forgetting_over_a_long_window() 
 def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
     """The LM's state carried across calls (as truncated BPTT and generation carry it) changes nothing."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=13, cell=cell, layers=2, embed=12, hidden=12, dropout=0.0,
-                         heads=2, state_size=4, expand=2, conv_kernel=3)
+    config = ModelConfig(
+        vocab_size=13,
+        cell=cell,
+        layers=2,
+        embed=12,
+        hidden=12,
+        dropout=0.0,
+        heads=2,
+        state_size=4,
+        expand=2,
+        conv_kernel=3,
+    )
     model = RNNLM(config).double().eval()
     tokens = torch.randint(0, 13, (3, 21))
     whole, whole_state = model(tokens)
@@ -112,7 +123,7 @@ def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-10, rtol=1e-10)
     steps, step_state = [], model.init_state(3, dtype=torch.float64)
     for t in range(21):
-        logits, step_state = model.step(tokens[:, t:t + 1], step_state)
+        logits, step_state = model.step(tokens[:, t : t + 1], step_state)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-10, rtol=1e-10)
     assert [s.shape[1] for s in whole_state] == [3] * len(config.state_names)
@@ -136,8 +147,19 @@ def test_bad_settings_of_the_parallel_cells_are_refused_by_flag() -> None:
 def test_cli_trains_resumes_evaluates_exports_and_generates(cell: str, corpus_file, tmp_path, capsys) -> None:
     """The whole command line with a parallel cell: the torch run and its bundle sample the same text."""
     run, bundle = tmp_path / "run", tmp_path / "bundle"
-    flags = ["--corpus", str(corpus_file), "--out", str(run), "--cell", cell, "--heads", "2", "--state-size",
-             "4", *TINY_FLAGS]
+    flags = [
+        "--corpus",
+        str(corpus_file),
+        "--out",
+        str(run),
+        "--cell",
+        cell,
+        "--heads",
+        "2",
+        "--state-size",
+        "4",
+        *TINY_FLAGS,
+    ]
     assert main(["train", *flags, "--epochs", "1"]) == 0
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert main(["eval", str(run), "--json"]) == 0

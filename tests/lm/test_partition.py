@@ -41,8 +41,9 @@ def test_sequential_rows_continue_across_batches(shape: tuple[int, int, int], da
 
 @FAST
 @given(shapes, st.data())
-def test_sequential_without_drop_last_covers_every_row_position_once(shape: tuple[int, int, int],
-                                                                     data: st.DataObject) -> None:
+def test_sequential_without_drop_last_covers_every_row_position_once(
+    shape: tuple[int, int, int], data: st.DataObject
+) -> None:
     n, b, t = shape
     offset = data.draw(st.integers(0, min(t - 1, max(0, n - 1))))
     batches = list(sequential_batches(np.arange(n), b, t, offset, drop_last=False))
@@ -58,10 +59,14 @@ def test_sequential_without_drop_last_covers_every_row_position_once(shape: tupl
 def test_sequential_accepts_tensors_and_lists_and_resumes_mid_epoch() -> None:
     ids = np.arange(200)
     full = list(sequential_batches(ids, 3, 5, 2))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, sequential_batches(torch.arange(200), 3, 5, 2),
-                                                        strict=True))
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(full, sequential_batches(list(range(200)), 3, 5, 2),
-                                                        strict=True))
+    assert all(
+        torch.equal(a[0], b[0])
+        for a, b in zip(full, sequential_batches(torch.arange(200), 3, 5, 2), strict=True)
+    )
+    assert all(
+        torch.equal(a[1], b[1])
+        for a, b in zip(full, sequential_batches(list(range(200)), 3, 5, 2), strict=True)
+    )
     resumed = sequential_batches(ids, 3, 5, 2, start_batch=4)
     assert len(resumed) == len(full) - 4
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[4:], resumed, strict=True))

@@ -14,8 +14,18 @@ def batch(rows: int, vocab: int = 50, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def one_by_one(logits, temperature, top_k, top_p, uniforms) -> list[int]:
-    return [int(sample_next(logits[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1],
-                            uniforms[i:i + 1])[0]) for i in range(len(logits))]
+    return [
+        int(
+            sample_next(
+                logits[i : i + 1],
+                temperature[i : i + 1],
+                top_k[i : i + 1],
+                top_p[i : i + 1],
+                uniforms[i : i + 1],
+            )[0]
+        )
+        for i in range(len(logits))
+    ]
 
 
 def test_unfiltered_rows_sample_at_a_temperature_without_top_k_or_top_p() -> None:

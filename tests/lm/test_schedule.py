@@ -78,7 +78,13 @@ def test_schedule_resumes_from_its_state() -> None:
 def test_early_stopping_counts_validations_without_improvement() -> None:
     stopper = EarlyStopping(patience=2, min_delta=0.01)
     assert [stopper.update(m) for m in (5.0, 4.0, 3.995, 3.5, 3.6, 3.7)] == [
-        False, False, False, False, False, True]
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
     assert stopper.best == 3.5
     resumed = EarlyStopping(patience=2, min_delta=0.01)
     resumed.load_state_dict(EarlyStopping(patience=2).state_dict() | {"best": 3.5, "bad_updates": 1})

@@ -37,13 +37,27 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("partition", ["sequential", "random"])
-def test_trainer_equals_a_hand_written_truncated_bptt_loop(corpus_file: Path, tmp_path: Path,
-                                                            partition: str) -> None:
+def test_trainer_equals_a_hand_written_truncated_bptt_loop(
+    corpus_file: Path, tmp_path: Path, partition: str
+) -> None:
     """Sequential: state carried across batches and detached, reset at epoch start; random: fresh state
     per batch; gradient clipping by global norm; AdamW. Two epochs, no dropout, constant lr."""
-    flags = dict(corpus=str(corpus_file), hidden=16, embed=8, layers=1, batch_size=4, bptt=16, epochs=2,
-                 dropout=0.0, lr_schedule="constant", partition=partition, clip=0.05, progress=False,
-                 patience=0, checkpoint_every=0)
+    flags = dict(
+        corpus=str(corpus_file),
+        hidden=16,
+        embed=8,
+        layers=1,
+        batch_size=4,
+        bptt=16,
+        epochs=2,
+        dropout=0.0,
+        lr_schedule="constant",
+        partition=partition,
+        clip=0.05,
+        progress=False,
+        patience=0,
+        checkpoint_every=0,
+    )
     config = build_config(TrainConfig, flags)
     trainer = start_run(config, tmp_path / "run")
     assert trainer.fit().reason == "completed"
@@ -98,9 +112,21 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(corpus_file: P
         if trainer.position.step == 31:
             os.kill(os.getpid(), signal.SIGINT)
 
-    parser_flags = dict(corpus=str(corpus_file), hidden=16, embed=8, layers=1, batch_size=4, bptt=16,
-                        threads=1, progress=False, checkpoint_every=0, log_every=5, partition="random",
-                        dropout=0.2, epochs=2)
+    parser_flags = dict(
+        corpus=str(corpus_file),
+        hidden=16,
+        embed=8,
+        layers=1,
+        batch_size=4,
+        bptt=16,
+        threads=1,
+        progress=False,
+        checkpoint_every=0,
+        log_every=5,
+        partition="random",
+        dropout=0.2,
+        epochs=2,
+    )
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     trainer = start_run(TrainConfig.of(**parser_flags), tmp_path / "split", on_step=interrupt_at_step_31)
     assert trainer.fit().reason == "interrupted"
@@ -123,8 +149,19 @@ def test_run_directory_layout_and_metrics(tiny_run: Path) -> None:
     assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
     assert valid[-1]["loss"] < valid[0]["loss"]  # it learns
     payload = load_checkpoint(tiny_run / "best.pt", "lm")
-    for key in ("model_config", "train_config", "tokenizer", "model", "optimizer", "scheduler", "rng",
-                "epoch", "step", "position", "best"):
+    for key in (
+        "model_config",
+        "train_config",
+        "tokenizer",
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "epoch",
+        "step",
+        "position",
+        "best",
+    ):
         assert key in payload
     assert payload["best"]["valid_loss"] == min(r["loss"] for r in valid)
     assert (tiny_run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
@@ -141,8 +178,10 @@ def test_early_stopping_and_time_budget(corpus_file: Path, tmp_path: Path, capsy
 
 def test_toml_config_and_flags_override_it(corpus_file: Path, tmp_path: Path) -> None:
     toml = tmp_path / "run.toml"
-    toml.write_text(f'[train]\ncorpus = "{corpus_file}"\ncell = "lstm"\nhidden = 24\nlr = 1\n'
-                    "optimizer = \"sgd\"\nepochs = 1\n")
+    toml.write_text(
+        f'[train]\ncorpus = "{corpus_file}"\ncell = "lstm"\nhidden = 24\nlr = 1\n'
+        'optimizer = "sgd"\nepochs = 1\n'
+    )
     assert main(["train", "--config", str(toml), "--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (config["cell"], config["hidden"], config["lr"], config["optimizer"]) == ("lstm", 16, 1.0, "sgd")
@@ -150,25 +189,29 @@ def test_toml_config_and_flags_override_it(corpus_file: Path, tmp_path: Path) ->
 
 def test_toml_sections_per_concept(corpus_file: Path, tmp_path: Path) -> None:
     toml = tmp_path / "run.toml"
-    toml.write_text(f'[data]\ncorpus = "{corpus_file}"\nbptt = 16\nbatch_size = 4\n[model]\nhidden = 24\n'
-                    'embed = 8\nlayers = 1\n[optim]\nlr_schedule = "constant"\n[run]\nepochs = 1\n'
-                    'progress = false\nthreads = 1\n')
+    toml.write_text(
+        f'[data]\ncorpus = "{corpus_file}"\nbptt = 16\nbatch_size = 4\n[model]\nhidden = 24\n'
+        'embed = 8\nlayers = 1\n[optim]\nlr_schedule = "constant"\n[run]\nepochs = 1\n'
+        "progress = false\nthreads = 1\n"
+    )
     assert main(["train", "--config", str(toml), "--out", str(tmp_path / "run"), "--hidden", "16"]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     given = (config["hidden"], config["bptt"], config["lr_schedule"], config["epochs"])
     assert given == (16, 16, "constant", 1)
 
 
-def test_resume_refuses_a_change_that_shapes_the_run_and_names_it(tiny_run: Path, tmp_path: Path,
-                                                                   capsys) -> None:
+def test_resume_refuses_a_change_that_shapes_the_run_and_names_it(
+    tiny_run: Path, tmp_path: Path, capsys
+) -> None:
     assert main(["train", "--out", str(tiny_run), "--resume", "--hidden", "64"]) == 2
     assert "--resume cannot change --hidden (the run has 32" in capsys.readouterr().err
     assert main(["train", "--out", str(tiny_run), "--resume", "--lr", "0.5"]) == 2
     assert "--resume cannot change --lr" in capsys.readouterr().err
 
 
-def test_grad_norm_and_lr_are_logged_with_the_loss_and_tensorboard_events(corpus_file: Path,
-                                                                           tmp_path: Path) -> None:
+def test_grad_norm_and_lr_are_logged_with_the_loss_and_tensorboard_events(
+    corpus_file: Path, tmp_path: Path
+) -> None:
     assert train(corpus_file, tmp_path / "run", "--epochs", "1", "--tensorboard", "--clip", "0.5") == 0
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
     assert records and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in records)

@@ -17,10 +17,12 @@ from serving.tokenizers import (
 )
 from serving.vocab import BOS, EOS, PAD, UNK, Vocab
 
-TEXT = ("The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite\n"
-        "matter to us. His grey eyes shone and twinkled, and his usually pale face was flushed and\n"
-        "animated. The fire burned brightly, and the soft radiance of the incandescent lights in the\n"
-        "lilies of silver caught the bubbles that flashed and passed in our glasses.\n") * 8
+TEXT = (
+    "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite\n"
+    "matter to us. His grey eyes shone and twinkled, and his usually pale face was flushed and\n"
+    "animated. The fire burned brightly, and the soft radiance of the incandescent lights in the\n"
+    "lilies of silver caught the bubbles that flashed and passed in our glasses.\n"
+) * 8
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,9 @@ def test_pieces_join_to_the_decoded_text(spm_tokenizer: SentencePieceTokenizer) 
         assert streamed == tokenizer.decode(ids), tokenizer.kind
 
 
-def test_tokenizers_round_trip_through_one_json_file(tmp_path: Path,
-                                                     spm_tokenizer: SentencePieceTokenizer) -> None:
+def test_tokenizers_round_trip_through_one_json_file(
+    tmp_path: Path, spm_tokenizer: SentencePieceTokenizer
+) -> None:
     for tokenizer in _tokenizers(spm_tokenizer):
         path = tmp_path / f"{tokenizer.kind}.json"
         save_tokenizer(tokenizer, path)

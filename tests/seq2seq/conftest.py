@@ -12,10 +12,28 @@ from seq2seq.train import TrainConfig, train
 
 def _tiny_config(pairs_file: Path, **overrides) -> TrainConfig:
     """A model small enough to train in seconds on one thread."""
-    values = dict(dataset=str(pairs_file), valid_fraction=0.1, test_fraction=0.1, spm_vocab=300, embed=32,
-                  enc_hidden=32, dec_hidden=32, attn_dim=16, dropout=0.1, batch_tokens=600, warmup_steps=20,
-                  schedule="constant", lr=3e-3, max_steps=150, epochs=1000, max_minutes=None,
-                  valid_bleu_sentences=20, checkpoint_every=0, label_smoothing=0.1, patience=1000)
+    values = dict(
+        dataset=str(pairs_file),
+        valid_fraction=0.1,
+        test_fraction=0.1,
+        spm_vocab=300,
+        embed=32,
+        enc_hidden=32,
+        dec_hidden=32,
+        attn_dim=16,
+        dropout=0.1,
+        batch_tokens=600,
+        warmup_steps=20,
+        schedule="constant",
+        lr=3e-3,
+        max_steps=150,
+        epochs=1000,
+        max_minutes=None,
+        valid_bleu_sentences=20,
+        checkpoint_every=0,
+        label_smoothing=0.1,
+        patience=1000,
+    )
     values.update(overrides)
     return TrainConfig.of(**values)
 

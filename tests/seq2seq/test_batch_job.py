@@ -64,8 +64,23 @@ def _utf8(raw):
 def test_text_job_keeps_order_and_one_line_per_input_line(bundle, lines, tmp_path, capsys):
     source = write_input(tmp_path / "in.txt", lines)  # no final newline: the last line still counts
     out = tmp_path / "out.txt"
-    status, captured = run(["--bundle", bundle, "--input", source, "--output", out, "--beam", 2,
-                            "--batch-tokens", 40, "--chunk-lines", 7], capsys)
+    status, captured = run(
+        [
+            "--bundle",
+            bundle,
+            "--input",
+            source,
+            "--output",
+            out,
+            "--beam",
+            2,
+            "--batch-tokens",
+            40,
+            "--chunk-lines",
+            7,
+        ],
+        capsys,
+    )
     assert status == 0
     got = out.read_text(encoding="utf-8").split("\n")
     assert got[-1] == "" and len(got) - 1 == len(lines)
@@ -91,11 +106,25 @@ def test_workers_give_the_same_output_and_may_differ_on_resume(bundle, lines, tm
     from serving.batch_job import JobConfig, args_hash
     from serving.files import atomic_write_json
 
-    config = JobConfig(input=str(source), output=str(half), bundle=str(bundle), beam=2, batch_tokens=30,
-                       chunk_lines=40, workers=1)
+    config = JobConfig(
+        input=str(source),
+        output=str(half),
+        bundle=str(bundle),
+        beam=2,
+        batch_tokens=30,
+        chunk_lines=40,
+        workers=1,
+    )
     digest = __import__("hashlib").sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
-    atomic_write_json(progress, {"version": 1, "args_hash": args_hash(config, f"bundle:{digest}"),
-                                  "lines_done": 40, "output_bytes": half.stat().st_size})
+    atomic_write_json(
+        progress,
+        {
+            "version": 1,
+            "args_hash": args_hash(config, f"bundle:{digest}"),
+            "lines_done": 40,
+            "output_bytes": half.stat().st_size,
+        },
+    )
     status, captured = run([*args, "--output", half, "--workers", 2], capsys)
     assert status == 0 and "resumed after line 40" in captured.err
     assert half.read_bytes() == (tmp_path / "one.txt").read_bytes() and not progress.exists()
@@ -104,8 +133,12 @@ def test_workers_give_the_same_output_and_may_differ_on_resume(bundle, lines, tm
 
 
 def test_jsonl_in_and_out(bundle, tmp_path, capsys):
-    items = [json.dumps({"id": "a", "text": "Hello."}), json.dumps({"text": "I am cold."}), "{not json",
-             json.dumps({"id": 7, "text": ""})]
+    items = [
+        json.dumps({"id": "a", "text": "Hello."}),
+        json.dumps({"text": "I am cold."}),
+        "{not json",
+        json.dumps({"id": 7, "text": ""}),
+    ]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(items) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
@@ -121,8 +154,21 @@ def test_jsonl_in_and_out(bundle, tmp_path, capsys):
 
 
 def _job(bundle, out, *extra):
-    return [sys.executable, "-m", "seq2seq.cli", "translate", "--bundle", str(bundle), "--output", str(out),
-            "--beam", "2", "--chunk-lines", "5", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "seq2seq.cli",
+        "translate",
+        "--bundle",
+        str(bundle),
+        "--output",
+        str(out),
+        "--beam",
+        "2",
+        "--chunk-lines",
+        "5",
+        *map(str, extra),
+    ]
 
 
 def test_resume_after_a_real_kill(bundle, lines, tmp_path, capsys):
@@ -162,8 +208,24 @@ def test_shards_concatenate_to_the_whole_output(bundle, lines, tmp_path, capsys)
     pieces = []
     for index in range(4):
         piece = tmp_path / f"part{index}.txt"
-        assert run(["--bundle", bundle, "--input", source, "--output", piece, "--beam", 1,
-                    "--shard", f"{index}/4"], capsys)[0] == 0
+        assert (
+            run(
+                [
+                    "--bundle",
+                    bundle,
+                    "--input",
+                    source,
+                    "--output",
+                    piece,
+                    "--beam",
+                    1,
+                    "--shard",
+                    f"{index}/4",
+                ],
+                capsys,
+            )[0]
+            == 0
+        )
         pieces.append(piece.read_bytes())
     assert [len(p.splitlines()) for p in pieces] == [7, 8, 7, 8]
     assert b"".join(pieces) == whole.read_bytes()
@@ -181,21 +243,26 @@ def test_references_print_bleu_and_chrf(bundle, tmp_path, capsys):
     source.write_text("".join(p[0] + "\n" for p in pairs), encoding="utf-8")
     references = tmp_path / "fr.txt"
     references.write_text("".join(p[1] + "\n" for p in pairs), encoding="utf-8")
-    status, captured = run(["--bundle", bundle, "--input", source, "--output", tmp_path / "hyp.txt",
-                            "--references", references], capsys)
+    status, captured = run(
+        ["--bundle", bundle, "--input", source, "--output", tmp_path / "hyp.txt", "--references", references],
+        capsys,
+    )
     assert status == 0
     line = next(x for x in captured.err.splitlines() if x.startswith("BLEU "))
     assert 0 <= float(line.split()[1]) <= 100 and 0 < float(line.split()[3]) <= 100
     assert "nrefs:1" in captured.err
     (tmp_path / "hyp.txt").rename(references)  # its own output as the references: a perfect score
-    status, captured = run(["--bundle", bundle, "--input", source, "--output", tmp_path / "hyp.txt",
-                            "--references", references], capsys)
+    status, captured = run(
+        ["--bundle", bundle, "--input", source, "--output", tmp_path / "hyp.txt", "--references", references],
+        capsys,
+    )
     assert re.search(r"^BLEU [0-9.]+ chrF 100.00$", captured.err, re.M)  # short outputs: few 4-grams
 
 
 def test_job_level_errors_are_one_line(bundle, tmp_path, capsys):
-    status, captured = run(["--bundle", tmp_path / "missing", "--input", "-", "--output", tmp_path / "o"],
-                           capsys)
+    status, captured = run(
+        ["--bundle", tmp_path / "missing", "--input", "-", "--output", tmp_path / "o"], capsys
+    )
     assert status == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     status, captured = run(["--bundle", bundle, "--input", tmp_path / "none.txt"], capsys)
     assert status == 2 and "no such input file" in captured.err
@@ -210,14 +277,54 @@ def test_batch_job_through_the_server_equals_the_local_job(tmp_path, capsys):
     source = tmp_path / "in.txt"
     source.write_text("\n".join([*tiny_sources(20, start=700), "", "Go."]) + "\n", encoding="utf-8")
     local, remote = tmp_path / "local.txt", tmp_path / "remote.txt"
-    assert main(["translate", "--bundle", str(models / TRANSLATOR), "--input", str(source), "--output",
-                 str(local)]) == 0
+    assert (
+        main(
+            [
+                "translate",
+                "--bundle",
+                str(models / TRANSLATOR),
+                "--input",
+                str(source),
+                "--output",
+                str(local),
+            ]
+        )
+        == 0
+    )
     with ServerThread(ServerConfig(models=str(models), port=0)) as server:
         target = f"127.0.0.1:{server.port}"
-        assert main(["translate", "--server", target, "--model", TRANSLATOR, "--input", str(source),
-                     "--output", str(remote)]) == 0
+        assert (
+            main(
+                [
+                    "translate",
+                    "--server",
+                    target,
+                    "--model",
+                    TRANSLATOR,
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(remote),
+                ]
+            )
+            == 0
+        )
         assert remote.read_text() == local.read_text() and len(remote.read_text().splitlines()) == 22
         assert "line 21: empty line" in capsys.readouterr().err
-        assert main(["translate", "--server", target, "--model", "nope", "--input", str(source), "--output",
-                     str(tmp_path / "x.txt")]) == 2
+        assert (
+            main(
+                [
+                    "translate",
+                    "--server",
+                    target,
+                    "--model",
+                    "nope",
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(tmp_path / "x.txt"),
+                ]
+            )
+            == 2
+        )
         assert "has no translator 'nope'" in capsys.readouterr().err

@@ -7,8 +7,21 @@ from seq2seq.cli import main
 
 def test_eval_prints_sacrebleu_scores_and_writes_hypotheses(trained_run, tmp_path, capsys):
     hyp_out = tmp_path / "hyp.txt"
-    code = main(["eval", str(trained_run), "--split", "test", "--beam", "2", "--json", "--limit", "30",
-                 "--hyp-out", str(hyp_out)])
+    code = main(
+        [
+            "eval",
+            str(trained_run),
+            "--split",
+            "test",
+            "--beam",
+            "2",
+            "--json",
+            "--limit",
+            "30",
+            "--hyp-out",
+            str(hyp_out),
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     fields = {"bleu", "chrf", "bleu_signature", "chrf_signature", "sentences", "references", "hyp_file"}
@@ -39,8 +52,23 @@ def test_translate_gives_one_output_line_per_input_line_even_for_bad_ones(traine
 def test_translate_files_and_n_best(trained_run, tmp_path, capsys):
     source, target = tmp_path / "in.txt", tmp_path / "out.txt"
     source.write_text("Go.\nWho?\n", encoding="utf-8")
-    assert main(["translate", str(trained_run), "--input", str(source), "--output", str(target),
-                 "--beam", "4", "--n-best", "2"]) == 0
+    assert (
+        main(
+            [
+                "translate",
+                str(trained_run),
+                "--input",
+                str(source),
+                "--output",
+                str(target),
+                "--beam",
+                "4",
+                "--n-best",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = target.read_text(encoding="utf-8").splitlines()
     assert len(rows) == 2 and all(len(row.split(" ||| ")) == 2 for row in rows)
 
@@ -56,13 +84,34 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
 def test_translate_with_workers_writes_what_one_worker_writes(trained_run, tmp_path):
     source = tmp_path / "in.txt"
     # the empty lines are refused (exit 1: some lines failed), the same way with any number of workers
-    source.write_text("".join(f"{line}\n" for line in ("Go.", "Who?", "I see.", "", "Help me.", "Run!") * 3),
-                      encoding="utf-8")
+    source.write_text(
+        "".join(f"{line}\n" for line in ("Go.", "Who?", "I see.", "", "Help me.", "Run!") * 3),
+        encoding="utf-8",
+    )
     outputs = []
     for workers in ("1", "3"):
         target = tmp_path / f"out.{workers}.txt"
-        assert main(["translate", str(trained_run), "--input", str(source), "--output", str(target),
-                     "--beam", "3", "--batch-size", "2", "--workers", workers, "--threads", "1"]) == 1
+        assert (
+            main(
+                [
+                    "translate",
+                    str(trained_run),
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(target),
+                    "--beam",
+                    "3",
+                    "--batch-size",
+                    "2",
+                    "--workers",
+                    workers,
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 1
+        )
         outputs.append(target.read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 18
     assert main(["translate", str(trained_run), "--workers", "0"]) == 2

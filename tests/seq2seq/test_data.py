@@ -14,8 +14,13 @@ def test_normalize_nfc_no_break_spaces_and_whitespace():
 
 
 def test_parse_pairs_skips_bad_lines_drops_attribution_and_duplicates():
-    lines = ["Go.\tVa !\tCC-BY 2.0 (France) Attribution: tatoeba.org", "no tab here", "Go.\tVa !",
-             "Hi.\t", "Run!\tCours\u202f!"]
+    lines = [
+        "Go.\tVa !\tCC-BY 2.0 (France) Attribution: tatoeba.org",
+        "no tab here",
+        "Go.\tVa !",
+        "Hi.\t",
+        "Run!\tCours\u202f!",
+    ]
     assert parse_pairs(lines) == [Pair("Go.", "Va !"), Pair("Run!", "Cours !")]
 
 
@@ -48,6 +53,9 @@ def test_references_grouped_by_source_in_both_directions():
     pairs = [Pair("Go.", "Va !"), Pair("Hi.", "Salut !"), Pair("Go.", "Marche."), Pair("Hello.", "Salut !")]
     groups = group_references(pairs, "en", "fr")
     assert [(g.source, g.references) for g in groups] == [
-        ("Go.", ["Va !", "Marche."]), ("Hi.", ["Salut !"]), ("Hello.", ["Salut !"])]
+        ("Go.", ["Va !", "Marche."]),
+        ("Hi.", ["Salut !"]),
+        ("Hello.", ["Salut !"]),
+    ]
     back = group_references(pairs, "fr", "en")
     assert [(g.source, g.references) for g in back][1] == ("Salut !", ["Hi.", "Hello."])

@@ -71,7 +71,7 @@ def test_torch_decoder_rows_share_their_sentence_memory(run_and_sources):
     np.testing.assert_allclose(shared[0], repeated[0])
     fewer = decoder.select_memory((enc_out, mask), np.array([0, 2]))  # a new memory: no stale repetition
     assert decoder.step(prev[:6], state[:, :6], fewer, 4)[0].shape == (6, 4)
-    log_probs, ids, _ = decoder.step(prev[:5], state[:, ::3], (enc_out, mask), 10 ** 6)
+    log_probs, ids, _ = decoder.step(prev[:5], state[:, ::3], (enc_out, mask), 10**6)
     assert ids.shape == (5, run.model.config.tgt_vocab)  # k beyond the vocabulary: every token
     np.testing.assert_allclose(np.exp(log_probs).sum(axis=1), 1.0, atol=1e-5)
     assert (np.diff(log_probs, axis=1) <= 0).all()  # best first

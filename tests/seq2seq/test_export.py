@@ -34,7 +34,13 @@ def test_bundle_has_the_graphs_tokenizers_and_a_verified_manifest(tiny):
     assert data["architecture"]["attention"] == "additive"
     assert data["architecture"]["attention_keys_from_encoder"]
     assert [t["name"] for t in data["signatures"]["decoder_step"]["inputs"]] == [
-        "prev", "k", "state", "projected_memory", "keys", "mask"]
+        "prev",
+        "k",
+        "state",
+        "projected_memory",
+        "keys",
+        "mask",
+    ]
     outputs = data["signatures"]["decoder_step"]["outputs"]
     assert [t["name"] for t in outputs] == ["log_probs", "ids", "state_out"]
     assert manifest.special_ids["<bos>"] == 2 and manifest.special_ids["<eos>"] == 3
@@ -67,8 +73,10 @@ def test_graphs_take_any_batch_and_length(tiny):
         np.testing.assert_array_equal(ids, want_ids.numpy())
         np.testing.assert_allclose(log_probs, want.numpy(), atol=1e-4)
         np.testing.assert_allclose(step_state, new_state.numpy(), atol=1e-5)
-        assert runtime.decoder.step(np.full(batch, 2), ort_state, ort_memory, 10 ** 6)[1].shape == (
-            batch, c.tgt_vocab)  # k beyond the vocabulary: every token, still best first
+        assert runtime.decoder.step(np.full(batch, 2), ort_state, ort_memory, 10**6)[1].shape == (
+            batch,
+            c.tgt_vocab,
+        )  # k beyond the vocabulary: every token, still best first
 
 
 def test_decoder_rows_share_their_sentence_memory(tiny):
@@ -82,8 +90,9 @@ def test_decoder_rows_share_their_sentence_memory(tiny):
     with torch.no_grad():
         enc_out, mask, state = model.encode(src, src_len)
         state = state.repeat_interleave(4, dim=1) + 0.1 * torch.randn(1, 12, model.config.dec_hidden)
-        logits, new_state = model.decode_step(prev, state, enc_out.repeat_interleave(4, dim=0),
-                                              mask.repeat_interleave(4, dim=0))
+        logits, new_state = model.decode_step(
+            prev, state, enc_out.repeat_interleave(4, dim=0), mask.repeat_interleave(4, dim=0)
+        )
     memory, _ = runtime.encode(src.numpy(), src_len.numpy())
     log_probs, ids, ort_state = runtime.decoder.step(prev.numpy(), state.numpy(), memory, 3)
     want, want_ids = torch.log_softmax(logits, dim=1).topk(3, dim=1)
@@ -121,11 +130,21 @@ def test_other_architectures_export_and_search_identically(tiny, tmp_path):
     """No attention, a one-way two-layer encoder: untrained, so outputs run to the length limit."""
     run = load_run(tiny[0], "last")
     torch.manual_seed(0)
-    config = Seq2SeqConfig(run.model_config.src_vocab, run.model_config.tgt_vocab, embed=16, enc_hidden=24,
-                           dec_hidden=16, layers=2, bidirectional=False, attention="none", dropout=0.0)
+    config = Seq2SeqConfig(
+        run.model_config.src_vocab,
+        run.model_config.tgt_vocab,
+        embed=16,
+        enc_hidden=24,
+        dec_hidden=16,
+        layers=2,
+        bidirectional=False,
+        attention="none",
+        dropout=0.0,
+    )
     model = Seq2Seq(config).eval()
-    bundle = export_seq2seq(model, run.src_tokenizer, run.tgt_tokenizer, tmp_path / "plain",
-                            sentences=tiny_sources(12))
+    bundle = export_seq2seq(
+        model, run.src_tokenizer, run.tgt_tokenizer, tmp_path / "plain", sentences=tiny_sources(12)
+    )
     data = json.loads((bundle / "manifest.json").read_text())
     assert data["architecture"]["attention"] == "none" and data["search_check"]["beam_identical"] == 12
 
@@ -134,8 +153,23 @@ def test_cli_export_and_its_errors(tiny, tmp_path, capsys):
     out = tmp_path / "cli-bundle"
     sentences = tmp_path / "sentences.txt"
     sentences.write_text("\n".join(tiny_sources(6)) + "\n", encoding="utf-8")
-    assert main(["export", str(tiny[0]), "--out", str(out), "--which", "last", "--sentences",
-                 str(sentences), "--name", "en-fr"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tiny[0]),
+                "--out",
+                str(out),
+                "--which",
+                "last",
+                "--sentences",
+                str(sentences),
+                "--name",
+                "en-fr",
+            ]
+        )
+        == 0
+    )
     assert "identical on 6 sentences" in capsys.readouterr().out
     assert load_manifest(out).name == "en-fr"
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

@@ -4,9 +4,11 @@ import torch
 from seq2seq.loss import masked_cross_entropy
 from seq2seq.model import Seq2Seq, Seq2SeqConfig
 
-VARIANTS = [dict(attention="additive", bidirectional=True, layers=2),
-            dict(attention="none", bidirectional=True, layers=1),
-            dict(attention="additive", bidirectional=False, layers=1, enc_hidden=24)]
+VARIANTS = [
+    dict(attention="additive", bidirectional=True, layers=2),
+    dict(attention="none", bidirectional=True, layers=1),
+    dict(attention="additive", bidirectional=False, layers=1, enc_hidden=24),
+]
 
 
 def make_model(**overrides) -> Seq2Seq:
@@ -64,7 +66,7 @@ def test_attention_gives_padded_positions_no_weight():
     src, lengths, _ = padded_batch()
     with torch.no_grad():
         enc_out, mask, state = model.encode(src, lengths)
-        keys = enc_out[:, :, model.config.memory_features:]
+        keys = enc_out[:, :, model.config.memory_features :]
         weights = model.attention.weights(state[-1], keys, mask)
     assert mask.tolist()[1] == [True] * 3 + [False] * 4
     assert torch.all(weights[~mask] == 0) and torch.allclose(weights.sum(1), torch.ones(3))

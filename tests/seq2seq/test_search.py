@@ -10,10 +10,12 @@ from serving.search import SearchParams, beam_search, greedy_search
 BOS, EOS, A, B = 2, 3, 4, 5
 VOCAB = 6
 # Next-token probabilities after each prefix; any other prefix ends for sure.
-TABLE = {(): {A: 0.5, B: 0.4, EOS: 0.1},
-         (A,): {A: 0.34, B: 0.33, EOS: 0.33},
-         (B,): {EOS: 0.9, A: 0.1},
-         (A, A): {EOS: 1.0}}
+TABLE = {
+    (): {A: 0.5, B: 0.4, EOS: 0.1},
+    (A,): {A: 0.34, B: 0.33, EOS: 0.33},
+    (B,): {EOS: 0.9, A: 0.1},
+    (A, A): {EOS: 1.0},
+}
 
 
 class ScriptedDecoder:

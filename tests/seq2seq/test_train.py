@@ -13,8 +13,15 @@ from seq2seq.train import TrainError, start_run, train
 
 def test_run_directory_holds_everything(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"config.json", "src_tokenizer.json", "tgt_tokenizer.json", "best.pt", "last.pt", "metrics.jsonl",
-            "metrics.png"} <= names
+    assert {
+        "config.json",
+        "src_tokenizer.json",
+        "tgt_tokenizer.json",
+        "best.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "metrics.png",
+    } <= names
     config = json.loads((trained_run / "config.json").read_text())
     assert config["special_ids"] == {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3}
     assert config["model"]["attention"] == "additive"
@@ -24,11 +31,13 @@ def test_run_directory_holds_everything(trained_run):
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config):
     # batch_tokens small: several epochs in 24 steps, so an epoch boundary (validation) is crossed too
-    config = tiny_config(embed=16, enc_hidden=16, dec_hidden=16, attn_dim=8, batch_tokens=1500,
-                         max_steps=24, spm_vocab=150)
+    config = tiny_config(
+        embed=16, enc_hidden=16, dec_hidden=16, attn_dim=8, batch_tokens=1500, max_steps=24, spm_vocab=150
+    )
     train(config, tmp_path / "straight", show_progress=False)
-    interrupted = tiny_config(embed=16, enc_hidden=16, dec_hidden=16, attn_dim=8,
-                              batch_tokens=1500, max_steps=9, spm_vocab=150)
+    interrupted = tiny_config(
+        embed=16, enc_hidden=16, dec_hidden=16, attn_dim=8, batch_tokens=1500, max_steps=9, spm_vocab=150
+    )
     train(interrupted, tmp_path / "resumed", show_progress=False)
     middle = load_checkpoint(tmp_path / "resumed" / "last.pt", "mt")
     assert middle["step"] == 9 and middle["position"]["batch"] > 0  # stopped mid-epoch
@@ -54,8 +63,16 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, trained_run, tin
 def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path, tiny_config):
     """The translator stops on SIGTERM (and Ctrl-C) between steps like the language model: last.pt at the
     step, the earlier signal handlers back, and the resumed run ends where an uninterrupted one does."""
-    config = tiny_config(embed=16, enc_hidden=16, dec_hidden=16, attn_dim=8, batch_tokens=1500,
-                         max_steps=20, spm_vocab=150, dropout=0.3)
+    config = tiny_config(
+        embed=16,
+        enc_hidden=16,
+        dec_hidden=16,
+        attn_dim=8,
+        batch_tokens=1500,
+        max_steps=20,
+        spm_vocab=150,
+        dropout=0.3,
+    )
     train(config, tmp_path / "straight", show_progress=False)
 
     def terminate_at_step_7(trainer):
@@ -78,10 +95,12 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path,
 
 def test_cli_exit_code_3_on_interrupt_and_resume_refuses_a_model_change(tmp_path, pairs_file, capsys):
     toml = tmp_path / "mt.toml"
-    toml.write_text(f'[data]\ndataset = "{pairs_file}"\nvalid_fraction = 0.1\ntest_fraction = 0.1\n'
-                    'spm_vocab = 150\nbatch_tokens = 1500\nvalid_bleu_sentences = 5\n'
-                    '[model]\nembed = 16\nenc_hidden = 16\ndec_hidden = 16\nattn_dim = 8\n'
-                    '[optim]\nschedule = "constant"\n[run]\nmax_steps = 3\nprogress = false\n')
+    toml.write_text(
+        f'[data]\ndataset = "{pairs_file}"\nvalid_fraction = 0.1\ntest_fraction = 0.1\n'
+        "spm_vocab = 150\nbatch_tokens = 1500\nvalid_bleu_sentences = 5\n"
+        "[model]\nembed = 16\nenc_hidden = 16\ndec_hidden = 16\nattn_dim = 8\n"
+        '[optim]\nschedule = "constant"\n[run]\nmax_steps = 3\nprogress = false\n'
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(toml), "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["stopped_by"] == "max_steps"

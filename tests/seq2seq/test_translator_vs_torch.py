@@ -44,9 +44,14 @@ def test_length_limit_and_length_penalty_as_torch(tiny):
     """A tight limit leaves hypotheses unfinished; the length penalty and min_len change the outputs."""
     torch_translator, runtime = tiny
     texts = tiny_sources(16, start=600)
-    for options in (dict(beam=3, n_best=3, max_len_ratio=0.0, max_len_extra=2),
-                    dict(beam=5, n_best=2, length_penalty=0.0), dict(beam=2, length_penalty=2.0),
-                    dict(beam=1, min_len=0), dict(beam=1, min_len=4), dict(beam=3, n_best=3, min_len=4)):
+    for options in (
+        dict(beam=3, n_best=3, max_len_ratio=0.0, max_len_extra=2),
+        dict(beam=5, n_best=2, length_penalty=0.0),
+        dict(beam=2, length_penalty=2.0),
+        dict(beam=1, min_len=0),
+        dict(beam=1, min_len=4),
+        dict(beam=3, n_best=3, min_len=4),
+    ):
         ours = runtime.translate(texts, SearchParams(**options), batch_size=5)
         theirs = torch_translator.translate(texts, torch_search_module.SearchParams(**options), batch_size=5)
         _same(ours, theirs)
@@ -78,8 +83,12 @@ def test_workers_search_batches_at_once_with_the_same_results(tiny, beam):
     assert runtime.encoder_calls - calls_before == 2 * calls_one == 16
     for a, b in zip(one, two, strict=True):
         assert a.hypotheses == b.hypotheses
-    _same(two, torch_translator.translate(texts, torch_search_module.SearchParams(beam=beam, n_best=beam),
-                                          batch_size=6, workers=2))
+    _same(
+        two,
+        torch_translator.translate(
+            texts, torch_search_module.SearchParams(beam=beam, n_best=beam), batch_size=6, workers=2
+        ),
+    )
     with pytest.raises(ValueError, match="workers"):
         runtime.translate(texts, params, workers=0)
 

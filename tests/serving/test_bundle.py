@@ -71,15 +71,20 @@ def test_missing_or_garbled_manifest(tiny_bundle, tmp_path):
         load_manifest(bundle)
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"format_version": 2}, "unsupported format_version 2"),
-    ({"format": "something-else"}, "not an rnnlab bundle"),
-    ({"kind": "vision"}, "unknown kind 'vision'"),
-    ({"graphs": {"step": "other.onnx"}}, "'other.onnx' is used but has no checksum"),
-    ({"state": [{"name": "h", "shape": [1, "batch", -3], "dtype": "float32"}]},
-     "tensor 'h' has an invalid shape"),
-    ({"state": [{"name": "h", "shape": [1, "batch", 32], "dtype": "float16"}]}, "unsupported dtype"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format_version": 2}, "unsupported format_version 2"),
+        ({"format": "something-else"}, "not an rnnlab bundle"),
+        ({"kind": "vision"}, "unknown kind 'vision'"),
+        ({"graphs": {"step": "other.onnx"}}, "'other.onnx' is used but has no checksum"),
+        (
+            {"state": [{"name": "h", "shape": [1, "batch", -3], "dtype": "float32"}]},
+            "tensor 'h' has an invalid shape",
+        ),
+        ({"state": [{"name": "h", "shape": [1, "batch", 32], "dtype": "float16"}]}, "unsupported dtype"),
+    ],
+)
 def test_bad_manifest_fields_are_refused(tiny_bundle, changes, message):
     bundle = tiny_bundle()
     edit_manifest(bundle, **changes)
@@ -119,13 +124,19 @@ def test_seq2seq_bundles_are_describable(tmp_path):
         (staged / "decoder_step.onnx").write_bytes(b"decoder graph")
         (staged / "source.tokenizer.json").write_text("{}")
         (staged / "target.tokenizer.json").write_text("{}")
-        write_manifest(staged, {
-            "kind": "seq2seq", "name": "fr-en", "architecture": {"hidden": 64, "attention": True},
-            "graphs": {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"},
-            "inputs": [{"name": "src", "shape": ["batch", "time"], "dtype": "int64"}],
-            "state": [{"name": "h", "shape": [1, "batch", 64], "dtype": "float32"}],
-            "special_ids": {"<pad>": 0, "<bos>": 2, "<eos>": 3},
-            "tokenizer": {"source": "source.tokenizer.json", "target": "target.tokenizer.json"}})
+        write_manifest(
+            staged,
+            {
+                "kind": "seq2seq",
+                "name": "fr-en",
+                "architecture": {"hidden": 64, "attention": True},
+                "graphs": {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"},
+                "inputs": [{"name": "src", "shape": ["batch", "time"], "dtype": "int64"}],
+                "state": [{"name": "h", "shape": [1, "batch", 64], "dtype": "float32"}],
+                "special_ids": {"<pad>": 0, "<bos>": 2, "<eos>": 3},
+                "tokenizer": {"source": "source.tokenizer.json", "target": "target.tokenizer.json"},
+            },
+        )
         publish_bundle(staged, tmp_path / "mt")
     manifest = load_manifest(tmp_path / "mt")
     assert manifest.kind == "seq2seq" and manifest.name == "fr-en"

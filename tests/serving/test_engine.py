@@ -34,8 +34,11 @@ async def read_all(stream: Stream) -> list[tuple[str, list[int], list[float]]]:
 
 
 def joined(updates: list[tuple[str, list[int], list[float]]]) -> tuple[str, list[int], list[float]]:
-    return ("".join(text for text, _, _ in updates), [i for _, ids, _ in updates for i in ids],
-            [p for _, _, lps in updates for p in lps])
+    return (
+        "".join(text for text, _, _ in updates),
+        [i for _, ids, _ in updates for i in ids],
+        [p for _, _, lps in updates for p in lps],
+    )
 
 
 def solo(runtime, request: Request, stop: tuple[str, ...] = ()) -> tuple[str, list[int]]:
@@ -52,8 +55,10 @@ def mixed_requests(runtime) -> list[Request]:
     greedy = SamplingParams(temperature=0)
     requests = [Request(ids, 40, greedy), Request(ids, 40, greedy, logprobs=True)]
     requests += [Request(ids, 110 + i, SamplingParams(temperature=0.8 + 0.05 * i, seed=i)) for i in range(6)]
-    requests += [Request(ids, 70, SamplingParams(temperature=0.9, top_k=5, seed=11)),
-                 Request(ids, 70, SamplingParams(temperature=1.1, top_p=0.8, seed=12), logprobs=True)]
+    requests += [
+        Request(ids, 70, SamplingParams(temperature=0.9, top_k=5, seed=11)),
+        Request(ids, 70, SamplingParams(temperature=1.1, top_p=0.8, seed=12), logprobs=True),
+    ]
     return requests
 
 
@@ -101,7 +106,7 @@ def test_stop_strings_and_logprobs_in_a_batch_equal_the_solo_stream(runtime):
 
     streams, results = asyncio.run(main())
     text, token_ids, logprobs = joined(results[0])
-    assert text == reference[:reference.index(stop)]
+    assert text == reference[: reference.index(stop)]
     assert streams[0].outcome.finish is Finish.STOP
     assert len(logprobs) == len(token_ids) == streams[0].outcome.generated_tokens
     assert streams[0].outcome.pending == token_ids[-1]
@@ -170,7 +175,8 @@ def test_first_tokens_and_ends_are_handed_over_without_the_other_streams_tokens(
         [(True, 1, False)],  # a's first token
         [(False, 1, False)],  # b's first token, alone
         [(False, 999, True)],  # b's end with everything it made since, alone
-        [(True, 4999, True)]]  # a's end
+        [(True, 4999, True)],
+    ]  # a's end
     assert b_output == solo(runtime, short)
     assert a_ids == solo(runtime, long)[1]
 

@@ -20,5 +20,7 @@ def test_check_reports_a_drifted_stub_and_imports_are_package_relative(tmp_path)
     shutil.copytree(generated, committed)
     (committed / "rnnlab" / "v1" / "translation_pb2.pyi").write_text("# edited by hand\n")
     (committed / "rnnlab" / "extra_pb2.py").write_text("")
-    assert protogen.differences(generated, committed) == ["extra rnnlab/extra_pb2.py",
-                                                          "differs rnnlab/v1/translation_pb2.pyi"]
+    assert protogen.differences(generated, committed) == [
+        "extra rnnlab/extra_pb2.py",
+        "differs rnnlab/v1/translation_pb2.pyi",
+    ]

@@ -53,9 +53,9 @@ def test_streams_batched_by_concatenating_states_match_single_streams(bundled):
     tokens = np.array([[5], [9], [11]], dtype=np.int64)
     logits, new_state = runtime.step(tokens, state)
     for b, (_, single_state) in enumerate(singles):
-        want, want_state = runtime.step(tokens[b:b + 1], single_state)
+        want, want_state = runtime.step(tokens[b : b + 1], single_state)
         np.testing.assert_allclose(logits[b], want[0], atol=1e-5)
-        np.testing.assert_allclose(new_state[0][:, b:b + 1], want_state[0], atol=1e-5)
+        np.testing.assert_allclose(new_state[0][:, b : b + 1], want_state[0], atol=1e-5)
 
 
 def test_generate_streams_pieces_and_honours_stop_strings(bundled):

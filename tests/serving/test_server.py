@@ -18,8 +18,11 @@ PROMPT = "The Time Traveller"
 
 
 def generate(stubs: Stubs, prompt: str = PROMPT, max_tokens: int = 40, **fields) -> list[pb.GenerateResponse]:
-    return list(stubs.generation.Generate(pb.GenerateRequest(model="tiny", prompt=prompt,
-                                                             max_tokens=max_tokens, **fields)))
+    return list(
+        stubs.generation.Generate(
+            pb.GenerateRequest(model="tiny", prompt=prompt, max_tokens=max_tokens, **fields)
+        )
+    )
 
 
 def joined(messages: list[pb.GenerateResponse]) -> tuple[str, list[int]]:
@@ -35,7 +38,10 @@ def test_stream_equals_the_runtime_greedy_output(stubs, runtime):
     assert [m.HasField("end") for m in messages] == [False] * (len(messages) - 1) + [True]
     end = messages[-1].end
     assert (end.finish_reason, end.prompt_tokens, end.generated_tokens) == (
-        pb.FINISH_REASON_LENGTH, len(PROMPT), 60)
+        pb.FINISH_REASON_LENGTH,
+        len(PROMPT),
+        60,
+    )
 
 
 def test_logprobs_are_the_model_log_softmax(stubs, runtime):
@@ -57,7 +63,7 @@ def test_stop_string_ends_the_stream_before_it(stubs, runtime):
     stop = reference[10:13]
     messages = generate(stubs, max_tokens=60, stop=[stop])
     text, _ = joined(messages)
-    assert text == reference[:reference.index(stop)]
+    assert text == reference[: reference.index(stop)]
     assert messages[-1].end.finish_reason == pb.FINISH_REASON_STOP
 
 
@@ -66,8 +72,9 @@ def test_session_append_then_generate_equals_one_call_on_the_whole_text(stubs):
     info = stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
     appended = stubs.sessions.Append(pb.AppendRequest(session_id=info.session_id, text=" abc"))
     assert (appended.appended_tokens, appended.tokens) == (4, len(PROMPT) + 4)
-    messages = list(stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id,
-                                                                       max_tokens=30)))
+    messages = list(
+        stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id, max_tokens=30))
+    )
     assert joined(messages)[0] == whole
     assert messages[-1].end.session_tokens == len(PROMPT) + 4 + 30
     stubs.sessions.Close(pb.CloseSessionRequest(session_id=info.session_id))
@@ -77,10 +84,12 @@ def test_two_session_generations_continue_one_another(stubs):
     """The last generated token is pending in the session, read at the start of the next call."""
     whole, _ = joined(generate(stubs, max_tokens=40))
     info = stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
-    first = joined(list(stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id,
-                                                                          max_tokens=25))))[0]
-    second = joined(list(stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id,
-                                                                           max_tokens=15))))[0]
+    first = joined(
+        list(stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id, max_tokens=25)))
+    )[0]
+    second = joined(
+        list(stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id, max_tokens=15)))
+    )[0]
     assert first + second == whole
 
 
@@ -101,21 +110,29 @@ def test_resumed_state_token_continues_exactly_where_it_stopped(server, models_d
 
 def test_64_concurrent_seeded_streams_equal_their_solo_outputs(server, stubs, runtime):
     prompts = [PROMPT[: 5 + i % 7] for i in range(64)]
-    params = [SamplingParams(temperature=0.7 + 0.01 * i, top_k=i % 6, top_p=0.8 + 0.003 * i, seed=i)
-              for i in range(64)]
+    params = [
+        SamplingParams(temperature=0.7 + 0.01 * i, top_k=i % 6, top_p=0.8 + 0.003 * i, seed=i)
+        for i in range(64)
+    ]
     registry = server.app.metrics.registry
 
     def batch_stats() -> tuple[float, float]:
         labels = {"model": "tiny"}
-        return (registry.get_sample_value("rnnlab_batch_size_count", labels) or 0.0,
-                registry.get_sample_value("rnnlab_batch_size_sum", labels) or 0.0)
+        return (
+            registry.get_sample_value("rnnlab_batch_size_count", labels) or 0.0,
+            registry.get_sample_value("rnnlab_batch_size_sum", labels) or 0.0,
+        )
 
     steps_before, rows_before = batch_stats()
 
     def run(i: int) -> str:
         p = params[i]
-        request = pb.GenerateRequest(model="tiny", prompt=prompts[i], max_tokens=120,
-                                     sampling=sampling_options(p.temperature, p.top_k, p.top_p, p.seed))
+        request = pb.GenerateRequest(
+            model="tiny",
+            prompt=prompts[i],
+            max_tokens=120,
+            sampling=sampling_options(p.temperature, p.top_k, p.top_p, p.seed),
+        )
         return joined(list(stubs.generation.Generate(request)))[0]
 
     with ThreadPoolExecutor(64) as pool:
@@ -152,7 +169,12 @@ def test_models_are_listed_with_their_manifest_figures(stubs, runtime):
     assert [m.name for m in models] == ["tiny", "tiny-lstm"]
     info = stubs.generation.GetModel(pb.GetModelRequest(model="tiny-lstm"))
     assert (info.cell, info.layers, info.hidden_size, info.vocab_size, info.tokenizer) == (
-        "lstm", 2, 32, runtime.vocab_size, "char")
+        "lstm",
+        2,
+        32,
+        runtime.vocab_size,
+        "char",
+    )
     assert info.state_bytes == 2 * 2 * 32 * 4 and len(info.bundle_digest) == 64
 
 
@@ -167,8 +189,11 @@ def test_unbatched_server_with_chunked_prefill_gives_the_same_streams(models_dir
     text = "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite"
     prompts = [text[: 10 + 11 * i] for i in range(8)]
     params = [SamplingParams(temperature=0.9, seed=i) for i in range(8)]
-    with ServerThread(config(models_dir, batching=False, prefill_chunk=16)) as server, \
-            Client(f"127.0.0.1:{server.port}") as client:
+    with (
+        ServerThread(config(models_dir, batching=False, prefill_chunk=16)) as server,
+        Client(f"127.0.0.1:{server.port}") as client,
+    ):
+
         def run(i: int) -> str:
             return "".join(client.generate_text("tiny", prompts[i], 30, temperature=0.9, seed=i))
 
@@ -185,8 +210,11 @@ def test_a_prompt_shared_by_a_call_and_a_new_session_is_read_once(models_dir, ca
         stubs = Stubs(server.port)
         call, _ = joined(generate(stubs, max_tokens=30))
         info = stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
-        in_session, _ = joined(list(stubs.sessions.Generate(pb.SessionGenerateRequest(
-            session_id=info.session_id, max_tokens=30))))
+        in_session, _ = joined(
+            list(
+                stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id, max_tokens=30))
+            )
+        )
         stubs.channel.close()
         registry = server.app.metrics.registry
         hits = registry.get_sample_value("rnnlab_prompt_cache_hits_total", {"model": "tiny"})

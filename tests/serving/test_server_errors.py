@@ -69,10 +69,14 @@ def test_session_errors(stubs):
     assert status_of(lambda: s.Close(pb.CloseSessionRequest(session_id="nope"))) == Code.NOT_FOUND
     assert status_of(lambda: s.Open(pb.OpenSessionRequest(model="nope"))) == Code.NOT_FOUND
     empty = s.Open(pb.OpenSessionRequest(model="tiny"))
-    assert status_of(lambda: s.Generate(pb.SessionGenerateRequest(session_id=empty.session_id))) == \
-        Code.FAILED_PRECONDITION
-    assert status_of(lambda: s.Append(pb.AppendRequest(session_id=empty.session_id, text=""))) == \
-        Code.INVALID_ARGUMENT
+    assert (
+        status_of(lambda: s.Generate(pb.SessionGenerateRequest(session_id=empty.session_id)))
+        == Code.FAILED_PRECONDITION
+    )
+    assert (
+        status_of(lambda: s.Append(pb.AppendRequest(session_id=empty.session_id, text="")))
+        == Code.INVALID_ARGUMENT
+    )
     s.Close(pb.CloseSessionRequest(session_id=empty.session_id))
     assert status_of(lambda: s.Close(pb.CloseSessionRequest(session_id=empty.session_id))) == Code.NOT_FOUND
     assert_still_serving(stubs)
@@ -82,8 +86,10 @@ def test_a_busy_session_refuses_a_second_call(stubs):
     info = stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
     call = stubs.sessions.Generate(pb.SessionGenerateRequest(session_id=info.session_id, max_tokens=100_000))
     next(call)
-    assert status_of(lambda: stubs.sessions.Append(pb.AppendRequest(session_id=info.session_id, text="x"))) \
+    assert (
+        status_of(lambda: stubs.sessions.Append(pb.AppendRequest(session_id=info.session_id, text="x")))
         == Code.ABORTED
+    )
     call.cancel()
     # A cancelled call leaves the session usable (as it was before the call).
     deadline = time.monotonic() + 5
@@ -122,8 +128,14 @@ def test_cancelling_a_stream_frees_its_slot_at_once(models_dir):
         call = stubs.generation.Generate(long_request)
         next(call)
         assert server.app.active_streams == 1
-        assert status_of(lambda: stubs.generation.Generate(
-            pb.GenerateRequest(model="tiny", prompt=PROMPT, max_tokens=3))) == Code.RESOURCE_EXHAUSTED
+        assert (
+            status_of(
+                lambda: stubs.generation.Generate(
+                    pb.GenerateRequest(model="tiny", prompt=PROMPT, max_tokens=3)
+                )
+            )
+            == Code.RESOURCE_EXHAUSTED
+        )
         call.cancel()
         deadline = time.monotonic() + 2
         while server.app.active_streams and time.monotonic() < deadline:
@@ -150,16 +162,21 @@ def test_a_passed_deadline_is_deadline_exceeded_and_frees_the_slot(models_dir):
 
 
 def test_session_limits_expiry_and_refusal_when_full(models_dir):
-    with ServerThread(config(models_dir, max_sessions=2, evict_idle_sessions=False,
-                             session_ttl_s=0.3)) as server:
+    with ServerThread(
+        config(models_dir, max_sessions=2, evict_idle_sessions=False, session_ttl_s=0.3)
+    ) as server:
         stubs = Stubs(server.port)
         first = stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
         stubs.sessions.Open(pb.OpenSessionRequest(model="tiny"))
-        assert status_of(lambda: stubs.sessions.Open(pb.OpenSessionRequest(model="tiny"))) == \
-            Code.RESOURCE_EXHAUSTED
+        assert (
+            status_of(lambda: stubs.sessions.Open(pb.OpenSessionRequest(model="tiny")))
+            == Code.RESOURCE_EXHAUSTED
+        )
         time.sleep(0.4)  # both idle past the TTL: expired, their room is free again
-        assert status_of(lambda: stubs.sessions.Append(
-            pb.AppendRequest(session_id=first.session_id, text="x"))) == Code.NOT_FOUND
+        assert (
+            status_of(lambda: stubs.sessions.Append(pb.AppendRequest(session_id=first.session_id, text="x")))
+            == Code.NOT_FOUND
+        )
         stubs.sessions.Open(pb.OpenSessionRequest(model="tiny"))
         assert len(server.app.sessions) == 1
         stubs.channel.close()
@@ -189,10 +206,13 @@ def test_health_reflection_and_metrics_answer(models_dir):
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "rnnlab.v1.Generation", "rnnlab.v1.Sessions"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = {s.name for s in next(replies).list_services_response.service}
         assert {"rnnlab.v1.Generation", "rnnlab.v1.Sessions", "grpc.health.v1.Health"} <= names
         assert_still_serving(Stubs(server.port))
@@ -200,8 +220,10 @@ def test_health_reflection_and_metrics_answer(models_dir):
         body = urllib.request.urlopen(url, timeout=5).read().decode()
         assert 'rnnlab_generated_tokens_total{model="tiny"} 3.0' in body
         assert "rnnlab_time_to_first_token_seconds_count" in body
-        assert 'rnnlab_requests_total{code="OK",method="GenerationService.Generate"} 1.0' in body or \
-            'rnnlab_requests_total{method="GenerationService.Generate",code="OK"} 1.0' in body
+        assert (
+            'rnnlab_requests_total{code="OK",method="GenerationService.Generate"} 1.0' in body
+            or 'rnnlab_requests_total{method="GenerationService.Generate",code="OK"} 1.0' in body
+        )
         channel.close()
 
 
@@ -214,19 +236,42 @@ def test_a_bad_bundle_is_refused_while_the_good_ones_serve(models_dir, tmp_path,
     with caplog.at_level("WARNING"), ServerThread(config(models)) as server:
         stubs = Stubs(server.port)
         assert [m.name for m in stubs.generation.ListModels(pb.ListModelsRequest()).models] == ["tiny"]
-        assert status_of(lambda: stubs.generation.GetModel(pb.GetModelRequest(model="tiny-lstm"))) == \
-            Code.NOT_FOUND
+        assert (
+            status_of(lambda: stubs.generation.GetModel(pb.GetModelRequest(model="tiny-lstm")))
+            == Code.NOT_FOUND
+        )
         assert_still_serving(stubs)
         stubs.channel.close()
-    assert any("refusing bundle tiny-lstm" in r.getMessage() and "model.onnx" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "refusing bundle tiny-lstm" in r.getMessage() and "model.onnx" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_tls_serves_clients_that_trust_the_certificate(models_dir, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     with ServerThread(config(models_dir, tls_cert=str(cert), tls_key=str(key))) as server:
         with Client(f"127.0.0.1:{server.port}", tls_ca=cert, timeout=10) as client:
             assert "".join(client.generate_text("tiny", PROMPT, 5)) != ""
@@ -237,7 +282,8 @@ def test_tls_serves_clients_that_trust_the_certificate(models_dir, tmp_path):
 
 
 def test_an_unexpected_exception_is_internal_counted_as_internal_and_the_server_keeps_serving(
-        models_dir, monkeypatch):
+    models_dir, monkeypatch
+):
     """A bug inside a handler (injected here) reaches the client as a plain INTERNAL, never as OK or
     UNKNOWN, and rnnlab_requests counts what the client received."""
     with ServerThread(config(models_dir)) as server:

@@ -13,8 +13,14 @@ KEY = b"k" * 32
 def snapshot(logits: bool) -> SessionState:
     rng = np.random.default_rng(0)
     state = [rng.standard_normal((2, 1, 16)).astype(np.float32) for _ in range(2)]
-    return SessionState("m", "ab" * 32, state, rng.standard_normal(40).astype(np.float32) if logits else None,
-                        None if logits else 7, 123)
+    return SessionState(
+        "m",
+        "ab" * 32,
+        state,
+        rng.standard_normal(40).astype(np.float32) if logits else None,
+        None if logits else 7,
+        123,
+    )
 
 
 @pytest.mark.parametrize("with_logits", [True, False])

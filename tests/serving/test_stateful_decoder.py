@@ -55,9 +55,14 @@ def test_bad_ids_are_refused_and_leave_the_state_as_it_was(runtime):
     decoder = StatefulDecoder(runtime, random_state(runtime, 1))
     before = decoder.state
     v = runtime.vocab_size
-    for bad, message in (([v], rf"id {v} out of range"), ([-1], "id -1 out of range"),
-                         (np.array([v + 2]), rf"id {v + 2} out of range"), ([1, 2], "expected 1 integer ids"),
-                         (np.array([1.5]), "expected 1 integer ids"), ([2.0], "expected 1 integer ids")):
+    for bad, message in (
+        ([v], rf"id {v} out of range"),
+        ([-1], "id -1 out of range"),
+        (np.array([v + 2]), rf"id {v + 2} out of range"),
+        ([1, 2], "expected 1 integer ids"),
+        (np.array([1.5]), "expected 1 integer ids"),
+        ([2.0], "expected 1 integer ids"),
+    ):
         with pytest.raises(ValueError, match=message):
             decoder.step(bad)
     for a, b in zip(decoder.state, before, strict=True):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc, pkgutil, sys
 
 BLOCKED = ("torch", "lm", "seq2seq", "onnxscript", "matplotlib")
@@ -34,7 +34,7 @@ from serving.server import main
 
 sys.argv = ["rnnlab-serve", "--help"]
 main()
-'''
+"""
 
 
 def test_every_serving_module_imports_and_the_server_starts_with_torch_blocked():

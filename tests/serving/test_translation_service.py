@@ -81,14 +81,17 @@ def test_bad_sentences_fail_alone(client):
     assert results[3].hypotheses and not results[1].hypotheses
 
 
-@pytest.mark.parametrize(("model", "options", "code"), [
-    ("nope", {}, grpc.StatusCode.NOT_FOUND),
-    (NAME, {"beam": 99}, grpc.StatusCode.INVALID_ARGUMENT),
-    (NAME, {"beam": 2, "n_best": 3}, grpc.StatusCode.INVALID_ARGUMENT),
-    (NAME, {"max_length_ratio": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
-    (NAME, {"max_length": 5000}, grpc.StatusCode.INVALID_ARGUMENT),
-    ("flipped", {}, grpc.StatusCode.NOT_FOUND),
-])
+@pytest.mark.parametrize(
+    ("model", "options", "code"),
+    [
+        ("nope", {}, grpc.StatusCode.NOT_FOUND),
+        (NAME, {"beam": 99}, grpc.StatusCode.INVALID_ARGUMENT),
+        (NAME, {"beam": 2, "n_best": 3}, grpc.StatusCode.INVALID_ARGUMENT),
+        (NAME, {"max_length_ratio": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
+        (NAME, {"max_length": 5000}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("flipped", {}, grpc.StatusCode.NOT_FOUND),
+    ],
+)
 def test_status_codes(client, model, options, code):
     with pytest.raises(grpc.RpcError) as error:
         client.translate(model, ["Hello."], **options)
@@ -104,11 +107,16 @@ def test_too_many_sentences_is_resource_exhausted(client):
 def test_translate_stream_answers_every_item_once(client):
     texts = [*tiny_sources(25, start=250), ""]
     options = tpb.TranslateOptions(beam_size=3, length_penalty=0.6)
-    requests = [tpb.TranslateStreamRequest(id=f"s{i}", sentence=t, model=NAME if i == 0 else "",
-                                           options=options if i == 0 else None) for i, t in enumerate(texts)]
+    requests = [
+        tpb.TranslateStreamRequest(
+            id=f"s{i}", sentence=t, model=NAME if i == 0 else "", options=options if i == 0 else None
+        )
+        for i, t in enumerate(texts)
+    ]
     answers = {r.id: r.result for r in client.translate_stream(requests)}
     assert sorted(answers) == sorted(f"s{i}" for i in range(len(texts)))
     unary = client.translate(NAME, texts, beam=3, length_penalty=0.6)
+
     def best(result):
         return result.error if result.failed else result.hypotheses[0].text
 
@@ -209,8 +217,9 @@ def test_workers_search_batches_at_once_with_the_same_results(bundle, workers):
     params = SearchParams(beam=4)
 
     async def translate_all():
-        batcher = CountingBatcher(NAME, runtime, TranslationMetrics(), gather_ms=0.0, batch_tokens=40,
-                                  workers=workers)
+        batcher = CountingBatcher(
+            NAME, runtime, TranslationMetrics(), gather_ms=0.0, batch_tokens=40, workers=workers
+        )
         futures = [batcher.submit(ids, params, call=i) for i, ids in enumerate(sources)]
         results = await asyncio.gather(*futures)
         return batcher, results

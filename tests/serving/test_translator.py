@@ -30,11 +30,13 @@ def test_corrupt_or_foreign_bundles_are_refused(tmp_path, tiny_bundle):
 
 
 def test_serving_side_never_imports_torch():
-    code = ("import sys, json\n"
-            "from serving.translator import Seq2SeqRuntime\n"
-            "import serving.translation_service, serving.batch_job\n"
-            f"r = Seq2SeqRuntime.load({str(committed(TRANSLATOR))!r})\n"
-            "print(json.dumps([r.translate(['Hello.'])[0].text, 'torch' in sys.modules]))\n")
+    code = (
+        "import sys, json\n"
+        "from serving.translator import Seq2SeqRuntime\n"
+        "import serving.translation_service, serving.batch_job\n"
+        f"r = Seq2SeqRuntime.load({str(committed(TRANSLATOR))!r})\n"
+        "print(json.dumps([r.translate(['Hello.'])[0].text, 'torch' in sys.modules]))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     text, imported_torch = json.loads(out.stdout)
     assert text and imported_torch is False
@@ -44,4 +46,5 @@ def test_a_joint_sentencepiece_model_is_stored_once():
     runtime = Seq2SeqRuntime.load(committed(TRANSLATOR))
     assert runtime.manifest.tokenizer == {"source": "tokenizer.json", "target": "tokenizer.json"}
     assert runtime.src_tokenizer.encode("Where is the station?") == runtime.tgt_tokenizer.encode(
-        "Where is the station?")
+        "Where is the station?"
+    )
