@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from bench import repo_path
 from bench.export_step import alone, interleaved
 from lm.corpus import load_split
 from lm.export import export_lm
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             from lm.run import load_run
 
             run = load_run(args.run_dir)
-            results.append({"source": str(args.run_dir), **compare(run.model, run.tokenizer, test_text,
+            results.append({"source": repo_path(args.run_dir), **compare(run.model, run.tokenizer, test_text,
                                                                    args.reps, Path(tmp) / "run")})
         else:
             train_text = load_split(args.corpus, "train")

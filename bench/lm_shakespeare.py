@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from bench import repo_path
 from bench.lm_common import write_result
 from lm.config import TrainConfig
 from lm.corpus import load_split
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "valid_loss_nats_per_char": round(evaluation.nll, 4),
         "valid_bits_per_char": round(evaluation.bits_per_char, 4),
         "valid_perplexity": round(evaluation.perplexity, 4), "valid_loss_by_step": valid,
-        "target_nats_per_char": 1.47, "run_dir": str(args.keep) if args.keep else None,
+        "target_nats_per_char": 1.47, "run_dir": repo_path(args.keep) if args.keep else None,
     })
     return 0
 

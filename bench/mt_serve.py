@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import repo_path
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "mt_serve.json"
 REPEATS = 3
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     config = run.model_config.to_dict()
     trained_here = f"{args.run} missing: a {args.train_minutes:g}-minute model trained by this bench"
     result = {
-        "run": str(args.run) if run_dir == Path(args.run) else trained_here, "checkpoint": args.which,
+        "run": repo_path(args.run) if run_dir == Path(args.run) else trained_here, "checkpoint": args.which,
         "sentences": len(texts), "split": "test",
         "model": {k: config[k] for k in ("embed", "enc_hidden", "dec_hidden", "layers", "bidirectional",
                                          "attention", "src_vocab", "tgt_vocab")},

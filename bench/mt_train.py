@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench import repo_path
 from seq2seq.evaluate import default_hyp_path, evaluate, write_evaluation
 from seq2seq.run import load_run
 from seq2seq.train import TrainConfig, train
@@ -28,11 +29,11 @@ def train_and_eval(out: Path, config: TrainConfig, beams: tuple[int, ...], resum
     evaluations = []
     for beam in beams:
         result = evaluate(run, "test", SearchParams(beam=beam), default_hyp_path(out, "test", beam))
-        evaluations.append(result)
+        evaluations.append({**result, "hyp_file": repo_path(result["hyp_file"])})
         print(json.dumps({k: result[k] for k in ("beam", "bleu", "chrf", "seconds")}), flush=True)
         if beam == 4:
             write_evaluation(out, result)
-    return {"run_dir": str(out), "config": asdict(config), "train": summary,
+    return {"run_dir": repo_path(out), "config": asdict(config), "train": summary,
             "train_wall_s": round(train_seconds, 1), "test": evaluations}
 
 

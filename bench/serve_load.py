@@ -36,6 +36,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench import repo_path
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.runtime import LMRuntime
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle or DEFAULT_BUNDLE.is_dir():
             bundle = Path(args.bundle or DEFAULT_BUNDLE)
-            described = str(bundle)
+            described = repo_path(bundle)
         else:
             bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
         runtime = LMRuntime.load(bundle)

@@ -140,7 +140,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--prompt: empty (no tokens to condition on)")
     path = Path(args.run_dir)
     start = time.perf_counter()
-    if (path / "manifest.json").is_file():
+    from serving.bundle import is_bundle
+
+    if is_bundle(path):
         from serving.runtime import LMRuntime
 
         pieces = LMRuntime.load(path).generate(args.prompt, args.max_tokens, params, args.stop)

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lm.model import RNNLM
 
 OPSET = 18
-IR_VERSION = 9  # onnx.helper's default is newer than onnxruntime accepts (DESIGN.md pitfalls)
+IR_VERSION = 9  # onnx.helper writes a newer IR version than onnxruntime loads (docs/export.md)
 
 
 class _Builder:

@@ -1,37 +1,44 @@
 """Export a trained language model to an ONNX bundle that onnxruntime runs without torch.
 
 The bundle's step graph maps (tokens (B, T) int64, h (L, B, H) [, c (L, B, H)]) to
-(logits (B, T, V), h_out [, c_out]) with dynamic batch and time axes. Before anything is published the
-exported graph is run in onnxruntime against the torch model on random and real inputs at several batch
-sizes and lengths; on disagreement the export is refused (ExportError with the numbers) and nothing is
-left at the output path.
+(logits (B, T, V), h_out [, c_out]) with dynamic batch and time axes; ``decode.onnx`` is the same step
+for T = 1 built from MatMuls (lm/decode_graph.py). Before anything is published both graphs are run in
+onnxruntime against the torch model on random and real inputs at several batch sizes and lengths; on
+disagreement the export is refused (ExportError with the numbers) and nothing is left at the output
+path. Staging, parity, manifest and publication are the shared skeleton's (lm/exporter.py).
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import warnings
-from contextlib import redirect_stdout
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 
 from lm.decode_graph import build_decode_graph
+from lm.exporter import (
+    PARITY_TOLERANCE,
+    BundleWriter,
+    ExportError,
+    ParityReport,
+    Signature,
+    created_by,
+    export_graph,
+    quantize_int8,
+    require_parity,
+    step_parity,
+)
 from lm.model import RNNLM, ModelConfig
-from serving.bundle import publish_bundle, staging_dir, write_manifest
-from serving.errors import UserError
-from serving.runtime import open_session
+from serving.bundle import TensorSpec
 from serving.tokenizers import Tokenizer, save_tokenizer
 
-OPSET = 17
+__all__ = ["PARITY_TOLERANCE", "ExportError", "ParityReport", "export_lm", "export_run"]
+
+KIND = "lm"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-PARITY_TOLERANCE = 1e-4
 PARITY_SHAPES = ((1, 1), (1, 7), (3, 1), (3, 33), (8, 7), (8, 33))
 DECODE_SHAPES = ((1, 1), (3, 1), (8, 1))
 DECODE_FILE = "decode.onnx"
@@ -40,28 +47,6 @@ QUANTIZE_CHOICES = ("int8",)
 PARITY_TEXT = ("The Time Traveller (for so it will be convenient to speak of him) was expounding a "
                "recondite matter to us. His grey eyes shone and twinkled, and his usually pale face "
                "was flushed and animated.\n")
-
-
-class ExportError(UserError):
-    """The model could not be exported faithfully; the message says why (with the measured numbers)."""
-
-
-@dataclass
-class ParityReport:
-    """Worst absolute difference between onnxruntime and torch over all checked inputs."""
-
-    max_abs_logits: float
-    max_abs_state: float
-    worst_case: str
-    cases: int
-
-    @property
-    def worst(self) -> float:
-        return max(self.max_abs_logits, self.max_abs_state)
-
-    def to_dict(self) -> dict:
-        return {"max_abs_logits": self.max_abs_logits, "max_abs_state": self.max_abs_state,
-                "worst_case": self.worst_case, "cases": self.cases}
 
 
 class StepGraph(nn.Module):
@@ -88,29 +73,20 @@ def fused_copy(model: RNNLM) -> RNNLM:
     return fused.eval()
 
 
-def state_output_names(config: ModelConfig) -> list[str]:
-    return [f"{name}_out" for name in config.state_names]
+def signature(config: ModelConfig) -> Signature:
+    """tokens (batch, time) -> logits (batch, time, V); state h [, c] (L, batch, H) -> h_out [, c_out]."""
+    return Signature(
+        inputs=(TensorSpec("tokens", ("batch", "time"), "int64"),),
+        outputs=(TensorSpec("logits", ("batch", "time", config.vocab_size), "float32"),),
+        state=tuple(TensorSpec(name, (config.layers, "batch", config.hidden), "float32", output=f"{name}_out")
+                    for name in config.state_names))
 
 
-def export_onnx(model: RNNLM, path: Path, opset: int = OPSET) -> None:
-    """Writes the step graph of a fused, eval-mode model with the legacy (TorchScript) exporter.
-
-    The legacy exporter emits the native ONNX RNN/GRU/LSTM ops with dynamic batch and time, and its
-    graph runs faster than the dynamo export's (see DESIGN.md).
-    """
-    config = model.config
-    names = list(config.state_names)
-    outputs = state_output_names(config)
-    example_tokens = torch.zeros(2, 3, dtype=torch.int64)
-    example_state = model.init_state(2)
-    dynamic_axes = {"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch", 1: "time"}}
-    dynamic_axes |= {name: {1: "batch"} for name in names + outputs}
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and RNN batch-size warnings
-        torch.onnx.export(StepGraph(model).eval(), (example_tokens, *example_state), str(path), dynamo=False,
-                          opset_version=opset, input_names=["tokens", *names],
-                          output_names=["logits", *outputs], dynamic_axes=dynamic_axes)
-    onnx.checker.check_model(str(path))
+def export_onnx(model: RNNLM, path: Path) -> None:
+    """Writes the step graph of a fused, eval-mode model (native ONNX RNN/GRU/LSTM ops)."""
+    sig = signature(model.config)
+    example = (torch.zeros(2, 3, dtype=torch.int64), *model.init_state(2))
+    export_graph(StepGraph(model), example, path, sig.input_specs, sig.output_specs)
 
 
 def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tuple[int, int], ...],
@@ -137,36 +113,10 @@ def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tupl
 def check_parity(model: RNNLM, graph: Path, tokenizer: Tokenizer | None = None,
                  shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES) -> ParityReport:
     """Runs ``graph`` in onnxruntime and ``model`` in torch on the same inputs; max abs differences."""
-    session = open_session(graph)
-    names = list(model.config.state_names)
-    worst_logits = worst_state = 0.0
-    worst_case, worst = "", -1.0
-    cases = _parity_inputs(model, tokenizer, shapes)
-    for label, tokens, state in cases:
-        with torch.no_grad():
-            logits, new_state = model(tokens, state)
-        feed = {"tokens": tokens.numpy(), **{n: s.numpy() for n, s in zip(names, state, strict=True)}}
-        got = session.run(None, feed)
-        d_logits = float(np.abs(got[0] - logits.numpy()).max())
-        d_state = max(float(np.abs(g - s.numpy()).max()) for g, s in zip(got[1:], new_state, strict=True))
-        if not (np.isfinite(d_logits) and np.isfinite(d_state)):
-            d_logits = d_state = float("inf")
-        worst_logits, worst_state = max(worst_logits, d_logits), max(worst_state, d_state)
-        if max(d_logits, d_state) > worst:
-            worst, worst_case = max(d_logits, d_state), label
-    return ParityReport(worst_logits, worst_state, worst_case, len(cases))
-
-
-def _checked(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tuple[int, int], ...],
-             what: str) -> ParityReport:
-    """Parity of an fp32 graph with torch, or ExportError with the measured differences."""
-    parity = check_parity(model, graph, tokenizer, shapes)
-    if not parity.worst <= PARITY_TOLERANCE:
-        raise ExportError(
-            f"onnxruntime and torch disagree on {what}: max abs difference {parity.max_abs_logits:.3g} on "
-            f"logits, {parity.max_abs_state:.3g} on the state (worst: {parity.worst_case}; tolerance "
-            f"{PARITY_TOLERANCE:g}); bundle not written")
-    return parity
+    names = model.config.state_names
+    cases = ((label, {"tokens": tokens, **dict(zip(names, state, strict=True))})
+             for label, tokens, state in _parity_inputs(model, tokenizer, shapes))
+    return step_parity(StepGraph(model).eval(), graph, signature(model.config), cases)
 
 
 def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tuple[int, int], ...]) -> dict:
@@ -183,57 +133,10 @@ def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tu
     return report
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of the weights (MatMul/Gemm, LSTM; ORT leaves GRU and RNN ops in fp32).
-
-    On the decode graph every weight is a MatMul and becomes MatMulInteger. (MatMulNBits, weight-only
-    int8 in blocks, was measured too: 15% faster at batch 1 but 3x slower at batch 64 on this CPU.)
-
-    quant_pre_process (shape inference + optimisation) runs first, or quantize_dynamic skips ops it
-    cannot see the shapes of.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = dst.with_name(dst.stem + ".pre.onnx")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
-    finally:
-        root.setLevel(level)
-    pre.unlink()
-
-
 def _architecture(config: ModelConfig, trained_impl: str) -> dict:
     return {"type": "rnnlm", "cell": config.cell, "layers": config.layers, "embed": config.embed,
             "hidden": config.hidden, "vocab_size": config.vocab_size, "tie": config.tie,
             "trained_impl": trained_impl, "exported_impl": "fused"}
-
-
-def _manifest(model: RNNLM, tokenizer: Tokenizer, name: str, evaluation: dict | None,
-              training_config: dict | None, parity: ParityReport, quantization: dict | None,
-              trained_impl: str, graphs: dict[str, str]) -> dict:
-    config = model.config
-    state = [{"name": n, "output": o, "shape": [config.layers, "batch", config.hidden], "dtype": "float32"}
-             for n, o in zip(config.state_names, state_output_names(config), strict=True)]
-    return {
-        "kind": "lm", "name": name, "architecture": _architecture(config, trained_impl),
-        "graphs": graphs,
-        "inputs": [{"name": "tokens", "shape": ["batch", "time"], "dtype": "int64"},
-                   *({"name": s["name"], "shape": s["shape"], "dtype": s["dtype"]} for s in state)],
-        "outputs": [{"name": "logits", "shape": ["batch", "time", config.vocab_size], "dtype": "float32"},
-                    *({"name": s["output"], "shape": s["shape"], "dtype": s["dtype"]} for s in state)],
-        "state": state, "special_ids": tokenizer.special_ids, "tokenizer": TOKENIZER_FILE,
-        "evaluation": evaluation, "training_config": training_config,
-        "parity": {"tolerance": PARITY_TOLERANCE, **parity.to_dict()}, "quantization": quantization,
-        "created_by": {"tool": "rnnlab lm.export", "exporter": "torch.onnx (dynamo=False)", "opset": OPSET,
-                       "torch": torch.__version__, "onnx": onnx.__version__},
-    }
 
 
 def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evaluation: dict | None = None,
@@ -250,28 +153,30 @@ def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evalua
         raise ExportError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
     out_dir = Path(out_dir)
     fused = fused_copy(model)
-    with staging_dir(out_dir) as tmp:
-        graph = tmp / GRAPH_FILE
+    with BundleWriter(out_dir) as bundle:
+        graph, decode = bundle.path(GRAPH_FILE), bundle.path(DECODE_FILE)
         export_onnx(fused, graph)
-        parity = _checked(fused, graph, tokenizer, PARITY_SHAPES, "the step graph")
-        graphs = {"step": GRAPH_FILE}
+        parity = require_parity(check_parity(fused, graph, tokenizer, PARITY_SHAPES), "the step graph")
         # A one-token step through onnxruntime's GRU/LSTM/RNN op costs ~1.5x a MatMul-based graph of the
         # same cell: decoding gets a T = 1 graph of its own (lm/decode_graph.py).
-        decode = tmp / DECODE_FILE
         build_decode_graph(fused, decode)
-        decode_parity = _checked(fused, decode, tokenizer, DECODE_SHAPES, "the decode graph")
-        graphs["decode"] = DECODE_FILE
+        decode_parity = require_parity(check_parity(fused, decode, tokenizer, DECODE_SHAPES),
+                                       "the decode graph")
         quantization = None
         if quantize == "int8":
             quantization = {"method": "onnxruntime quantize_dynamic, int8 weights, per channel",
                             "step": _quantized(fused, graph, tokenizer, PARITY_SHAPES),
                             "decode": _quantized(fused, decode, tokenizer, DECODE_SHAPES)}
-        save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
-        manifest = _manifest(fused, tokenizer, name or out_dir.name, evaluation, training_config, parity,
-                             quantization, model.config.impl, graphs)
-        manifest["decode_parity"] = {"tolerance": PARITY_TOLERANCE, **decode_parity.to_dict()}
-        write_manifest(tmp, manifest)
-        return publish_bundle(tmp, out_dir)
+        save_tokenizer(tokenizer, bundle.path(TOKENIZER_FILE))
+        return bundle.publish({
+            "kind": KIND, "name": name or out_dir.name,
+            "architecture": _architecture(fused.config, model.config.impl),
+            "graphs": {"step": GRAPH_FILE, "decode": DECODE_FILE},
+            **signature(fused.config).manifest_fields(),
+            "special_ids": tokenizer.special_ids, "tokenizer": TOKENIZER_FILE,
+            "evaluation": evaluation, "training_config": training_config, "parity": parity,
+            "quantization": quantization, "created_by": created_by("rnnlab lm.export"),
+            "decode_parity": decode_parity})
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, quantize: str | None = None) -> Path:
@@ -281,4 +186,3 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quantize: str | None = 
     run = load_run(run_dir)
     return export_lm(run.model, run.tokenizer, out_dir, evaluation=run.evaluation,
                      training_config=run.train_config, quantize=quantize)
-

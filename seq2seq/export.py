@@ -1,8 +1,8 @@
 """Export a trained translator to an ONNX bundle that ``serving.translator`` runs without torch.
 
-Two graphs, both from the legacy (TorchScript) exporter: a bidirectional GRU gets its time axis
-frozen by the dynamo exporter (DESIGN.md, known pitfalls), and the legacy one turns the encoder's
-packed sequences into the ONNX GRU's ``sequence_lens``::
+Two graphs, both from the legacy (TorchScript) exporter (``lm.exporter.export_graph``: the dynamo
+exporter freezes a bidirectional GRU's time axis to the example's length, and the legacy one turns the
+encoder's packed sequences into the ONNX GRU's ``sequence_lens``)::
 
     encoder.onnx       src (B,S) int64, src_len (B,) int64 -> projected_memory (B,M,G), keys (B,M,A),
                                                                mask (B,M) bool, state (L,B,H)
@@ -21,34 +21,37 @@ Before anything is published: (1) both graphs are run in onnxruntime against tor
 sizes and source lengths (every token's log-probability, states and encoder outputs within
 ``PARITY_TOLERANCE``), and (2) the onnxruntime translator and the torch decoder translate sample
 sentences greedily and with a beam, and must produce identical tokens. Otherwise ExportError says by
-how much, and nothing is written.
+how much, and nothing is written. Staging, the parity report, the manifest and the atomic publication
+are the shared exporter skeleton's (lm/exporter.py).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lm.export import OPSET, PARITY_TOLERANCE, ExportError
+from lm.exporter import (
+    PARITY_TOLERANCE,
+    BundleWriter,
+    ExportError,
+    ParityMeter,
+    ParityReport,
+    created_by,
+    export_graph,
+    max_abs_diff,
+    require_parity,
+)
 from seq2seq.decode import search as torch_search
 from seq2seq.model import Seq2Seq
-from serving.bundle import publish_bundle, staging_dir, write_manifest
+from serving.bundle import TensorSpec, load_manifest
 from serving.runtime import open_session
 from serving.search import SearchParams
-from serving.tokenizers import save_tokenizer
+from serving.tokenizers import SentencePieceTokenizer, save_tokenizer
 from serving.translator import (
     DECODER,
     DECODER_INPUTS,
@@ -61,8 +64,10 @@ from serving.translator import (
     Seq2SeqRuntime,
 )
 
+KIND = "seq2seq"
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
 SRC_TOKENIZER_FILE, TGT_TOKENIZER_FILE = "src_tokenizer.json", "tgt_tokenizer.json"
+JOINT_TOKENIZER_FILE = "tokenizer.json"
 # (batch, source length) of the graph parity cases; lengths inside a batch vary down to 1.
 PARITY_SHAPES = ((1, 1), (1, 9), (3, 5), (4, 17), (8, 30))
 PARITY_STEPS = 4
@@ -71,25 +76,6 @@ SAMPLE_SENTENCES = 64
 DEFAULT_SENTENCES = ("Hello.", "I am cold.", "Where is the station?", "We will see you tomorrow.",
                      "She does not like tea.", "Tom is reading a book in the garden.", "Go!",
                      "Can you help me, please?")
-
-
-@dataclass
-class ParityReport:
-    """Worst absolute differences between onnxruntime and torch over all graph cases."""
-
-    max_abs_encoder: float
-    max_abs_log_probs: float
-    max_abs_state: float
-    worst_case: str
-    cases: int
-
-    @property
-    def worst(self) -> float:
-        return max(self.max_abs_encoder, self.max_abs_log_probs, self.max_abs_state)
-
-    def to_dict(self) -> dict:
-        return {"max_abs_encoder": self.max_abs_encoder, "max_abs_log_probs": self.max_abs_log_probs,
-                "max_abs_state": self.max_abs_state, "worst_case": self.worst_case, "cases": self.cases}
 
 
 def context_weight(model: Seq2Seq) -> Tensor:
@@ -201,57 +187,19 @@ def graph_names(model: Seq2Seq) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return ENCODER_OUTPUTS, DECODER_INPUTS
 
 
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silences file descriptor 2: the TorchScript exporter's C++ warnings about PackPadded shapes."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...],
-            dynamic_axes: dict) -> None:
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), _quiet_stderr(), torch.no_grad():
-        warnings.simplefilter("ignore")  # deprecation, RNN batch-size and PackPadded shape warnings
-        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=OPSET,
-                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
-    onnx.checker.check_model(str(path))
-
-
 def export_graphs(model: Seq2Seq, encoder_path: Path, decoder_path: Path) -> None:
-    """Writes both graphs of an eval-mode model, with dynamic batch, source length, memory and k axes."""
+    """Writes both graphs of an eval-mode model, with dynamic batch, source length, memory and k axes
+    (the symbolic dimensions of ``signatures``)."""
     src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]], dtype=torch.int64).clamp_(max=model.config.src_vocab - 1)
     src_len = torch.tensor([4, 2], dtype=torch.int64)
-    encoder_outputs, decoder_inputs = graph_names(model)
-    memory_names = ("projected_memory", "keys", "mask")
-    _export(EncoderGraph(model), (src, src_len), encoder_path, ENCODER_INPUTS, encoder_outputs,
-            {"src": {0: "batch", 1: "src_time"}, "src_len": {0: "batch"}, "state": {1: "batch"},
-             **{name: {0: "batch", 1: "memory"} for name in encoder_outputs if name in memory_names}})
+    encoder, decoder = signatures(model)
+    export_graph(EncoderGraph(model), (src, src_len), encoder_path, encoder.inputs, encoder.outputs)
     with torch.no_grad():
-        outputs = dict(zip(encoder_outputs, EncoderGraph(model)(src, src_len), strict=True))
+        outputs = dict(zip([t.name for t in encoder.outputs], EncoderGraph(model)(src, src_len), strict=True))
     outputs["prev"] = torch.tensor([2, 2], dtype=torch.int64)
     outputs["k"] = torch.tensor([2], dtype=torch.int64)
-    _export(DecoderStepGraph(model), tuple(outputs[name] for name in decoder_inputs), decoder_path,
-            decoder_inputs, DECODER_OUTPUTS,
-            {"prev": {0: "batch"}, "state": {1: "batch"}, "state_out": {1: "batch"},
-             "log_probs": {0: "batch", 1: "k"}, "ids": {0: "batch", 1: "k"},
-             # a row per sentence, not per decoder row: an axis of its own, or onnxruntime would take
-             # the two for equal and simplify the per-sentence reshapes away
-             **{name: {0: "sentences", 1: "memory"} for name in decoder_inputs if name in memory_names}})
-
-
-def _max_diff(got: np.ndarray, want: Tensor) -> float:
-    want_np = want.numpy()
-    if got.shape != want_np.shape:
-        return float("inf")
-    diff = np.abs(got.astype(np.float64) - want_np.astype(np.float64))
-    return float(diff.max()) if diff.size and np.isfinite(diff).all() else (0.0 if not diff.size else np.inf)
+    export_graph(DecoderStepGraph(model), tuple(outputs[t.name] for t in decoder.inputs), decoder_path,
+                 decoder.inputs, decoder.outputs)
 
 
 def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
@@ -264,8 +212,8 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
     config = model.config
     weight = context_weight(model)
     gen = torch.Generator().manual_seed(seed)
-    worst = {"encoder": 0.0, "log_probs": 0.0, "state": 0.0}
-    worst_case, worst_value, cases = "", -1.0, 0
+    meter = ParityMeter(encoder="the encoder outputs", log_probs="log-probabilities",
+                        state="the decoder state")
     for batch, length in shapes:
         src_len = torch.randint(1, length + 1, (batch,), generator=gen)
         src_len[0] = max(1, length - 1) if batch > 2 else length  # also a batch padded beyond its longest
@@ -279,7 +227,7 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
         got = dict(zip(encoder_outputs, encoder.run(None, {"src": src.numpy(), "src_len": src_len.numpy()}),
                        strict=True))
         diffs = {"encoder": max(0.0 if np.array_equal(got[name], want[name].numpy()) else np.inf
-                                if name == "mask" else _max_diff(got[name], want[name]) for name in got)}
+                                if name == "mask" else max_abs_diff(got[name], want[name]) for name in got)}
         diffs["log_probs"] = diffs["state"] = 0.0
         for _ in range(PARITY_STEPS):
             prev = torch.randint(0, config.tgt_vocab, (batch,), generator=gen)
@@ -288,15 +236,11 @@ def check_parity(model: Seq2Seq, encoder_path: Path, decoder_path: Path,
             feed = {**want, "prev": prev, "state": state}
             log_probs, ids, out_state = decoder.run(None, {n: feed[n].numpy() for n in decoder_inputs})
             want_log_probs = torch.log_softmax(logits, dim=1).gather(1, torch.from_numpy(ids))
-            diffs["log_probs"] = max(diffs["log_probs"], _max_diff(log_probs, want_log_probs))
-            diffs["state"] = max(diffs["state"], _max_diff(out_state, new_state))
+            diffs["log_probs"] = max(diffs["log_probs"], max_abs_diff(log_probs, want_log_probs))
+            diffs["state"] = max(diffs["state"], max_abs_diff(out_state, new_state))
             state = new_state
-        cases += 1
-        for key, value in diffs.items():
-            worst[key] = max(worst[key], value)
-        if max(diffs.values()) > worst_value:
-            worst_value, worst_case = max(diffs.values()), f"B={batch} S={length}"
-    return ParityReport(worst["encoder"], worst["log_probs"], worst["state"], worst_case, cases)
+        meter.case(f"B={batch} S={length}", **diffs)
+    return meter.report()
 
 
 def check_search(model: Seq2Seq, runtime: Seq2SeqRuntime, sentences: list[str], beam: int = SEARCH_BEAM,
@@ -333,7 +277,19 @@ def _architecture(model: Seq2Seq) -> dict:
             "attention_keys_from_encoder": c.attention == "additive"}
 
 
-def _signatures(model: Seq2Seq) -> dict:
+class GraphSignature(NamedTuple):
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+def signatures(model: Seq2Seq) -> tuple[GraphSignature, GraphSignature]:
+    """(encoder, decoder step) inputs and outputs; symbolic axes are the graphs' dynamic axes. The
+    decoder reads the memory per sentence ("sentences" rows), not per decoder row ("batch" rows): an
+    axis of its own, or onnxruntime would take the two for equal and simplify the per-sentence reshapes
+    away."""
     c = model.config
     encoder_outputs, decoder_inputs = graph_names(model)
     tensors = {"src": (["batch", "src_time"], "int64"), "src_len": (["batch"], "int64"),
@@ -344,17 +300,30 @@ def _signatures(model: Seq2Seq) -> dict:
                "ids": (["batch", "k"], "int64"),
                "state_out": ([c.layers, "batch", c.dec_hidden], "float32")}
 
-    def t(name: str, rows: str = "batch") -> dict:
+    def t(name: str, rows: str = "batch") -> TensorSpec:
         shape, dtype = tensors[name]
-        return {"name": name, "shape": [rows if d == "batch" else d for d in shape], "dtype": dtype}
+        return TensorSpec(name, tuple(rows if d == "batch" else d for d in shape), dtype)
 
-    memory_names = ("projected_memory", "keys", "mask")  # the decoder reads them per sentence, not per row
-    return {ENCODER: {"inputs": [t(n) for n in ENCODER_INPUTS], "outputs": [t(n) for n in encoder_outputs]},
-            DECODER: {"inputs": [t(n, "sentences" if n in memory_names else "batch") for n in decoder_inputs],
-                      "outputs": [t(n) for n in DECODER_OUTPUTS]}}
+    memory_names = ("projected_memory", "keys", "mask")
+    return (GraphSignature(tuple(t(n) for n in ENCODER_INPUTS), tuple(t(n) for n in encoder_outputs)),
+            GraphSignature(tuple(t(n, "sentences" if n in memory_names else "batch") for n in decoder_inputs),
+                           tuple(t(n) for n in DECODER_OUTPUTS)))
 
 
-def export_seq2seq(model: Seq2Seq, src_tokenizer, tgt_tokenizer, out_dir: str | Path, *,
+def _save_tokenizers(bundle: BundleWriter, src: SentencePieceTokenizer, tgt: SentencePieceTokenizer,
+                     ) -> dict[str, str]:
+    """Writes the tokenizers -> the manifest's ``tokenizer`` {"source": file, "target": file}. A joint
+    sentencepiece model (``joint_spm``) is written once, as JOINT_TOKENIZER_FILE, for both roles."""
+    if src.model_proto == tgt.model_proto:
+        save_tokenizer(src, bundle.path(JOINT_TOKENIZER_FILE))
+        return {"source": JOINT_TOKENIZER_FILE, "target": JOINT_TOKENIZER_FILE}
+    save_tokenizer(src, bundle.path(SRC_TOKENIZER_FILE))
+    save_tokenizer(tgt, bundle.path(TGT_TOKENIZER_FILE))
+    return {"source": SRC_TOKENIZER_FILE, "target": TGT_TOKENIZER_FILE}
+
+
+def export_seq2seq(model: Seq2Seq, src_tokenizer: SentencePieceTokenizer,
+                   tgt_tokenizer: SentencePieceTokenizer, out_dir: str | Path, *,
                    sentences: list[str] | None = None, train_config: dict | None = None,
                    evaluation: dict | None = None, name: str | None = None,
                    tolerance: float = PARITY_TOLERANCE) -> Path:
@@ -367,39 +336,31 @@ def export_seq2seq(model: Seq2Seq, src_tokenizer, tgt_tokenizer, out_dir: str | 
     model = model.eval()
     out_dir = Path(out_dir)
     train_config = train_config or {}
-    with staging_dir(out_dir) as tmp:
-        export_graphs(model, tmp / ENCODER_FILE, tmp / DECODER_FILE)
-        parity = check_parity(model, tmp / ENCODER_FILE, tmp / DECODER_FILE)
-        if not parity.worst <= tolerance:
-            raise ExportError(
-                f"onnxruntime and torch disagree: max abs difference {parity.max_abs_log_probs:.3g} on "
-                f"log-probabilities, "
-                f"{parity.max_abs_state:.3g} on the decoder state, {parity.max_abs_encoder:.3g} on the "
-                f"encoder outputs (worst: {parity.worst_case}; tolerance {tolerance:g}); bundle not written")
-        save_tokenizer(src_tokenizer, tmp / SRC_TOKENIZER_FILE)
-        save_tokenizer(tgt_tokenizer, tmp / TGT_TOKENIZER_FILE)
+    with BundleWriter(out_dir) as bundle:
+        encoder, decoder = bundle.path(ENCODER_FILE), bundle.path(DECODER_FILE)
+        export_graphs(model, encoder, decoder)
+        parity = require_parity(check_parity(model, encoder, decoder), "the translator's graphs", tolerance)
+        tokenizers = _save_tokenizers(bundle, src_tokenizer, tgt_tokenizer)
+        encoder_signature, decoder_signature = signatures(model)
         manifest = {
-            "kind": "seq2seq", "name": name or out_dir.name, "architecture": _architecture(model),
+            "kind": KIND, "name": name or out_dir.name, "architecture": _architecture(model),
             "graphs": {ENCODER: ENCODER_FILE, DECODER: DECODER_FILE},
-            "signatures": _signatures(model),
+            "signatures": {ENCODER: encoder_signature.to_dict(), DECODER: decoder_signature.to_dict()},
             "state": [{"name": "state", "output": "state_out",
                        "shape": [model.config.layers, "batch", model.config.dec_hidden], "dtype": "float32"}],
             "special_ids": tgt_tokenizer.special_ids, "source_special_ids": src_tokenizer.special_ids,
-            "tokenizer": {"source": SRC_TOKENIZER_FILE, "target": TGT_TOKENIZER_FILE},
+            "tokenizer": tokenizers,
             "languages": {"source": train_config.get("src", "en"), "target": train_config.get("tgt", "fr")},
             "preprocessing": {"normalize": "NFC, no-break spaces to spaces, whitespace collapsed, stripped",
                               "lowercase": bool(train_config.get("lowercase", False)),
                               "max_src_tokens": 2 * int(train_config.get("max_len", 64))},
-            "evaluation": evaluation, "training_config": train_config or None,
-            "parity": {"tolerance": tolerance, **parity.to_dict()},
-            "created_by": {"tool": "rnnlab seq2seq.export", "exporter": "torch.onnx (dynamo=False)",
-                           "opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__},
+            "evaluation": evaluation, "training_config": train_config or None, "parity": parity,
+            "created_by": created_by("rnnlab seq2seq.export"),
         }
-        write_manifest(tmp, manifest)
-        runtime = Seq2SeqRuntime.load(tmp)
+        bundle.write_manifest(manifest)  # the search check runs the staged bundle as the server would
+        runtime = Seq2SeqRuntime.load(bundle.dir)
         manifest["search_check"] = check_search(model, runtime, list(sentences or DEFAULT_SENTENCES))
-        write_manifest(tmp, manifest)
-        return publish_bundle(tmp, out_dir)
+        return bundle.publish(manifest)
 
 
 def sample_sentences(train_config: dict, count: int = SAMPLE_SENTENCES) -> list[str]:
@@ -430,7 +391,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, sentences: list[str]
 
 def describe(bundle_dir: str | Path) -> str:
     """One line about an exported bundle (for the CLI)."""
-    data = json.loads((Path(bundle_dir) / "manifest.json").read_text(encoding="utf-8"))
+    data = load_manifest(bundle_dir, verify=False).data
     parity, check = data["parity"], data.get("search_check", {})
     return (f"{bundle_dir}: {data['name']} ({data['languages']['source']}->{data['languages']['target']}), "
             f"max |ORT - torch| log-probabilities {parity['max_abs_log_probs']:.2g}, "

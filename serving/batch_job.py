@@ -39,6 +39,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from serving.bundle import BundleError
 from serving.errors import UserError
 from serving.files import atomic_write_json
 from serving.search import BATCH_TOKENS, DEFAULT_SEARCH
@@ -111,8 +112,6 @@ Backend = Callable[[list[str]], list[Translation]]
 
 def local_backend(config: JobConfig) -> tuple[Backend, str]:
     """-> (translate texts, identity for the args hash) over a bundle in this process."""
-    from serving.bundle import BundleError
-
     try:
         runtime = Seq2SeqRuntime.load(config.bundle, threads=config.threads)
     except BundleError as exc:
@@ -123,8 +122,7 @@ def local_backend(config: JobConfig) -> tuple[Backend, str]:
         # length-sorted batches of at most batch_tokens (sentences x longest source)
         return runtime.translate(texts, params, batch_tokens=config.batch_tokens, workers=config.workers)
 
-    digest = hashlib.sha256((Path(config.bundle) / "manifest.json").read_bytes()).hexdigest()
-    return translate, f"bundle:{digest}"
+    return translate, f"bundle:{runtime.manifest.digest}"
 
 
 def remote_backend(config: JobConfig) -> tuple[Backend, str]:

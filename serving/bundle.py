@@ -18,6 +18,7 @@ Shapes list concrete ints except the symbolic axes ("batch", "time").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -99,6 +100,7 @@ class Manifest:
     training_config: dict | None = None
     created_by: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict, repr=False)
+    digest: str = ""  # sha256 of the manifest's bytes: names this exact bundle (see bundle_digest)
 
     def file(self, relpath: str) -> Path:
         return self.path / relpath
@@ -112,6 +114,39 @@ class Manifest:
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.state)
 
+    @property
+    def where(self) -> Path:
+        """The manifest file, for error messages about its content."""
+        return self.path / MANIFEST
+
+    def evaluation_numbers(self) -> dict[str, float]:
+        """Numeric leaves of ``evaluation``, nested keys joined with dots: ``{"test.perplexity": 4.4}``."""
+        return numeric_leaves(self.evaluation or {})
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is a bundle directory (has a manifest); says nothing about its validity."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def bundle_digest(bundle_dir: str | Path) -> str:
+    """sha256 of the manifest file, which lists the sha256 of every other file: one bundle, one digest.
+
+    Servers report it (ModelInfo.bundle_digest), state tokens and batch-job sidecars carry it, so a
+    re-exported bundle is told apart from the one a token or a half-done job was made with.
+    """
+    return sha256_file(Path(bundle_dir) / MANIFEST)
+
+
+def numeric_leaves(data: object, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a JSON value, nested keys joined with dots; booleans and strings are left out."""
+    if isinstance(data, dict):
+        return {name: number for key, value in data.items()
+                for name, number in numeric_leaves(value, f"{prefix}{key}.").items()}
+    if isinstance(data, bool) or not isinstance(data, int | float):
+        return {}
+    return {prefix.rstrip("."): float(data)}
+
 
 def _safe_relpath(relpath: object, where: str) -> str:
     """Bundle paths are plain relative POSIX paths that stay inside the bundle directory."""
@@ -123,16 +158,18 @@ def _safe_relpath(relpath: object, where: str) -> str:
     return relpath
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> tuple[dict, str]:
+    """-> (the JSON object, sha256 of the bytes it was parsed from)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing (not a bundle directory?)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: unreadable or not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: not a JSON object")
-    return data
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _tensors(data: dict, key: str, where: str) -> tuple[TensorSpec, ...]:
@@ -160,7 +197,7 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     """Reads and checks manifest.json: format, version, kind, graphs, tensors and (verify) every checksum."""
     bundle_dir = Path(bundle_dir)
     where = str(bundle_dir / MANIFEST)
-    data = _read_json(bundle_dir / MANIFEST)
+    data, digest = _read_json(bundle_dir / MANIFEST)
     if data.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{where}: not an rnnlab bundle (format {data.get('format')!r})")
     version = data.get("format_version")
@@ -200,6 +237,7 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
         outputs=_tensors(data, "outputs", where), state=_tensors(data, "state", where),
         special_ids=special_ids, tokenizer=tokenizer, files=files, evaluation=data.get("evaluation"),
         training_config=data.get("training_config"), created_by=data.get("created_by") or {}, data=data,
+        digest=digest,
     )
 
 

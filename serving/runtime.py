@@ -122,9 +122,9 @@ class LMRuntime:
         arch = manifest.architecture
         for key in ("vocab_size", "layers", "hidden"):
             if not isinstance(arch.get(key), int) or arch[key] < 1:
-                raise BundleError(f"{manifest.path / 'manifest.json'}: architecture.{key} missing or invalid")
+                raise BundleError(f"{manifest.where}: architecture.{key} missing or invalid")
         if not manifest.state:
-            raise BundleError(f"{manifest.path / 'manifest.json'}: no state tensors listed")
+            raise BundleError(f"{manifest.where}: no state tensors listed")
         graph = manifest.graph("step")
         decode = manifest.graph("decode") if "decode" in manifest.graphs else None
         runtime = cls(manifest, open_session(graph, threads), threads,

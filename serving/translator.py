@@ -96,7 +96,7 @@ class Seq2SeqRuntime(TextTranslator):
     def load(cls, bundle_dir: str | Path, threads: int = 1) -> Seq2SeqRuntime:
         """Verifies the bundle (checksums, kind, graph signatures, vocabularies) and opens both graphs."""
         manifest = load_manifest(bundle_dir)
-        where = manifest.path / "manifest.json"
+        where = manifest.where
         if manifest.kind != "seq2seq":
             raise BundleError(f"{manifest.path}: a {manifest.kind!r} bundle, not a translator")
         for key in ("src_vocab", "tgt_vocab", "layers", "dec_hidden"):
@@ -141,7 +141,7 @@ class Seq2SeqRuntime(TextTranslator):
 
 
 def _spm(manifest: Manifest, relpath: str | None) -> SentencePieceTokenizer:
-    where = manifest.path / "manifest.json"
+    where = manifest.where
     if relpath is None:
         raise BundleError(f"{where}: 'tokenizer' must name the source and target tokenizer files")
     try:

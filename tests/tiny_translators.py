@@ -8,6 +8,7 @@ translation-service tests. Built once per test process (~15 s on one thread), th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lm.datasets import fetch
 
@@ -24,23 +25,37 @@ def tiny_sources(count: int, start: int = 0) -> list[str]:
     return [line.split("\t")[0] for line in pairs_lines()[start:start + count]]
 
 
+def make_tiny_translator(base: Path, bundle: Path, attention: str = "additive", **config: Any) -> Path:
+    """Trains a GRU translator for 300 steps on 1200 pairs in ``base`` (run dir ``base/run``) and exports
+    it to ``bundle`` -> the run directory. Seeded (TrainConfig.seed); ``config`` overrides TrainConfig
+    fields."""
+    from seq2seq.export import export_seq2seq
+    from seq2seq.run import load_run
+    from seq2seq.train import TrainConfig, train
+
+    base.mkdir(parents=True, exist_ok=True)
+    pairs = base / "pairs.txt"
+    pairs.write_text("\n".join(pairs_lines()) + "\n", encoding="utf-8")
+    fields = {"valid_fraction": 0.1, "test_fraction": 0.1, "spm_vocab": 300, "embed": 32, "enc_hidden": 32,
+              "dec_hidden": 32, "attn_dim": 16, "dropout": 0.1, "batch_tokens": 600, "warmup_steps": 20,
+              "schedule": "constant", "lr": 5e-3, "max_steps": 300, "epochs": 1000, "max_minutes": None,
+              "valid_bleu_sentences": 20, "checkpoint_every": 0, "label_smoothing": 0.1, "patience": 1000,
+              "attention": attention, **config}
+    train_config = TrainConfig.of(dataset=str(pairs), **fields)
+    run_dir = base / "run"
+    train(train_config, run_dir, show_progress=False)
+    run = load_run(run_dir, "last")
+    # the pairs file is a temporary copy: the bundle records where its pairs came from instead
+    recorded = {**run.train_config, "dataset": f"fra-eng, first {_PAIRS} pairs"}
+    export_seq2seq(run.model, run.src_tokenizer, run.tgt_tokenizer, bundle, sentences=tiny_sources(24),
+                   train_config=recorded)
+    return run_dir
+
+
 def tiny_translator(tmp_path_factory, attention: str = "additive") -> tuple[Path, Path]:
     """-> (run directory, bundle directory) of a GRU translator trained for 300 steps on 1200 pairs."""
     if attention not in _CACHE:
-        from seq2seq.export import export_run
-        from seq2seq.train import TrainConfig, train
-
         base = tmp_path_factory.mktemp(f"tiny-mt-{attention}")
-        pairs = base / "pairs.txt"
-        pairs.write_text("\n".join(pairs_lines()) + "\n", encoding="utf-8")
-        config = TrainConfig.of(dataset=str(pairs), valid_fraction=0.1, test_fraction=0.1, spm_vocab=300,
-                             embed=32, enc_hidden=32, dec_hidden=32, attn_dim=16, dropout=0.1,
-                             batch_tokens=600, warmup_steps=20, schedule="constant", lr=5e-3, max_steps=300,
-                             epochs=1000, max_minutes=None, valid_bleu_sentences=20, checkpoint_every=0,
-                             label_smoothing=0.1, patience=1000, attention=attention)
-        run_dir = base / "run"
-        train(config, run_dir, show_progress=False)
         bundle = base / "bundles" / "tiny-mt"
-        export_run(run_dir, bundle, which="last", sentences=tiny_sources(24))
-        _CACHE[attention] = (run_dir, bundle)
+        _CACHE[attention] = (make_tiny_translator(base, bundle, attention), bundle)
     return _CACHE[attention]

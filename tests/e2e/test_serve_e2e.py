@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client
 from serving.runtime import LMRuntime
 from serving.sampling import SamplingParams
-from tests.tiny_bundles import make_tiny_bundle
+from tests.committed_bundles import committed
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = 12_000
@@ -28,7 +29,7 @@ LONG = 12_000
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    make_tiny_bundle(root, "gru", name="tiny")
+    shutil.copytree(committed("tiny"), root / "tiny")
     return root
 
 

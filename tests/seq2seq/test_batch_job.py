@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from seq2seq.cli import main
+from serving.config import ServerConfig
+from serving.server import ServerThread
 from serving.translator import SearchParams, Seq2SeqRuntime
-from tests.tiny_translators import pairs_lines, tiny_translator
+from tests.committed_bundles import TRANSLATOR, committed
+from tests.tiny_translators import pairs_lines, tiny_sources, tiny_translator
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = [b"", b"   ", b"word " * 200, b"caf\xe9 au lait", "Ok \u00e9t\u00e9.".encode()]
@@ -195,3 +199,25 @@ def test_job_level_errors_are_one_line(bundle, tmp_path, capsys):
     assert status == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     status, captured = run(["--bundle", bundle, "--input", tmp_path / "none.txt"], capsys)
     assert status == 2 and "no such input file" in captured.err
+
+
+def test_batch_job_through_the_server_equals_the_local_job(tmp_path, capsys):
+    """``--server`` sends the lines to a running server's Translate; the output equals the local job's.
+
+    (Here, not in tests/serving: building rnnlab-mt's parser imports the training code, so torch.)"""
+    models = tmp_path / "models"
+    shutil.copytree(committed(TRANSLATOR), models / TRANSLATOR)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join([*tiny_sources(20, start=700), "", "Go."]) + "\n", encoding="utf-8")
+    local, remote = tmp_path / "local.txt", tmp_path / "remote.txt"
+    assert main(["translate", "--bundle", str(models / TRANSLATOR), "--input", str(source), "--output",
+                 str(local)]) == 0
+    with ServerThread(ServerConfig(models=str(models), port=0)) as server:
+        target = f"127.0.0.1:{server.port}"
+        assert main(["translate", "--server", target, "--model", TRANSLATOR, "--input", str(source),
+                     "--output", str(remote)]) == 0
+        assert remote.read_text() == local.read_text() and len(remote.read_text().splitlines()) == 22
+        assert "line 21: empty line" in capsys.readouterr().err
+        assert main(["translate", "--server", target, "--model", "nope", "--input", str(source), "--output",
+                     str(tmp_path / "x.txt")]) == 2
+        assert "has no translator 'nope'" in capsys.readouterr().err

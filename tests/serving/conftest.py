@@ -1,21 +1,23 @@
-"""Fixtures for the server tests: a directory with two tiny trained bundles, and a running server."""
+"""Fixtures for the server tests: a directory with the two committed LM bundles, and a running server."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
 from serving.runtime import LMRuntime
 from serving.server import ServerThread
+from tests.committed_bundles import committed
 from tests.serving.serve_helpers import Stubs, config
-from tests.tiny_bundles import make_tiny_bundle
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """models/tiny (char GRU, 1 layer, hidden 32) and models/tiny-lstm (char LSTM, 2 layers)."""
     root = tmp_path_factory.mktemp("models")
-    make_tiny_bundle(root, "gru", name="tiny")
-    make_tiny_bundle(root, "lstm", name="tiny-lstm", layers=2)
+    for name in ("tiny", "tiny-lstm"):
+        shutil.copytree(committed(name), root / name)
     return root
 
 

@@ -6,9 +6,13 @@ import shutil
 import pytest
 
 from serving.bundle import (
+    MANIFEST,
     BundleError,
+    bundle_digest,
     discover_bundles,
+    is_bundle,
     load_manifest,
+    numeric_leaves,
     publish_bundle,
     staging_dir,
     write_manifest,
@@ -137,3 +141,19 @@ def test_staging_leaves_nothing_behind_on_failure(tmp_path):
         (staged / "model.onnx").write_bytes(b"half")
         raise RuntimeError("export failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_digest_names_the_manifest_bytes_and_changes_with_any_file(tiny_bundle, tmp_path):
+    bundle = tiny_bundle()
+    digest = bundle_digest(bundle)
+    assert load_manifest(bundle).digest == digest and len(digest) == 64
+    assert is_bundle(bundle) and not is_bundle(tmp_path)
+    (bundle / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text() + " ")
+    data = json.loads((bundle / MANIFEST).read_text())
+    write_manifest(bundle, {k: v for k, v in data.items() if k not in ("files", "file_sizes")})
+    assert bundle_digest(bundle) != digest and load_manifest(bundle).digest == bundle_digest(bundle)
+
+
+def test_numeric_leaves_flatten_nested_numbers_only():
+    data = {"test": {"perplexity": 4.5, "tokens": 8949, "split": "test"}, "ok": True, "bleu": 40}
+    assert numeric_leaves(data) == {"test.perplexity": 4.5, "test.tokens": 8949.0, "bleu": 40.0}

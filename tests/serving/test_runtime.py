@@ -1,25 +1,31 @@
-"""LMRuntime: onnxruntime alone reproduces the torch model's decoding and perplexity; bad input is refused."""
+"""LMRuntime on the committed bundles (no torch): prefill, batching, generation, sampling, refusals.
+
+The comparisons with the torch model are in tests/lm/test_runtime_vs_torch.py."""
 
 import json
-import math
 import pickle
 
 import numpy as np
 import pytest
-import torch
 
-from lm.export import export_lm
-from serving.bundle import BundleError, write_manifest
+from serving.bundle import MANIFEST, BundleError, write_manifest
 from serving.runtime import LMRuntime
 from serving.sampling import SamplingParams
-from tests.tiny_bundles import TINY_TEXT, train_tiny_model
+from tests.committed_bundles import committed
 
 GREEDY = SamplingParams(temperature=0)
 
 
+@pytest.fixture(scope="module", params=["tiny", "tiny-lstm"])
+def bundled(request):
+    """(None, tokenizer, runtime) of a committed bundle: char GRU 1x32, char LSTM 2x32."""
+    runtime = LMRuntime.load(committed(request.param))
+    return None, runtime.tokenizer, runtime
+
+
 def reseal(bundle, edit=None):
     """Rewrites manifest.json with fresh checksums (after ``edit(data)``): a consistent but bad bundle."""
-    data = json.loads((bundle / "manifest.json").read_text())
+    data = json.loads((bundle / MANIFEST).read_text())
     if edit is not None:
         edit(data)
     for key in ("format", "format_version", "files", "file_sizes"):
@@ -27,48 +33,8 @@ def reseal(bundle, edit=None):
     write_manifest(bundle, data)
 
 
-@pytest.fixture(scope="module", params=["gru", "lstm"])
-def trained(request, tmp_path_factory):
-    """(torch model, tokenizer, runtime) for a tiny trained 2-layer model."""
-    model, tokenizer = train_tiny_model(request.param, layers=2, hidden=32, steps=200)
-    bundle = export_lm(model, tokenizer, tmp_path_factory.mktemp("rt") / request.param)
-    return model, tokenizer, LMRuntime.load(bundle)
-
-
-def torch_greedy(model, prompt_ids, steps):
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt_ids]))
-        out = []
-        for _ in range(steps):
-            out.append(int(logits[0, -1].argmax()))
-            logits, state = model(torch.tensor([[out[-1]]]), state)
-    return out
-
-
-def test_greedy_decoding_matches_torch_for_500_steps(trained):
-    model, tokenizer, runtime = trained
-    prompt = tokenizer.encode("The Time Traveller")
-    got = list(runtime.generate_ids(prompt, 500, GREEDY))
-    assert got == torch_greedy(model, prompt, 500)
-    assert len(set(got)) >= 6  # a real continuation, not one symbol repeated
-
-
-def test_perplexity_matches_torch(trained):
-    model, tokenizer, runtime = trained
-    text = TINY_TEXT * 2
-    ids = torch.tensor([tokenizer.encode(text)])
-    with torch.no_grad():
-        logits, _ = model(ids[:, :-1])
-        nll = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item()
-    got = runtime.perplexity(text, chunk=97)  # chunks carry the state across calls
-    assert got["tokens"] == ids.shape[1] - 1
-    assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-3)
-    # A char model predicts one character per token.
-    assert got["bits_per_char"] == pytest.approx(nll / math.log(2), rel=1e-3)
-
-
-def test_prefill_in_one_call_equals_stepping_token_by_token(trained):
-    _, tokenizer, runtime = trained
+def test_prefill_in_one_call_equals_stepping_token_by_token(bundled):
+    _, tokenizer, runtime = bundled
     ids = tokenizer.encode("His grey eyes shone")
     last, state = runtime.prefill(ids)
     step_state = runtime.init_state(1)
@@ -79,8 +45,8 @@ def test_prefill_in_one_call_equals_stepping_token_by_token(trained):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_streams_batched_by_concatenating_states_match_single_streams(trained):
-    _, tokenizer, runtime = trained
+def test_streams_batched_by_concatenating_states_match_single_streams(bundled):
+    _, tokenizer, runtime = bundled
     prompts = ["The fire", "Our chairs, being", "precision"]
     singles = [runtime.prefill(tokenizer.encode(p)) for p in prompts]
     state = [np.concatenate([s[1][k] for s in singles], axis=1) for k in range(len(runtime.state_names))]
@@ -92,8 +58,8 @@ def test_streams_batched_by_concatenating_states_match_single_streams(trained):
         np.testing.assert_allclose(new_state[0][:, b:b + 1], want_state[0], atol=1e-5)
 
 
-def test_generate_streams_pieces_and_honours_stop_strings(trained):
-    _, _, runtime = trained
+def test_generate_streams_pieces_and_honours_stop_strings(bundled):
+    _, _, runtime = bundled
     full = "".join(runtime.generate("The Time", 60, GREEDY))
     assert len(full) == 60
     stop = full[20:23]
@@ -104,25 +70,16 @@ def test_generate_streams_pieces_and_honours_stop_strings(trained):
     assert "".join(runtime.generate("The Time", 60, GREEDY, stop=["never-there"])) == full
 
 
-def test_sampled_text_equals_the_torch_generator_for_the_same_seed(trained):
-    from lm.generate import generate
-
-    model, tokenizer, runtime = trained
-    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=11)
-    want = list(generate(model, tokenizer, "His grey eyes", 150, params, stop=["xyz"]))
-    assert list(runtime.generate("His grey eyes", 150, params, stop=["xyz"])) == want
-
-
-def test_sampling_is_reproducible_per_seed(trained):
-    _, _, runtime = trained
+def test_sampling_is_reproducible_per_seed(bundled):
+    _, _, runtime = bundled
     params = SamplingParams(temperature=1.0, top_k=10, top_p=0.95, seed=7)
     first = "".join(runtime.generate("The", 80, params))
     assert first == "".join(runtime.generate("The", 80, params))
     assert first != "".join(runtime.generate("The", 80, SamplingParams(temperature=1.0, seed=8)))
 
 
-def test_bad_inputs_are_refused_before_onnxruntime(trained):
-    _, _, runtime = trained
+def test_bad_inputs_are_refused_before_onnxruntime(bundled):
+    _, _, runtime = bundled
     state = runtime.init_state(2)
     ok = np.zeros((2, 3), dtype=np.int64)
     with pytest.raises(ValueError, match=rf"tokens: id {runtime.vocab_size} out of range"):
@@ -142,7 +99,8 @@ def test_bad_inputs_are_refused_before_onnxruntime(trained):
         runtime.step(ok.astype(np.int32), state)
     with pytest.raises(ValueError, match="tokens must have batch and time >= 1"):
         runtime.step(np.zeros((2, 0), dtype=np.int64), state)
-    wrong_batch = r"state 'h': expected float32 \(2, 2, 32\), got float32 \(2, 3, 32\)"
+    layers = runtime.layers
+    wrong_batch = rf"state 'h': expected float32 \({layers}, 2, 32\), got float32 \({layers}, 3, 32\)"
     with pytest.raises(ValueError, match=wrong_batch):
         runtime.step(ok, runtime.init_state(3))
     with pytest.raises(ValueError, match=r"state 'h': expected float32 .* got float64"):
@@ -170,27 +128,11 @@ def test_graph_that_is_not_onnx_is_refused_by_name(tiny_bundle):
 
 def test_seq2seq_bundle_is_not_a_language_model(tiny_bundle):
     bundle = tiny_bundle()
-    data = json.loads((bundle / "manifest.json").read_text())
+    data = json.loads((bundle / MANIFEST).read_text())
     data["kind"] = "seq2seq"
-    (bundle / "manifest.json").write_text(json.dumps(data))
+    (bundle / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(BundleError, match="not a language model"):
         LMRuntime.load(bundle)
-
-
-def test_sentencepiece_bundle_stops_at_eos(tmp_path):
-    from lm.model import RNNLM, ModelConfig
-    from serving.tokenizers import SentencePieceTokenizer
-
-    tokenizer = SentencePieceTokenizer.train(TINY_TEXT.splitlines(), vocab_size=60)
-    eos = tokenizer.special_ids["<eos>"]
-    torch.manual_seed(0)
-    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, cell="gru", layers=1, embed=8, hidden=8))
-    with torch.no_grad():
-        model.head.bias[eos] = 50.0  # <eos> always wins the argmax
-    runtime = LMRuntime.load(export_lm(model, tokenizer, tmp_path / "spm"))
-    assert runtime.manifest.special_ids["<eos>"] == eos
-    assert list(runtime.generate_ids(tokenizer.encode("The fire"), 20, GREEDY)) == [eos]
-    assert list(runtime.generate("The fire", 20, GREEDY)) == []
 
 
 def test_unreadable_tokenizer_is_a_bundle_error(tiny_bundle):

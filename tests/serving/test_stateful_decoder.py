@@ -5,11 +5,13 @@ import pytest
 
 from serving.runtime import LMRuntime
 from serving.stateful_decoder import StatefulDecoder
+from tests.committed_bundles import committed
 
 
-@pytest.fixture(params=["gru", "lstm"])
-def runtime(request, tiny_bundle):
-    return LMRuntime.load(tiny_bundle(request.param, layers=2))
+@pytest.fixture(params=["tiny", "tiny-lstm"])
+def runtime(request):
+    """The committed char GRU (1 layer) and char LSTM (2 layers)."""
+    return LMRuntime.load(committed(request.param))
 
 
 def random_state(runtime, batch, seed=0):
@@ -42,7 +44,7 @@ def test_a_bundle_without_a_decode_graph_steps_through_the_step_graph(runtime):
 
 def test_starts_from_zeros_and_hands_out_copies_of_its_state(runtime):
     decoder = StatefulDecoder(runtime, batch=2)
-    assert all(not s.any() and s.shape == (2, 2, 32) for s in decoder.state)
+    assert all(not s.any() and s.shape == (runtime.layers, 2, 32) for s in decoder.state)
     decoder.step([1, 2])
     copy = decoder.state
     copy[0][...] = 7.0
@@ -65,7 +67,8 @@ def test_bad_ids_are_refused_and_leave_the_state_as_it_was(runtime):
 
 def test_a_state_that_does_not_fit_the_graph_is_refused_by_name(runtime):
     name = runtime.state_names[0]
-    with pytest.raises(ValueError, match=rf"state '{name}': expected float32 \(2, 3, 32\), got float64"):
+    wrong = rf"state '{name}': expected float32 \({runtime.layers}, 3, 32\), got float64"
+    with pytest.raises(ValueError, match=wrong):
         StatefulDecoder(runtime, [s.astype(np.float64) for s in random_state(runtime, 3)])
     with pytest.raises(ValueError, match="state: expected"):
         StatefulDecoder(runtime, random_state(runtime, 3)[:1] * 3)

@@ -9,7 +9,6 @@ import threading
 import grpc
 import pytest
 
-from seq2seq.cli import main as mt_main
 from serving.api.rnnlab.v1 import translation_pb2 as tpb
 from serving.bundle import write_manifest
 from serving.client import Client
@@ -18,14 +17,15 @@ from serving.config import ServerConfig
 from serving.server import ServerThread
 from serving.translation_service import MAX_SENTENCES, SentenceBatcher, TranslationMetrics
 from serving.translator import SearchParams, Seq2SeqRuntime
-from tests.tiny_translators import tiny_sources, tiny_translator
+from tests.committed_bundles import TRANSLATOR, committed
+from tests.tiny_translators import tiny_sources
 
 NAME = "tiny-mt"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return tiny_translator(tmp_path_factory)[1]
+def bundle():
+    return committed(TRANSLATOR)
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +142,6 @@ def test_concurrent_calls_share_encoder_batches(server, client):
         if shared() > before:
             break
     assert shared() > before
-
-
-def test_batch_job_through_the_server_equals_the_local_job(server, bundle, tmp_path, capsys):
-    source = tmp_path / "in.txt"
-    source.write_text("\n".join([*tiny_sources(20, start=700), "", "Go."]) + "\n", encoding="utf-8")
-    local, remote = tmp_path / "local.txt", tmp_path / "remote.txt"
-    assert mt_main(["translate", "--bundle", str(bundle), "--input", str(source), "--output",
-                    str(local)]) == 0
-    assert mt_main(["translate", "--server", f"127.0.0.1:{server.port}", "--model", NAME, "--input",
-                    str(source), "--output", str(remote)]) == 0
-    assert remote.read_text() == local.read_text() and len(remote.read_text().splitlines()) == 22
-    assert "line 21: empty line" in capsys.readouterr().err
-    assert mt_main(["translate", "--server", f"127.0.0.1:{server.port}", "--model", "nope", "--input",
-                    str(source), "--output", str(tmp_path / "x.txt")]) == 2
-    assert "has no translator 'nope'" in capsys.readouterr().err
 
 
 def test_client_cli_translate(server, capsys):

@@ -1,0 +1,32 @@
+"""The committed bundles (tests/bundles) are whole: every checksum verifies and each loads in its runtime.
+
+That they are what scripts/make_test_bundles.py makes is tests/test_committed_bundles.py (needs torch).
+"""
+
+import pytest
+
+from serving.bundle import bundle_digest, discover_bundles, load_manifest
+from serving.runtime import LMRuntime
+from serving.translator import Seq2SeqRuntime
+from tests.committed_bundles import BUNDLES_DIR, LM_BUNDLES, TRANSLATOR, committed
+
+
+def test_every_committed_bundle_verifies():
+    found = dict(discover_bundles(BUNDLES_DIR))
+    assert sorted(found) == sorted([*LM_BUNDLES, TRANSLATOR])
+    assert all(path == committed(name) for name, path in found.items()), found
+
+
+@pytest.mark.parametrize("name", sorted(LM_BUNDLES))
+def test_committed_language_models_load_and_generate(name):
+    runtime = LMRuntime.load(committed(name))
+    assert runtime.manifest.digest == bundle_digest(committed(name))
+    assert runtime.manifest.architecture["cell"] == LM_BUNDLES[name]["cell"]
+    assert len("".join(runtime.generate("The Time", 40))) == 40
+
+
+def test_committed_translator_loads_and_translates():
+    manifest = load_manifest(committed(TRANSLATOR))
+    assert manifest.kind == "seq2seq" and manifest.data["search_check"]["beam_identical"] == 24
+    [result] = Seq2SeqRuntime.load(committed(TRANSLATOR)).translate(["Where is the station?"])
+    assert result.error is None and result.text
