@@ -21,8 +21,16 @@ import torch
 from forecast.data import PRESETS, Preset, Scaler, Series, Splits, chronological_splits, load_series, read_csv
 from forecast.model import MODELS, ForecastConfig, Forecaster, gaussian_nll
 from lm import loop
-from lm.config import (ConfigError, OptimConfig, RunConfig, Sections, check_fields, section_of, setting,
-                       with_defaults)
+from lm.config import (
+    ConfigError,
+    OptimConfig,
+    RunConfig,
+    Sections,
+    check_fields,
+    section_of,
+    setting,
+    with_defaults,
+)
 from lm.loop import StepLoss, Trainer
 
 CHECKPOINT_KIND = "ts"
@@ -32,7 +40,7 @@ CHECKPOINT_KIND = "ts"
 class TSDataConfig:
     """The series, its split and its windows."""
 
-    dataset: str = setting("sine-d2l", "preset series (co2, sunspots, sine-d2l, sine-rnn); ignored with --csv",
+    dataset: str = setting("sine-d2l", "preset series; ignored with --csv",
                            choices=tuple(PRESETS))
     csv: str = setting("", "a CSV file with a header instead of a preset")
     time_column: str = setting("time", "--csv: the time column (strictly increasing)")
@@ -46,6 +54,11 @@ class TSDataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    def series_time_column(self) -> str:
+        """The time column of the series' CSV (a preset's own, or --time-column)."""
+        source = PRESETS[self.dataset].source
+        return source[1] if source and not self.csv else self.time_column
 
     def columns(self) -> list[str]:
         return [c.strip() for c in self.value_column.split(",") if c.strip()]
@@ -126,10 +139,10 @@ class Forecasting:
         self.model_config = ForecastConfig(model=config.model.model, hidden=config.model.hidden,
                                            layers=config.model.layers, inputs=prepared.scaled.shape[1],
                                            window=p.window, horizon=config.data.horizon)
-        self.x, self.y = (torch.from_numpy(a) for a in prepared.windows(0, s.valid_start, p.window,
-                                                                      config.data.horizon))
-        self.vx, self.vy = (torch.from_numpy(a) for a in prepared.windows(s.valid_start, s.test_start, p.window,
-                                                                        config.data.horizon))
+        h = config.data.horizon
+        w = p.window
+        self.x, self.y = (torch.from_numpy(a) for a in prepared.windows(0, s.valid_start, w, h))
+        self.vx, self.vy = (torch.from_numpy(a) for a in prepared.windows(s.valid_start, s.test_start, w, h))
         self.title = f"{prepared.series.name} {config.model.model} h={config.data.horizon}"
         self.model: Forecaster | None = None
 

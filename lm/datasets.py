@@ -82,7 +82,7 @@ REGISTRY: dict[str, Dataset] = {
     ),
     "sunspots": Dataset(
         name="sunspots",
-        url="https://raw.githubusercontent.com/statsmodels/statsmodels/main/statsmodels/datasets/sunspots/sunspots.csv",  # noqa: E501
+        url="https://raw.githubusercontent.com/statsmodels/statsmodels/main/statsmodels/datasets/sunspots/sunspots.csv",
         sha256="f67889b1d9002cd5227f0e0ef54e35b419cdd85a31279adef6f73fb41e5c0a9b",
         member=None, filename="sunspots.csv", size=2944,
         licence="public domain",
