@@ -28,6 +28,8 @@ class ForecastConfig:
     inputs: int = setting(1, "values per time step (columns)", minimum=1)
     window: int = setting(4, "past values read per forecast", minimum=1)
     horizon: int = setting(1, "steps forecast at once (direct multi-horizon)", minimum=1)
+    relative: bool = setting(True, "read the window relative to its last value and forecast the change "
+                                   "(a trending series leaves the training range)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +60,9 @@ class Forecaster(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         c = self.config
-        out = self.head(self.features(x)).view(x.shape[0], 2, c.horizon, c.inputs)
-        return out[:, 0], out[:, 1].clamp(-7.0, 5.0)
+        level = x[:, -1:] if c.relative else torch.zeros_like(x[:, -1:])
+        out = self.head(self.features(x - level)).view(x.shape[0], 2, c.horizon, c.inputs)
+        return out[:, 0] + level, out[:, 1].clamp(-7.0, 5.0)
 
 
 def gaussian_nll(mean: Tensor, log_sigma: Tensor, target: Tensor) -> Tensor:

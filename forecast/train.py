@@ -137,7 +137,8 @@ class Forecasting:
         self.config, self.prepared = config, prepared
         p, s = prepared.preset, prepared.splits
         self.model_config = ForecastConfig(model=config.model.model, hidden=config.model.hidden,
-                                           layers=config.model.layers, inputs=prepared.scaled.shape[1],
+                                           layers=config.model.layers, relative=config.model.relative,
+                                           inputs=prepared.scaled.shape[1],
                                            window=p.window, horizon=config.data.horizon)
         h = config.data.horizon
         w = p.window
