@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bptt", type=int, default=128)
+    parser.add_argument("--state-size", type=int, default=16, help="mamba")
+    parser.add_argument("--expand", type=int, default=2, help="mamba, mingru")
+    parser.add_argument("--heads", type=int, default=4, help="mamba")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directory here")
     args = parser.parse_args(argv)
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     config = TrainConfig.of(corpus="tinyshakespeare", cell=args.cell, layers=args.layers, hidden=args.hidden,
                          embed=args.embed, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
-                         bptt=args.bptt, weight_decay=0.01, clip=1.0, lr_schedule="cosine", warmup_steps=50,
+                         bptt=args.bptt, state_size=args.state_size, expand=args.expand, heads=args.heads,
+                         weight_decay=0.01, clip=1.0, lr_schedule="cosine", warmup_steps=50,
                          epochs=1000, max_minutes=args.minutes, patience=0, valid_streams=16,
                          checkpoint_every=500, threads=args.threads, progress=False)
     step_s = seconds_per_step(config, vocab_size=65)
@@ -84,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         eval_s = time.perf_counter() - start
         atomic_write_json(out / "eval.json", evaluation.to_dict())
     valid = {r["step"]: round(r["loss"], 4) for r in result.history if r["split"] == "valid"}
-    write_result("lm_shakespeare", {
+    # The LSTM's figure keeps its file name; each other cell writes lm_shakespeare_<cell>.json.
+    write_result("lm_shakespeare" if args.cell == "lstm" else f"lm_shakespeare_{args.cell}", {
         "budget_minutes": args.minutes, "config": config.to_dict(),
         "estimated_step_s": round(step_s, 3), "planned_steps": planned, "steps": result.step,
-        "epochs": result.epoch, "stop": result.reason,
+        "epochs": result.epoch, "stop": result.reason, "parameters": run.model.num_parameters(),
         "train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1),
         "valid_loss_nats_per_char": round(evaluation.nll, 4),
         "valid_bits_per_char": round(evaluation.bits_per_char, 4),

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default (what training uses)")
     parser.add_argument("--max-batches", type=int, default=12, help="batches per timed epoch slice")
+    parser.add_argument("--result", default="lm_throughput", help="bench/results/RESULT.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = {k: statistics.median(v) for k, v in rates.items()}
     ratios = [t / m for t, m in zip(rates["trainer"], rates["textbook"], strict=True)]
     model = config.model
-    write_result("lm_throughput", {
+    write_result(args.result, {
         "trainer": "rnnlab-lm train defaults (lm.train.start_run, Trainer.run_epoch)",
         "textbook": "time-major nn.GRU, plain SGD update, clip_grad_norm_ (word_language_model)",
         "model": f"{model.cell} x{model.layers} hidden {model.hidden} embed {model.embed} "

@@ -6,6 +6,9 @@ for T = 1 built from MatMuls (lm/decode_graph.py). Before anything is published 
 onnxruntime against the torch model on random and real inputs at several batch sizes and lengths; on
 disagreement the export is refused (ExportError with the numbers) and nothing is left at the output
 path. Staging, parity, manifest and publication are the shared skeleton's (lm/exporter.py).
+
+The parallel cells (mamba, mingru) carry the state tensors ``RNNLM.state_shapes`` lists instead of h [, c]
+(batch on axis 1 for all of them); their decode graph is their one-token recurrent form traced from torch.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import Tensor, nn
 
@@ -26,11 +30,12 @@ from lm.exporter import (
     Signature,
     created_by,
     export_graph,
+    max_abs_diff,
     quantize_int8,
     require_parity,
     step_parity,
 )
-from lm.model import RNNLM, ModelConfig
+from lm.model import PARALLEL_CELLS, RNNLM, ModelConfig
 from serving.bundle import TensorSpec
 from serving.tokenizers import Tokenizer, save_tokenizer
 
@@ -39,7 +44,7 @@ __all__ = ["PARITY_TOLERANCE", "ExportError", "ParityReport", "export_lm", "expo
 KIND = "lm"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-PARITY_SHAPES = ((1, 1), (1, 7), (3, 1), (3, 33), (8, 7), (8, 33))
+PARITY_SHAPES = ((1, 1), (1, 7), (3, 1), (3, 33), (8, 7), (8, 33), (2, 130))  # 130: several chunks
 DECODE_SHAPES = ((1, 1), (3, 1), (8, 1))
 DECODE_FILE = "decode.onnx"
 QUANTIZE_CHOICES = ("int8",)
@@ -62,6 +67,14 @@ class StepGraph(nn.Module):
         return (logits, *new_state)
 
 
+class TokenStepGraph(StepGraph):
+    """The one-token signature of a parallel cell: its recurrent form (``RNNLM.step``), T = 1."""
+
+    def forward(self, tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        logits, new_state = self.model.step(tokens, tuple(state))
+        return (logits, *new_state)
+
+
 def fused_copy(model: RNNLM) -> RNNLM:
     """An eval-mode model of the same class with the fused (natively exportable) RNN and the same weights.
 
@@ -73,20 +86,37 @@ def fused_copy(model: RNNLM) -> RNNLM:
     return fused.eval()
 
 
-def signature(config: ModelConfig) -> Signature:
-    """tokens (batch, time) -> logits (batch, time, V); state h [, c] (L, batch, H) -> h_out [, c_out]."""
+def signature(model: RNNLM, time: str | int = "time") -> Signature:
+    """tokens (batch, time) -> logits (batch, time, V); state h [, c] (L, batch, H) -> h_out [, c_out]
+    (the parallel cells: their state tensors, (L, batch, ...))."""
+    config = model.config
     return Signature(
-        inputs=(TensorSpec("tokens", ("batch", "time"), "int64"),),
-        outputs=(TensorSpec("logits", ("batch", "time", config.vocab_size), "float32"),),
-        state=tuple(TensorSpec(name, (config.layers, "batch", config.hidden), "float32", output=f"{name}_out")
-                    for name in config.state_names))
+        inputs=(TensorSpec("tokens", ("batch", time), "int64"),),
+        outputs=(TensorSpec("logits", ("batch", time, config.vocab_size), "float32"),),
+        state=tuple(TensorSpec(name, (shape[0], "batch", *shape[1:]), "float32", output=f"{name}_out")
+                    for name, shape in zip(config.state_names, model.state_shapes(), strict=True)))
 
 
-def export_onnx(model: RNNLM, path: Path) -> None:
-    """Writes the step graph of a fused, eval-mode model (native ONNX RNN/GRU/LSTM ops)."""
-    sig = signature(model.config)
-    example = (torch.zeros(2, 3, dtype=torch.int64), *model.init_state(2))
-    export_graph(StepGraph(model), example, path, sig.input_specs, sig.output_specs)
+def export_onnx(model: RNNLM, path: Path, one_token: bool = False) -> None:
+    """Writes the step graph of a fused, eval-mode model (native ONNX RNN/GRU/LSTM ops); ``one_token``:
+    the T = 1 graph of a parallel cell's recurrent form (its decode graph)."""
+    sig = signature(model, 1 if one_token else "time")
+    example = (torch.zeros(2, 1 if one_token else 3, dtype=torch.int64), *model.init_state(2))
+    export_graph((TokenStepGraph if one_token else StepGraph)(model), example, path, sig.input_specs,
+                 sig.output_specs)
+    _declare_state_outputs(path, sig)
+
+
+def _declare_state_outputs(path: Path, sig: Signature) -> None:
+    """Gives each state output its input's declared shape: the exporter cannot infer the static size of a
+    slice of a window whose length depends on T (mamba's convolution state)."""
+    graph = onnx.load(str(path))
+    shapes = {v.name: v.type.tensor_type.shape for v in graph.graph.input}
+    outputs = {spec.output: spec.name for spec in sig.state}
+    for value in graph.graph.output:
+        if value.name in outputs:
+            value.type.tensor_type.shape.CopyFrom(shapes[outputs[value.name]])
+    onnx.save(graph, str(path))
 
 
 def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tuple[int, int], ...],
@@ -101,8 +131,8 @@ def _parity_inputs(model: RNNLM, tokenizer: Tokenizer | None, shapes: tuple[tupl
     cases = []
     for batch, time in shapes:
         tokens = torch.randint(0, config.vocab_size, (batch, time), generator=gen)
-        state = tuple(0.5 * torch.randn(config.layers, batch, config.hidden, generator=gen)
-                      for _ in config.state_names)
+        state = tuple(0.5 * torch.randn(shape[0], batch, *shape[1:], generator=gen)
+                      for shape in model.state_shapes())
         cases.append((f"random B={batch} T={time}", tokens, state))
         # Row b reads the prompt from offset 5b, wrapping around: different text per row.
         index = (torch.arange(time)[None, :] + 5 * torch.arange(batch)[:, None]) % len(prompt_ids)
@@ -116,14 +146,24 @@ def check_parity(model: RNNLM, graph: Path, tokenizer: Tokenizer | None = None,
     names = model.config.state_names
     cases = ((label, {"tokens": tokens, **dict(zip(names, state, strict=True))})
              for label, tokens, state in _parity_inputs(model, tokenizer, shapes))
-    return step_parity(StepGraph(model).eval(), graph, signature(model.config), cases)
+    return step_parity(StepGraph(model).eval(), graph, signature(model), cases, state_diff=_state_difference)
+
+
+def _state_difference(got: np.ndarray, want: Tensor) -> float:
+    """max |got − want|, relative to the state's largest magnitude where that exceeds 1.
+
+    A GRU's h stays in [−1, 1], so this is the absolute difference; a trained mamba's SSM state reaches
+    ~50, where float32 sums in another order differ by ~2e-4 (5e-6 relative, measured).
+    """
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return max_abs_diff(got, want) / max(1.0, scale)
 
 
 def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tuple[int, int], ...]) -> dict:
     """Replaces the fp32 ``graph`` by its int8 version -> sizes and the int8 graph's distance from torch."""
     fp32 = graph.with_name(graph.stem + ".fp32.onnx")
     graph.rename(fp32)
-    quantize_int8(fp32, graph)
+    quantize_int8(fp32, graph, symbolic_shapes=not model.parallel)
     parity = check_parity(model, graph, tokenizer, shapes)
     if not np.isfinite(parity.worst):
         raise ExportError(f"the int8 {graph.name} produces non-finite outputs ({parity.worst_case})")
@@ -134,9 +174,13 @@ def _quantized(model: RNNLM, graph: Path, tokenizer: Tokenizer, shapes: tuple[tu
 
 
 def _architecture(config: ModelConfig, trained_impl: str) -> dict:
-    return {"type": "rnnlm", "cell": config.cell, "layers": config.layers, "embed": config.embed,
+    arch = {"type": "rnnlm", "cell": config.cell, "layers": config.layers, "embed": config.embed,
             "hidden": config.hidden, "vocab_size": config.vocab_size, "tie": config.tie,
             "trained_impl": trained_impl, "exported_impl": "fused"}
+    if config.cell in PARALLEL_CELLS:
+        arch |= {"state_size": config.state_size, "expand": config.expand, "conv_kernel": config.conv_kernel,
+                 "heads": config.heads}
+    return arch
 
 
 def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evaluation: dict | None = None,
@@ -159,7 +203,10 @@ def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evalua
         parity = require_parity(check_parity(fused, graph, tokenizer, PARITY_SHAPES), "the step graph")
         # A one-token step through onnxruntime's GRU/LSTM/RNN op costs ~1.5x a MatMul-based graph of the
         # same cell: decoding gets a T = 1 graph of its own (lm/decode_graph.py).
-        build_decode_graph(fused, decode)
+        if fused.parallel:  # the blocks' recurrent form, traced from torch
+            export_onnx(fused, decode, one_token=True)
+        else:
+            build_decode_graph(fused, decode)
         decode_parity = require_parity(check_parity(fused, decode, tokenizer, DECODE_SHAPES),
                                        "the decode graph")
         quantization = None
@@ -172,7 +219,7 @@ def export_lm(model: RNNLM, tokenizer: Tokenizer, out_dir: str | Path, *, evalua
             "kind": KIND, "name": name or out_dir.name,
             "architecture": _architecture(fused.config, model.config.impl),
             "graphs": {"step": GRAPH_FILE, "decode": DECODE_FILE},
-            **signature(fused.config).manifest_fields(),
+            **signature(fused).manifest_fields(),
             "special_ids": tokenizer.special_ids, "tokenizer": TOKENIZER_FILE,
             "evaluation": evaluation, "training_config": training_config, "parity": parity,
             "quantization": quantization, "created_by": created_by("rnnlab lm.export"),

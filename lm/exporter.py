@@ -231,13 +231,15 @@ def require_parity(report: ParityReport, what: str, tolerance: float = PARITY_TO
     return {"tolerance": tolerance, **report.to_dict()}
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, dst: Path, symbolic_shapes: bool = True) -> None:
     """Dynamic int8 quantisation of the weights (MatMul/Gemm, LSTM; ORT leaves GRU and RNN ops in fp32).
 
     On a graph of MatMuls (lm/decode_graph.py) every weight becomes MatMulInteger. (MatMulNBits,
     weight-only int8 in blocks, was measured too: 15% faster at batch 1 but 3x slower at batch 64 on
     this CPU.) quant_pre_process (shape inference + optimisation) runs first, or quantize_dynamic skips
-    ops it cannot see the shapes of.
+    ops it cannot see the shapes of. ``symbolic_shapes=False`` for the parallel LM cells: onnxruntime's
+    symbolic shape inference fails on their padded chunks (and then leaves temporary files in the
+    working directory); ONNX's own shape inference still sees every MatMul's weight.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -249,7 +251,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=not symbolic_shapes)
             quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.setLevel(level)

@@ -173,10 +173,10 @@ def decode_line(raw: bytes) -> str:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    if args.bundle or args.server:
+        return _batch_job(args)  # torch-free: a job-array task starts without importing torch
     from seq2seq.run import load_run
 
-    if args.bundle or args.server:
-        return _batch_job(args)
     if not args.run_dir:
         raise UserError("give RUN_DIR, --bundle B or --server HOST:PORT")
     params = _search_params(args, n_best=args.n_best)
@@ -229,6 +229,23 @@ def _batch_job(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def add_merge(subparsers: argparse._SubParsersAction) -> None:
+    from serving.job_array import add_merge_arguments  # torch-free
+
+    parser = subparsers.add_parser("merge", help="concatenate the shards of a --shard job, once all finished",
+                                   description="Check that every shard of a sharded batch job finished (its "
+                                               ".progress record) and write their concatenation in shard "
+                                               "order to --output (serving/job_array.py).")
+    add_merge_arguments(parser)
+    parser.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from serving.job_array import merge_from_args
+
+    return merge_from_args(args)
+
+
 def add_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export a run to an ONNX bundle (encoder + decoder step)",
                                    description="Export a trained translator to encoder.onnx + "
@@ -259,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # --- main --------------------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_eval, add_translate,
-                                                                    add_export]
+                                                                    add_merge, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

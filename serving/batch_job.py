@@ -18,7 +18,9 @@ Torch-free (onnxruntime through ``serving.translator``, or gRPC through ``servin
   removed when the job completes. Output to stdout cannot be resumed.
 - ``--shard I/N`` (I in 0..N-1) translates the I-th of N contiguous, nearly equal line ranges
   (lines [floor(I*n/N), floor((I+1)*n/N)) of n): the N outputs concatenated in shard order are the
-  output of the whole file.
+  output of the whole file. A sharded job keeps its sidecar when it completes, marked complete, for
+  ``rnnlab-mt merge``. ``--shard auto`` takes I and N from a Slurm array or Kubernetes Indexed Job and
+  writes ``G.shard-IIIII-of-NNNNN`` (``serving/job_array.py``).
 - ``--references R`` (one reference a line, aligned with the lines translated) prints corpus BLEU and
   chrF (sacrebleu) on stderr at the end.
 """
@@ -42,12 +44,12 @@ from tqdm import tqdm
 from serving.bundle import BundleError
 from serving.errors import UserError
 from serving.files import atomic_write_json
+from serving.job_array import AUTO, PROGRESS_SUFFIX, ShardError, shard_from_env, shard_path
 from serving.search import BATCH_TOKENS, DEFAULT_SEARCH
 from serving.translator import SearchParams, Seq2SeqRuntime, Translation
 
 FORMATS = ("auto", "text", "jsonl")
 REMOTE_BATCH, REMOTE_CONCURRENCY = 32, 4
-PROGRESS_SUFFIX = ".progress"
 PROGRESS_VERSION = 1
 
 
@@ -70,7 +72,8 @@ class JobConfig:
     n_best: int = 1
     batch_tokens: int = BATCH_TOKENS
     chunk_lines: int = 1000
-    shard: tuple[int, int] = (0, 1)
+    shard: tuple[int, int] | None = None
+    """(I, N): the I-th of N line ranges; None: the whole input (no shard record)."""
     references: str | None = None
     threads: int = 1
     """onnxruntime intra-op threads per worker."""
@@ -89,12 +92,15 @@ class JobConfig:
         return "jsonl" if Path(self.input).suffix.lower() in (".jsonl", ".json") else "text"
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """"I/N" -> (I, N) with 0 <= I < N (argparse type: usage error otherwise)."""
+def parse_shard(text: str) -> tuple[int, int] | str:
+    """"I/N" -> (I, N) with 0 <= I < N, or "auto" (argparse type: usage error otherwise)."""
+    if text == AUTO:
+        return AUTO
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like I/N (e.g. 0/4), not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--shard must look like I/N (e.g. 0/4) or be auto, not {text!r}"
+                                         ) from None
     if not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
     return index, count
@@ -211,10 +217,12 @@ def format_line(fmt: str, item_id: str, source: str, result: Translation, error:
 
 
 # --- resumable output --------------------------------------------------------------------------------
-def args_hash(config: JobConfig, backend_identity: str) -> str:
-    """What the output depends on: the input file (path, size, mtime), model, search and layout options."""
-    fields = {k: v for k, v in asdict(config).items() if k not in ("progress", "threads", "workers",
-                                                                       "references")}
+def args_hash(config: JobConfig, backend_identity: str, whole_job: bool = False) -> str:
+    """What the output depends on: the input file (path, size, mtime), model, search and layout options.
+
+    ``whole_job``: leaves out the shard and the output path (the same for every shard of one job)."""
+    left_out = ("progress", "threads", "workers", "references") + (("shard", "output") if whole_job else ())
+    fields = {k: v for k, v in asdict(config).items() if k not in left_out}
     source = Path(config.input)
     stat = source.stat() if config.input != "-" else None
     fields["input_identity"] = [str(source.resolve()), stat.st_size, stat.st_mtime_ns] if stat else "-"
@@ -223,20 +231,33 @@ def args_hash(config: JobConfig, backend_identity: str) -> str:
 
 
 class ResumableOutput:
-    """An output file appended chunk by chunk, with the sidecar that makes the job resumable."""
+    """An output file appended chunk by chunk, with the sidecar that makes the job resumable.
 
-    def __init__(self, path: Path, digest: str) -> None:
+    ``record``: extra sidecar fields (a shard's index, job hash and line count); with it the sidecar is
+    kept on completion, marked ``"complete": true``, for ``rnnlab-mt merge``.
+    """
+
+    def __init__(self, path: Path, digest: str, record: dict | None = None) -> None:
         self.path = path
         self.sidecar = path.with_name(path.name + PROGRESS_SUFFIX)
         self.digest = digest
+        self.record = record
         self.lines_done = 0
-        if self.sidecar.exists():
+        if self.sidecar.exists() and not self._finished_by_another_job():
             self._resume()
         else:
             self._record(0)  # the sidecar first: a kill before the first chunk then resumes from zero
         with open(self.path, "ab") as handle:
             handle.truncate(self.bytes_done)
         self.handle = open(self.path, "ab")  # noqa: SIM115 (kept open across chunks)
+
+    def _finished_by_another_job(self) -> bool:
+        """A completion record of other arguments protects nothing: the output is replaced, as without one."""
+        try:
+            data = json.loads(self.sidecar.read_text(encoding="utf-8"))
+            return bool(data.get("complete")) and data.get("args_hash") != self.digest
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _resume(self) -> None:
         try:
@@ -254,11 +275,12 @@ class ResumableOutput:
                            f"delete {self.sidecar} to start over")
         self.lines_done, self.bytes_done = lines, size
 
-    def _record(self, lines: int) -> None:
+    def _record(self, lines: int, complete: bool = False) -> None:
         self.lines_done = lines
         self.bytes_done = self.path.stat().st_size if lines else 0
         atomic_write_json(self.sidecar, {"version": PROGRESS_VERSION, "args_hash": self.digest,
-                                          "lines_done": lines, "output_bytes": self.bytes_done})
+                                          "lines_done": lines, "output_bytes": self.bytes_done,
+                                          **(self.record or {}), "complete": complete})
 
     def append(self, text: str, lines: int) -> None:
         """Appends one chunk's output (``lines`` input lines), durably, then records the progress."""
@@ -269,7 +291,10 @@ class ResumableOutput:
 
     def complete(self) -> None:
         self.handle.close()
-        self.sidecar.unlink()
+        if self.record is None:
+            self.sidecar.unlink()
+        else:
+            self._record(self.lines_done, complete=True)
 
     def close(self) -> None:
         self.handle.close()
@@ -323,17 +348,20 @@ def run_job(config: JobConfig, backend: tuple[Backend, str] | None = None) -> Jo
         raise JobError(str(exc)) from None
     if config.input != "-" and not Path(config.input).is_file():
         raise JobError(f"{config.input}: no such input file")
-    if config.shard != (0, 1) and config.input == "-":
+    if config.shard is not None and config.input == "-":
         raise JobError("--shard needs an input file (the lines are counted first)")
     if config.references and config.output == "-":
         raise JobError("--references needs --output FILE (the output is read back to score it)")
     translate, identity = backend or (local_backend(config) if config.bundle else remote_backend(config))
     fmt = config.resolved_format()
     start, stop = 0, None
-    if config.shard != (0, 1):
+    if config.shard is not None:
         start, stop = shard_range(count_lines(config.input), config.shard)
+    record = None if config.shard is None else {
+        "shard": list(config.shard), "job_hash": args_hash(config, identity, whole_job=True),
+        "lines_total": stop - start}
     output = (StdoutOutput() if config.output == "-"
-              else ResumableOutput(Path(config.output), args_hash(config, identity)))
+              else ResumableOutput(Path(config.output), args_hash(config, identity), record))
     resumed = output.lines_done
     total = None if stop is None and config.input == "-" else (
         (stop if stop is not None else count_lines(config.input)) - start)
@@ -424,18 +452,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "on CPU larger batches are slower per sentence)")
     group.add_argument("--chunk-lines", type=int, default=1000,
                        help="input lines per checkpointed chunk (default 1000)")
-    group.add_argument("--shard", type=parse_shard, default=(0, 1),
-                       help="I/N: translate the I-th of N contiguous line ranges (0-based)")
+    group.add_argument("--shard", type=parse_shard,
+                       help="I/N: translate the I-th of N contiguous line ranges (0-based); auto: I and N "
+                            "of this Slurm array task or Kubernetes Indexed Job, output G.shard-I-of-N "
+                            "(then rnnlab-mt merge --output G)")
+    group.add_argument("--shard-count", type=int,
+                       help="N for --shard auto in a Kubernetes Indexed Job (its completions)")
     group.add_argument("--references", help="reference file: print BLEU and chrF at the end")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
 
 
+def resolve_shard(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
+    """-> (shard, output path) with ``--shard auto`` resolved from the environment (serving/job_array.py)."""
+    output = args.output or "-"
+    if args.shard != AUTO:
+        if args.shard_count is not None:
+            raise ShardError("--shard-count goes with --shard auto")
+        return args.shard, output
+    if args.shard_count is not None and args.shard_count < 1:
+        raise ShardError("--shard-count must be at least 1")
+    if output == "-":
+        raise ShardError("--shard auto needs --output G (each array task writes G.shard-I-of-N)")
+    shard = shard_from_env(os.environ, args.shard_count)
+    return shard, str(shard_path(output, shard))
+
+
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    return JobConfig(input=args.input or "-", output=args.output or "-", bundle=args.bundle,
+    shard, output = resolve_shard(args)
+    return JobConfig(input=args.input or "-", output=output, bundle=args.bundle,
                      server=args.server, model=args.model, format=args.format, beam=args.beam,
                      length_penalty=args.length_penalty, max_len_ratio=args.max_len_ratio, n_best=args.n_best,
-                     batch_tokens=args.batch_tokens, chunk_lines=args.chunk_lines, shard=args.shard,
+                     batch_tokens=args.batch_tokens, chunk_lines=args.chunk_lines, shard=shard,
                      references=args.references, threads=args.threads or 1, workers=args.workers,
                      progress=args.progress)
 

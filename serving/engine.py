@@ -10,7 +10,7 @@ event loop. Each iteration
    with each row's own options and uniforms from each stream's own generator), log the tokens, retire
    finished streams, and feed the others' tokens to the model in one (B, 1) call.
 
-The batch state lives in the (L, B, H) arrays onnxruntime returned for the previous step: a step whose
+The batch state lives in the (L, B, ...) arrays onnxruntime returned for the previous step: a step whose
 membership did not change feeds them back without a copy; joins and leaves gather rows with one vectorised
 ``np.take``/``np.concatenate`` per state tensor.
 
@@ -68,7 +68,7 @@ class Request:
     """One call on a model.
 
     ids: tokens to read before generating (may be empty when ``logits`` is given);
-    state: start state, arrays (L, 1, H) float32, or None for zeros; logits: (V,) next-token logits when
+    state: start state, arrays (L, 1, ...) float32, or None for zeros; logits: (V,) next-token logits when
     ``ids`` is empty; max_tokens 0 only reads ``ids`` (session append).
     """
 
@@ -85,7 +85,7 @@ class Request:
 class Outcome:
     """How a stream ended: the counts, and the state to continue from (sessions).
 
-    state: arrays (L, 1, H) float32; logits (V,) float32 when nothing is pending, else ``pending`` is the
+    state: arrays (L, 1, ...) float32; logits (V,) float32 when nothing is pending, else ``pending`` is the
     last generated token, which the model has not read yet.
     """
 
@@ -428,7 +428,7 @@ class ModelEngine:
 
     def _prompt_read(self, stream: Stream, state: list[np.ndarray], logits: np.ndarray,
                      updates: list[_Update]) -> None:
-        """A stream whose prompt is read (state (L, 1, H) arrays, next logits (V,)) decodes, or ends if it
+        """A stream whose prompt is read (state (L, 1, ...) arrays, next logits (V,)) decodes, or ends if it
         only appends."""
         if stream.request.max_tokens == 0:
             outcome = Outcome(Finish.APPENDED, len(stream.request.ids), 0, state, logits, None)

@@ -1,6 +1,6 @@
 """Prompt states by prompt: a stream whose prompt was read before starts decoding at once.
 
-A recurrent model's whole context is its state, (L, 1, H) per state tensor, and the next-token logits
+A recurrent model's whole context is its state, (L, 1, ...) per state tensor, and the next-token logits
 (V,): a few KB per prompt however long the prompt is. Remembering them is cheap, and clients that share
 a prompt (a system prompt, a template, the demo's prompt) skip the prefill after the first one. Only
 prompts read from the initial state are cached: a session's append depends on the session's state.
@@ -38,7 +38,7 @@ class PromptCache:
         return np.asarray(ids, dtype=np.int64).tobytes()
 
     def get(self, ids: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray] | None:
-        """The state (read-only (L, 1, H) arrays) and last logits (V,) after reading ``ids``, if cached."""
+        """The state (read-only (L, 1, ...) arrays) and last logits (V,) after reading ``ids``, if cached."""
         if not self.max_entries:
             return None
         entry = self._entries.get(key := self._key(ids))
@@ -48,7 +48,7 @@ class PromptCache:
         return entry[0], entry[1]
 
     def put(self, ids: Sequence[int], state: Sequence[np.ndarray], logits: np.ndarray) -> None:
-        """Remembers read-only copies of ``state`` ((L, 1, H) arrays) and ``logits`` (V,) for ``ids``."""
+        """Remembers read-only copies of ``state`` ((L, 1, ...) arrays) and ``logits`` (V,) for ``ids``."""
         if not self.max_entries:
             return
         key = self._key(ids)

@@ -1,6 +1,9 @@
 """Running an exported language-model bundle with onnxruntime alone (no torch).
 
-The step graph maps (tokens (B, T) int64, h (L, B, H) [, c (L, B, H)]) to (logits (B, T, V), h' [, c']).
+The step graph maps (tokens (B, T) int64, state tensors) to (logits (B, T, V), the next state). The state
+tensors are the manifest's: each float32 with the layers on axis 0 and the symbolic "batch" axis on axis 1,
+e.g. h (L, B, H) [, c (L, B, H)] for the RNN cells, conv (L, B, k − 1, C) and ssm (L, B, heads, P, N) for
+mamba.
 Inputs are validated here, before ``InferenceSession.run``, so bad ids or states raise a ValueError that
 names the tensor instead of failing inside onnxruntime. Bundles may add a "decode" graph for T = 1 (see
 lm/decode_graph.py); ``step`` picks it by itself.
@@ -106,6 +109,7 @@ class LMRuntime:
         self.layers = int(arch["layers"])
         self.hidden = int(arch["hidden"])
         self.state_names: tuple[str, ...] = manifest.state_names
+        self._state_shapes: dict[int, list[tuple[int, ...]]] = {}  # batch -> each state tensor's shape
         self.state_output_names: list[str] = [s.output or f"{s.name}_out" for s in manifest.state]
         self._output_names = ["logits", *self.state_output_names]
         self._eos = manifest.special_ids.get("<eos>")
@@ -144,10 +148,12 @@ class LMRuntime:
         want_in = {"tokens": (("batch", time), "int64")}
         want_out = {"logits": (("batch", time, self.vocab_size), "float32")}
         for spec, out_name in zip(self.manifest.state, self.state_output_names, strict=True):
-            if spec.concrete_shape(batch=1) != (self.layers, 1, self.hidden) or spec.dtype != "float32":
+            shape = spec.shape
+            fixed = [d for k, d in enumerate(shape) if k != 1]
+            if (len(shape) < 3 or shape[0] != self.layers or shape[1] != "batch"
+                    or not all(isinstance(d, int) for d in fixed) or spec.dtype != "float32"):
                 raise BundleError(f"{self.manifest.path / 'manifest.json'}: state {spec.name!r} "
-                                  f"{list(spec.shape)} {spec.dtype} is not "
-                                  f"[{self.layers}, batch, {self.hidden}] float32")
+                                  f"{list(shape)} {spec.dtype} is not [{self.layers}, batch, ...] float32")
             want_in[spec.name] = (spec.shape, spec.dtype)
             want_out[out_name] = (spec.shape, spec.dtype)
         for kind, have, want in (("input", inputs, want_in), ("output", outputs, want_out)):
@@ -159,9 +165,18 @@ class LMRuntime:
 
     # -- the batched primitive -------------------------------------------------------------------
 
+    def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """Each state tensor's shape for ``batch`` streams: the manifest's, "batch" (axis 1) filled in."""
+        shapes = self._state_shapes.get(batch)
+        if shapes is None:
+            shapes = [spec.concrete_shape(batch=batch) for spec in self.manifest.state]
+            if len(self._state_shapes) < 1024:  # batch sizes seen; bounded all the same
+                self._state_shapes[batch] = shapes
+        return shapes
+
     def init_state(self, batch: int) -> list[np.ndarray]:
-        """Zero state: one float32 (L, B, H) array per state tensor."""
-        return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in self.state_names]
+        """Zero state: one float32 array per state tensor, e.g. (L, B, H)."""
+        return [np.zeros(shape, dtype=np.float32) for shape in self.state_shapes(batch)]
 
     def validate(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> None:
         """Raises ValueError naming the tensor when tokens (B, T) or the state do not fit the graph.
@@ -178,10 +193,9 @@ class LMRuntime:
         if len(state) != len(self.state_names):
             raise ValueError(f"state: expected {len(self.state_names)} tensors {self.state_names}, "
                              f"got {len(state)}")
-        want = (self.layers, batch, self.hidden)
-        for value in state:
+        for value, want in zip(state, self.state_shapes(batch), strict=True):
             if not isinstance(value, np.ndarray) or value.dtype != _FLOAT32 or value.shape != want:
-                self._raise_bad_state(state, want)
+                self._raise_bad_state(state, batch)
 
     def check_ids(self, tokens: np.ndarray) -> None:
         """Raises ValueError unless every id in the integer array ``tokens`` is in [0, vocab_size)."""
@@ -189,13 +203,13 @@ class LMRuntime:
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"tokens: id {low if low < 0 else high} out of range [0, {self.vocab_size})")
 
-    def _raise_bad_state(self, state: Sequence[np.ndarray], want: tuple[int, int, int]) -> None:
-        for name, value in zip(self.state_names, state, strict=True):
+    def _raise_bad_state(self, state: Sequence[np.ndarray], batch: int) -> None:
+        for name, value, want in zip(self.state_names, state, self.state_shapes(batch), strict=True):
             if not isinstance(value, np.ndarray) or value.dtype != _FLOAT32 or value.shape != want:
                 raise ValueError(f"state {name!r}: expected float32 {want}, got {_describe(value)}")
 
     def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """tokens: (B, T) int64, state: list of (L, B, H) float32 -> (logits (B, T, V) float32, new state)."""
+        """tokens: (B, T) int64, state: float32 arrays (L, B, ...) -> (logits (B, T, V) float32, state')."""
         self.validate(tokens, state)
         feed = dict(zip(self.state_names, state, strict=True))
         feed["tokens"] = tokens

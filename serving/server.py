@@ -92,6 +92,14 @@ async def _answering(service: _Service, name: str, context: grpc.aio.ServicerCon
     except asyncio.CancelledError:  # client cancel or deadline: free everything (finally blocks), re-raise
         code = "CANCELLED"
         raise
+    except grpc.aio.AbortError:  # the handler aborted itself: count the status it set
+        status = context.code()
+        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        raise
+    except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback, the counter INTERNAL
+        code = "INTERNAL"
+        log.exception("%s failed", name)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
     finally:
         service.app.metrics.requests.labels(name, code).inc()
 
@@ -539,15 +547,11 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 def _add_translation(server: grpc.aio.Server, bundles: list[Path], config: ServerConfig,
                      registry: object = None) -> list[str]:
-    """Hands seq2seq bundles to serving.translation_service when it is installed; -> its service names."""
+    """Hands seq2seq bundles to serving.translation_service; -> its service names."""
     if not bundles:
         return []
-    try:
-        from serving import translation_service
-    except ImportError:
-        for path in bundles:
-            log.warning("not serving translation bundle %s: serving.translation_service is missing", path)
-        return []
+    from serving import translation_service  # imported only when a translator is served
+
     return list(translation_service.add_to_server(server, bundles, config, registry))  # app metrics registry
 
 

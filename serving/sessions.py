@@ -36,7 +36,7 @@ class StoreFull(Exception):
 
 @dataclass(slots=True)
 class Session:
-    """state: arrays (L, 1, H) float32; logits (V,) float32 or None when ``pending`` holds a token id."""
+    """state: arrays (L, 1, ...) float32; logits (V,) float32 or None when ``pending`` holds a token id."""
 
     id: str
     model: str

@@ -35,7 +35,7 @@ class TokenError(Exception):
 class SessionState:
     """What a session needs to continue exactly.
 
-    state: arrays (L, 1, H) float32; logits: (V,) float32 next-token logits, or None when ``pending``
+    state: arrays (L, 1, ...) float32; logits: (V,) float32 next-token logits, or None when ``pending``
     holds the last generated token, which the model has not read yet; tokens: tokens so far.
     """
 

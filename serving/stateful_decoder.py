@@ -55,7 +55,7 @@ class StatefulDecoder:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """A copy of the current state: one (L, B, H) float32 array per state tensor."""
+        """A copy of the current state: one float32 array (L, B, ...) per state tensor."""
         return [buffer.copy() for buffer in self._buffers[self._current]]
 
     def step(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -78,7 +78,7 @@ class StatefulDecoder:
 def _batch_of(state: Sequence[np.ndarray]) -> int:
     """The batch axis of a state list; anything malformed is left for LMRuntime.validate to name."""
     first = state[0] if len(state) else None
-    return first.shape[1] if isinstance(first, np.ndarray) and first.ndim == 3 else 1
+    return first.shape[1] if isinstance(first, np.ndarray) and first.ndim >= 2 else 1
 
 
 def _bind_array(bind: Callable[..., None], name: str, array: np.ndarray) -> None:

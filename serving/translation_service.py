@@ -34,14 +34,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from serving.api.rnnlab.v1 import translation_pb2 as tpb
 from serving.api.rnnlab.v1 import translation_pb2_grpc as tpb_grpc
 from serving.bundle import BundleError
+from serving.search import DEFAULT_SEARCH
 from serving.translator import Hypothesis, SearchParams, Seq2SeqRuntime
 
 log = logging.getLogger("rnnlab.serve.translation")
 
 SERVICE_NAME = "rnnlab.v1.Translation"
-DEFAULT_BEAM, MAX_BEAM = 4, 16
-DEFAULT_RATIO, MAX_RATIO = 2.0, 10.0
-DEFAULT_MAX_LENGTH, MAX_LENGTH = 200, 1024
+DEFAULT_BEAM, MAX_BEAM = DEFAULT_SEARCH.beam, 16
+DEFAULT_RATIO, MAX_RATIO = DEFAULT_SEARCH.max_len_ratio, 10.0
+DEFAULT_MAX_LENGTH, MAX_LENGTH = DEFAULT_SEARCH.max_len_cap, 1024
 MAX_LENGTH_PENALTY = 5.0
 MAX_SENTENCES = 4096
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -228,7 +229,8 @@ def search_params(options: tpb.TranslateOptions) -> SearchParams:
     n_best = options.n_best or 1
     # float32 on the wire: 0.6 arrives as 0.60000002; round back to what the client wrote.
     ratio = float(f"{options.max_length_ratio:.6g}") or DEFAULT_RATIO
-    alpha = float(f"{options.length_penalty:.6g}")
+    alpha = (float(f"{options.length_penalty:.6g}") if options.HasField("length_penalty")
+             else DEFAULT_SEARCH.length_penalty)
     max_length = options.max_length or DEFAULT_MAX_LENGTH
     problems = []
     if not 1 <= beam <= MAX_BEAM:

@@ -14,7 +14,7 @@ from tests.tiny_bundles import TINY_TEXT, train_tiny_model
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(scope="module", params=["gru", "lstm"])
+@pytest.fixture(scope="module", params=["gru", "lstm", "mamba", "mingru"])
 def trained(request, tmp_path_factory):
     """(torch model, tokenizer, runtime) for a tiny trained 2-layer model."""
     model, tokenizer = train_tiny_model(request.param, layers=2, hidden=32, steps=200)

@@ -114,7 +114,8 @@ def test_bad_inputs_are_refused_before_onnxruntime(bundled):
 def test_manifest_state_shape_must_match_the_graph(tiny_bundle):
     bundle = tiny_bundle()
     reseal(bundle, lambda data: data["state"][0].update(shape=[3, "batch", 32]))
-    with pytest.raises(BundleError, match=r"state 'h' \[3, 'batch', 32\] float32 is not \[1, batch, 32\]"):
+    message = r"state 'h' \[3, 'batch', 32\] float32 is not \[1, batch, \.\.\.\]"
+    with pytest.raises(BundleError, match=message):
         LMRuntime.load(bundle)
 
 

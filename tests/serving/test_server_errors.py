@@ -234,3 +234,29 @@ def test_tls_serves_clients_that_trust_the_certificate(models_dir, tmp_path):
             with pytest.raises(grpc.RpcError) as refused:
                 plaintext.models()
             assert refused.value.code() == Code.UNAVAILABLE
+
+
+def test_an_unexpected_exception_is_internal_counted_as_internal_and_the_server_keeps_serving(
+        models_dir, monkeypatch):
+    """A bug inside a handler (injected here) reaches the client as a plain INTERNAL, never as OK or
+    UNKNOWN, and rnnlab_requests counts what the client received."""
+    with ServerThread(config(models_dir)) as server:
+        stubs = Stubs(server.port)
+
+        async def broken(model: str, prompt: str):
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(server.app, "open_session", broken)
+        with pytest.raises(grpc.RpcError) as info:
+            stubs.sessions.Open(pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
+        assert info.value.code() == Code.INTERNAL and "injected" not in info.value.details()
+        registry = server.app.metrics.registry
+        labels = {"method": "SessionService.Open"}
+        deadline = time.monotonic() + 5  # the server counts after the status has left
+        while registry.get_sample_value("rnnlab_requests_total", {**labels, "code": "INTERNAL"}) is None:
+            assert time.monotonic() < deadline, "the failed call was never counted"
+            time.sleep(0.01)
+        assert registry.get_sample_value("rnnlab_requests_total", {**labels, "code": "INTERNAL"}) == 1
+        assert registry.get_sample_value("rnnlab_requests_total", {**labels, "code": "OK"}) is None
+        assert_still_serving(stubs)
+        stubs.channel.close()

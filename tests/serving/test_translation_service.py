@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import shutil
+import struct
 import threading
 
 import grpc
@@ -234,3 +235,15 @@ def test_a_short_queue_is_shared_out_among_idle_workers(bundle, workers, sizes):
 
     batcher = asyncio.run(translate_all())
     assert batcher.sizes == sizes
+
+
+def test_unset_length_penalty_is_the_product_default_and_an_explicit_zero_switches_it_off():
+    from serving.search import DEFAULT_SEARCH
+    from serving.translation_service import search_params
+
+    assert search_params(tpb.TranslateOptions()) == DEFAULT_SEARCH
+    off = tpb.TranslateOptions.FromString(tpb.TranslateOptions(length_penalty=0.0).SerializeToString())
+    assert off.HasField("length_penalty") and search_params(off).length_penalty == 0.0
+    # Wire compatible: a value set by a client built before the field was optional reads the same.
+    old_wire = b"\x25" + struct.pack("<f", 0.3)  # field 4, fixed32
+    assert search_params(tpb.TranslateOptions.FromString(old_wire)).length_penalty == 0.3

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brnnlab/v1/translation.proto\x12\trnnlab.v1\"{\n\x10TranslateOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\x05\x12\x18\n\x10max_length_ratio\x18\x02 \x01(\x02\x12\x12\n\nmax_length\x18\x03 \x01(\x05\x12\x16\n\x0elength_penalty\x18\x04 \x01(\x02\x12\x0e\n\x06n_best\x18\x05 \x01(\x05\"b\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.rnnlab.v1.TranslateOptions\"<\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"t\n\x11TranslationResult\x12)\n\nhypotheses\x18\x01 \x03(\x0b\x32\x15.rnnlab.v1.Hypothesis\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x15\n\rsource_tokens\x18\x04 \x01(\x05\"B\n\x11TranslateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.rnnlab.v1.TranslationResult\"s\n\x16TranslateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sentence\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.rnnlab.v1.TranslateOptions\"S\n\x17TranslateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1c.rnnlab.v1.TranslationResult\"\x18\n\x16ListTranslatorsRequest\"\xa2\x02\n\x0eTranslatorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fsource_language\x18\x02 \x01(\t\x12\x17\n\x0ftarget_language\x18\x03 \x01(\t\x12\x11\n\tattention\x18\x04 \x01(\x08\x12\x19\n\x11source_vocab_size\x18\x05 \x01(\x05\x12\x19\n\x11target_vocab_size\x18\x06 \x01(\x05\x12=\n\nevaluation\x18\x07 \x03(\x0b\x32).rnnlab.v1.TranslatorInfo.EvaluationEntry\x12\x15\n\rbundle_digest\x18\x08 \x01(\t\x1a\x31\n\x0f\x45valuationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x17ListTranslatorsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.rnnlab.v1.TranslatorInfo2\x8d\x02\n\x0bTranslation\x12\x46\n\tTranslate\x12\x1b.rnnlab.v1.TranslateRequest\x1a\x1c.rnnlab.v1.TranslateResponse\x12\\\n\x0fTranslateStream\x12!.rnnlab.v1.TranslateStreamRequest\x1a\".rnnlab.v1.TranslateStreamResponse(\x01\x30\x01\x12X\n\x0fListTranslators\x12!.rnnlab.v1.ListTranslatorsRequest\x1a\".rnnlab.v1.ListTranslatorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brnnlab/v1/translation.proto\x12\trnnlab.v1\"\x93\x01\n\x10TranslateOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\x05\x12\x18\n\x10max_length_ratio\x18\x02 \x01(\x02\x12\x12\n\nmax_length\x18\x03 \x01(\x05\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06n_best\x18\x05 \x01(\x05\x42\x11\n\x0f_length_penalty\"b\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.rnnlab.v1.TranslateOptions\"<\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"t\n\x11TranslationResult\x12)\n\nhypotheses\x18\x01 \x03(\x0b\x32\x15.rnnlab.v1.Hypothesis\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x15\n\rsource_tokens\x18\x04 \x01(\x05\"B\n\x11TranslateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.rnnlab.v1.TranslationResult\"s\n\x16TranslateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sentence\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.rnnlab.v1.TranslateOptions\"S\n\x17TranslateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1c.rnnlab.v1.TranslationResult\"\x18\n\x16ListTranslatorsRequest\"\xa2\x02\n\x0eTranslatorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fsource_language\x18\x02 \x01(\t\x12\x17\n\x0ftarget_language\x18\x03 \x01(\t\x12\x11\n\tattention\x18\x04 \x01(\x08\x12\x19\n\x11source_vocab_size\x18\x05 \x01(\x05\x12\x19\n\x11target_vocab_size\x18\x06 \x01(\x05\x12=\n\nevaluation\x18\x07 \x03(\x0b\x32).rnnlab.v1.TranslatorInfo.EvaluationEntry\x12\x15\n\rbundle_digest\x18\x08 \x01(\t\x1a\x31\n\x0f\x45valuationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x17ListTranslatorsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.rnnlab.v1.TranslatorInfo2\x8d\x02\n\x0bTranslation\x12\x46\n\tTranslate\x12\x1b.rnnlab.v1.TranslateRequest\x1a\x1c.rnnlab.v1.TranslateResponse\x12\\\n\x0fTranslateStream\x12!.rnnlab.v1.TranslateStreamRequest\x1a\".rnnlab.v1.TranslateStreamResponse(\x01\x30\x01\x12X\n\x0fListTranslators\x12!.rnnlab.v1.ListTranslatorsRequest\x1a\".rnnlab.v1.ListTranslatorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSLATORINFO_EVALUATIONENTRY']._loaded_options = None
   _globals['_TRANSLATORINFO_EVALUATIONENTRY']._serialized_options = b'8\001'
-  _globals['_TRANSLATEOPTIONS']._serialized_start=42
-  _globals['_TRANSLATEOPTIONS']._serialized_end=165
-  _globals['_TRANSLATEREQUEST']._serialized_start=167
-  _globals['_TRANSLATEREQUEST']._serialized_end=265
-  _globals['_HYPOTHESIS']._serialized_start=267
-  _globals['_HYPOTHESIS']._serialized_end=327
-  _globals['_TRANSLATIONRESULT']._serialized_start=329
-  _globals['_TRANSLATIONRESULT']._serialized_end=445
-  _globals['_TRANSLATERESPONSE']._serialized_start=447
-  _globals['_TRANSLATERESPONSE']._serialized_end=513
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=515
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=630
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=632
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=715
-  _globals['_LISTTRANSLATORSREQUEST']._serialized_start=717
-  _globals['_LISTTRANSLATORSREQUEST']._serialized_end=741
-  _globals['_TRANSLATORINFO']._serialized_start=744
-  _globals['_TRANSLATORINFO']._serialized_end=1034
-  _globals['_TRANSLATORINFO_EVALUATIONENTRY']._serialized_start=985
-  _globals['_TRANSLATORINFO_EVALUATIONENTRY']._serialized_end=1034
-  _globals['_LISTTRANSLATORSRESPONSE']._serialized_start=1036
-  _globals['_LISTTRANSLATORSRESPONSE']._serialized_end=1104
-  _globals['_TRANSLATION']._serialized_start=1107
-  _globals['_TRANSLATION']._serialized_end=1376
+  _globals['_TRANSLATEOPTIONS']._serialized_start=43
+  _globals['_TRANSLATEOPTIONS']._serialized_end=190
+  _globals['_TRANSLATEREQUEST']._serialized_start=192
+  _globals['_TRANSLATEREQUEST']._serialized_end=290
+  _globals['_HYPOTHESIS']._serialized_start=292
+  _globals['_HYPOTHESIS']._serialized_end=352
+  _globals['_TRANSLATIONRESULT']._serialized_start=354
+  _globals['_TRANSLATIONRESULT']._serialized_end=470
+  _globals['_TRANSLATERESPONSE']._serialized_start=472
+  _globals['_TRANSLATERESPONSE']._serialized_end=538
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=540
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=655
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=657
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=740
+  _globals['_LISTTRANSLATORSREQUEST']._serialized_start=742
+  _globals['_LISTTRANSLATORSREQUEST']._serialized_end=766
+  _globals['_TRANSLATORINFO']._serialized_start=769
+  _globals['_TRANSLATORINFO']._serialized_end=1059
+  _globals['_TRANSLATORINFO_EVALUATIONENTRY']._serialized_start=1010
+  _globals['_TRANSLATORINFO_EVALUATIONENTRY']._serialized_end=1059
+  _globals['_LISTTRANSLATORSRESPONSE']._serialized_start=1061
+  _globals['_LISTTRANSLATORSRESPONSE']._serialized_end=1129
+  _globals['_TRANSLATION']._serialized_start=1132
+  _globals['_TRANSLATION']._serialized_end=1401
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,151 @@
+"""The parallel (training) forms of the mamba and minGRU blocks equal their one-token reference steps:
+outputs, final state and gradients, for several batch sizes, window lengths (1, and lengths that are not
+a multiple of the chunk) and carried-in states; float64 within 1e-5, float32 within 1e-4."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lm.cli import main
+from lm.config import ConfigError, TrainConfig
+from lm.mingru import MinGRUBlock, g, scan_chunked, scan_doubling, scan_log
+from lm.model import RNNLM, ModelConfig
+from lm.ssm import MambaBlock
+from tests.lm.conftest import TINY_FLAGS
+
+SHAPES = [(1, 1), (3, 1), (2, 7), (3, 8), (4, 13), (2, 40)]  # (batch, time); the test chunk is 8
+DTYPES = [(torch.float64, 1e-5), (torch.float32, 1e-4)]
+
+
+def _block(cell: str, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = MambaBlock(8, 2, 4, 6, 4, chunk=8) if cell == "mamba" else MinGRUBlock(8, 2)
+    return block.to(dtype)
+
+
+def _random_state(block: torch.nn.Module, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch)
+    return [torch.randn(batch, *shape, generator=gen, dtype=dtype) for shape in block.state_shapes()]
+
+
+def _run(block: torch.nn.Module, u: torch.Tensor, state: list[torch.Tensor], parallel: bool):
+    """-> (outputs (B, T, d), final state) with the window in one call, or one step at a time."""
+    if parallel:
+        out, *new_state = block(u, *state)
+        return out, new_state
+    steps = []
+    for t in range(u.shape[1]):
+        y, *state = block.step(u[:, t], *state)
+        steps.append(y)
+    return torch.stack(steps, dim=1), state
+
+
+def _outputs_and_grads(block, u, state, parallel):
+    block.zero_grad()
+    u = u.clone().requires_grad_(True)
+    state = [s.clone().requires_grad_(True) for s in state]
+    out, new_state = _run(block, u, state, parallel)
+    # Weights that differ per position and state element, so every gradient path is checked.
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    for s in new_state:
+        loss = loss + (s * torch.cos(torch.arange(s.numel(), dtype=s.dtype)).view_as(s)).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    return out.detach(), [s.detach() for s in new_state], u.grad, [s.grad for s in state], grads
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("batch,time", SHAPES)
+@pytest.mark.parametrize("cell", ["mamba", "mingru"])
+def test_parallel_form_equals_the_step_by_step_reference(cell: str, batch: int, time: int, dtype,
+                                                         tol: float) -> None:
+    block = _block(cell, dtype)
+    u = torch.randn(batch, time, 8, generator=torch.Generator().manual_seed(time), dtype=dtype)
+    state = _random_state(block, batch, dtype)
+    par, ref = (_outputs_and_grads(block, u, state, parallel) for parallel in (True, False))
+    close = dict(atol=tol, rtol=tol)
+    torch.testing.assert_close(par[0], ref[0], **close)
+    for got, want in zip(par[1] + [par[2]] + par[3], ref[1] + [ref[2]] + ref[3], strict=True):
+        torch.testing.assert_close(got, want, **close)
+    assert par[4].keys() == ref[4].keys()
+    for name, grad in ref[4].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(par[4][name], grad, **close, msg=name)
+
+
+@pytest.mark.parametrize("time", [1, 5, 16, 37])
+def test_mingru_export_and_log_space_forms_equal_the_training_scan(time: int) -> None:
+    gen = torch.Generator().manual_seed(time)
+    gate, candidate = (4 * torch.randn(3, time, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    h0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    want = scan_doubling(gate, candidate, h0)
+    torch.testing.assert_close(scan_chunked(gate, candidate, h0, 4), want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(scan_log(gate, candidate, h0), want, atol=1e-10, rtol=1e-10)
+
+
+def test_training_scan_stays_exact_under_strong_forgetting_over_a_long_window() -> None:
+    """Decays of e^-20 a step for 512 steps in float32: h_t is g(h̃_t) to float precision; the log-space
+    form drifts by ε·|log A_t| (why training uses the doubling scan)."""
+    gate = torch.full((1, 512, 3), 20.0)
+    candidate = torch.randn(1, 512, 3, generator=torch.Generator().manual_seed(0))
+    want = g(candidate)[0, 1:]
+    got = scan_doubling(gate, candidate, torch.ones(1, 3))[0, 1:]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    drift = (scan_log(gate, candidate, torch.ones(1, 3))[0, 1:] - want).abs().max()
+    assert 1e-5 < drift < 1e-2
+
+
+@pytest.mark.parametrize("cell", ["mamba", "mingru"])
+def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
+    """The LM's state carried across calls (as truncated BPTT and generation carry it) changes nothing."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=13, cell=cell, layers=2, embed=12, hidden=12, dropout=0.0,
+                         heads=2, state_size=4, expand=2, conv_kernel=3)
+    model = RNNLM(config).double().eval()
+    tokens = torch.randint(0, 13, (3, 21))
+    whole, whole_state = model(tokens)
+    first, state = model(tokens[:, :9])
+    second, state = model(tokens[:, 9:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-10, rtol=1e-10)
+    steps, step_state = [], model.init_state(3, dtype=torch.float64)
+    for t in range(21):
+        logits, step_state = model.step(tokens[:, t:t + 1], step_state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-10, rtol=1e-10)
+    assert [s.shape[1] for s in whole_state] == [3] * len(config.state_names)
+    for got, want in zip((state, step_state), (whole_state, whole_state), strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_bad_settings_of_the_parallel_cells_are_refused_by_flag() -> None:
+    with pytest.raises(ConfigError, match=r"--heads \(3\) must divide expand x hidden"):
+        TrainConfig.of(cell="mamba", heads=3)
+    with pytest.raises(ConfigError, match="--conv-kernel must be >= 2"):
+        TrainConfig.of(cell="mamba", conv_kernel=1)
+    with pytest.raises(ConfigError, match="--state-size must be >= 1"):
+        TrainConfig.of(cell="mamba", state_size=0)
+    with pytest.raises(ConfigError, match="--impl scratch is for rnn/gru/lstm"):
+        TrainConfig.of(cell="mingru", impl="scratch")
+
+
+@pytest.mark.parametrize("cell", ["mamba", "mingru"])
+def test_cli_trains_resumes_evaluates_exports_and_generates(cell: str, corpus_file, tmp_path, capsys) -> None:
+    """The whole command line with a parallel cell: the torch run and its bundle sample the same text."""
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    flags = ["--corpus", str(corpus_file), "--out", str(run), "--cell", cell, "--heads", "2", "--state-size",
+             "4", *TINY_FLAGS]
+    assert main(["train", *flags, "--epochs", "1"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert main(["eval", str(run), "--json"]) == 0
+    assert main(["export", str(run), "--out", str(bundle)]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["architecture"]["cell"] == cell
+    capsys.readouterr()
+    args = ["--prompt", "The Time", "--max-tokens", "40", "--temperature", "0.8", "--seed", "3"]
+    assert main(["generate", str(bundle), *args]) == 0
+    from_bundle = capsys.readouterr().out
+    assert main(["generate", str(run), *args]) == 0
+    assert capsys.readouterr().out == from_bundle and from_bundle
