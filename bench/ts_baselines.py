@@ -103,11 +103,12 @@ def bench_series(name: str, minutes: float, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=1.0, help="training budget per rnnlab model")
+    parser.add_argument("--series", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # statsmodels convergence chatter
     with tempfile.TemporaryDirectory() as tmp:
         result = {"horizon": HORIZON, "minutes_per_model": args.minutes,
-                  "series": {name: bench_series(name, args.minutes, Path(tmp)) for name in BASELINES}}
+                  "series": {name: bench_series(name, args.minutes, Path(tmp)) for name in args.series}}
     out = ROOT / "bench" / "results" / "ts_baselines.json"
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps({n: {"best": r["best_rnnlab"], "margin": r["best_mase_minus_baseline"]}
