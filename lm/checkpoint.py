@@ -29,7 +29,7 @@ from serving.files import atomic_write_bytes
 
 FORMAT = "rnnlab-checkpoint"
 VERSION = 1
-KINDS = ("lm", "mt")
+KINDS = ("lm", "mt", "ts")
 
 
 class CheckpointError(UserError):

@@ -72,6 +72,22 @@ REGISTRY: dict[str, Dataset] = {
         licence="CC-BY 2.0 FR (tatoeba.org, manythings.org/anki)",
         description="Tatoeba English-French pairs, 'english<TAB>french' lines",
     ),
+    "co2": Dataset(
+        name="co2",
+        url="https://raw.githubusercontent.com/statsmodels/statsmodels/main/statsmodels/datasets/co2/co2.csv",
+        sha256="16695fa2786e53414e5a6b54767a3fdf5de99cfbc68617f69d1362d92776a92f",
+        member=None, filename="co2.csv", size=33974,
+        licence="public domain",
+        description="Mauna Loa weekly CO2 (ppm) 1958-2001, 'date,co2' CSV (statsmodels copy), a series",
+    ),
+    "sunspots": Dataset(
+        name="sunspots",
+        url="https://raw.githubusercontent.com/statsmodels/statsmodels/main/statsmodels/datasets/sunspots/sunspots.csv",
+        sha256="f67889b1d9002cd5227f0e0ef54e35b419cdd85a31279adef6f73fb41e5c0a9b",
+        member=None, filename="sunspots.csv", size=2944,
+        licence="public domain",
+        description="Yearly sunspot activity 1700-2008 (NOAA NGDC), 'YEAR,SUNACTIVITY' CSV, a series",
+    ),
 }
 
 

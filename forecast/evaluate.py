@@ -1,0 +1,139 @@
+"""Loading a run and scoring it with a rolling origin over the test horizon; plots beside the run.
+
+Rolling origin: every test point o with o + H <= N is an origin; the model reads the W values before o
+(true values: the series is observed up to o) and forecasts o .. o+H-1. MAE, RMSE and MASE (MAE over the
+in-sample seasonal-naive MAE of the training part) and 90% interval coverage are taken over all (origin,
+step) pairs whose truth was observed, in the series' own units.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from forecast.data import Preset, Scaler, Series
+from forecast.metrics import scores, seasonal_naive_scale
+from forecast.model import Z90, ForecastConfig, Forecaster
+from forecast.train import CHECKPOINT_KIND, Prepared, TrainConfig, prepare, read_series
+from lm.checkpoint import load_checkpoint
+
+
+@dataclass
+class LoadedRun:
+    model: Forecaster
+    config: TrainConfig
+    prepared: Prepared
+
+
+def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
+    """The run's model (eval mode), its config and its series prepared with the stored scaler."""
+    payload = load_checkpoint(Path(run_dir) / f"{which}.pt", CHECKPOINT_KIND)
+    model = Forecaster(ForecastConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    config = TrainConfig.from_dict(payload["train_config"])
+    mc = model.config
+    preset = Preset(test=payload["test"], season=payload["season"], window=mc.window, batch_size=1)
+    series = read_series(config.data, config.optim.seed)
+    return LoadedRun(model.eval(), config, prepare(series, preset, Scaler(**payload["scaler"])))
+
+
+@torch.no_grad()
+def predict(model: Forecaster, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """windows: (n, W, D) standardised -> mean, sigma (n, H, D) standardised."""
+    mean, log_sigma = model(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)))
+    return mean.numpy().astype(np.float64), np.exp(log_sigma.numpy()).astype(np.float64)
+
+
+@torch.no_grad()
+def recursive(model: Forecaster, windows: np.ndarray, steps: int) -> np.ndarray:
+    """windows: (n, W, D) -> (n, steps, D) means, each step's one-step mean fed back as an input."""
+    current, out = np.array(windows, dtype=np.float32), []
+    for _ in range(steps):
+        mean, _ = predict(model, current)
+        out.append(mean[:, 0])
+        current = np.concatenate([current[:, 1:], mean[:, :1].astype(np.float32)], axis=1)
+    return np.stack(out, axis=1)
+
+
+def rolling_origin(run: LoadedRun) -> dict[str, Any]:
+    """Scores of the direct forecasts over every test origin (see the module doc), plus per-step MAE."""
+    p, mc = run.prepared, run.model.config
+    x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
+    origins = np.arange(p.splits.test_start, p.splits.length - mc.horizon + 1)
+    mean, sigma = predict(run.model, x)
+    std = np.array(p.scaler.std)
+    pred = p.scaler.inverse(mean)
+    truth = np.stack([p.series.values[o:o + mc.horizon] for o in origins])
+    mask = np.stack([p.series.observed[o:o + mc.horizon] for o in origins])
+    scale = seasonal_naive_scale(p.series.values[:p.splits.valid_start], p.preset.season)
+    result = scores(pred, truth, pred - Z90 * sigma * std, pred + Z90 * sigma * std, scale, mask)
+    err = np.abs(pred - truth)
+    result["per_step_mae"] = [float(np.mean(err[:, h][mask[:, h]])) for h in range(mc.horizon)]
+    result.update(origins=len(origins), horizon=mc.horizon, season=p.preset.season)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
+    return rolling_origin(load_run(run_dir, which))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def forecast_next(run: LoadedRun, horizon: int, series: Series | None = None) -> list[dict[str, Any]]:
+    """The next ``horizon`` values after the series' end (default: the run's own series) with 90% intervals;
+    beyond the model's horizon the direct forecasts are extended recursively."""
+    p, mc = run.prepared, run.model.config
+    values = p.series.values if series is None else series.values
+    if len(values) < mc.window:
+        raise ValueError(f"the history has {len(values)} points; the model reads {mc.window}")
+    window = p.scaler.transform(values[-mc.window:])[None]
+    mean, sigma = predict(run.model, window)
+    if horizon > mc.horizon:
+        extra = recursive(run.model, window, horizon)[:, mc.horizon:]
+        mean = np.concatenate([mean, extra], axis=1)
+        sigma = np.concatenate([sigma, np.repeat(sigma[:, -1:], horizon - mc.horizon, axis=1)], axis=1)
+    std = np.array(p.scaler.std)
+    pred, half = p.scaler.inverse(mean[0, :horizon]), Z90 * sigma[0, :horizon] * std
+    return [{"step": h + 1, "mean": pred[h].tolist(), "lo90": (pred[h] - half[h]).tolist(),
+             "hi90": (pred[h] + half[h]).tolist()} for h in range(horizon)]
+
+
+def plot_run(run: LoadedRun, out_dir: str | Path) -> Path:
+    """forecast.png beside the run: the test horizon's one-step forecasts against the truth with the 90%
+    interval (first column), and the MAE by step ahead (direct vs recursive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, mc = run.prepared, run.model.config
+    x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
+    mean, sigma = predict(run.model, x)
+    pred, half = p.scaler.inverse(mean)[:, 0, 0], Z90 * sigma[:, 0, 0] * p.scaler.std[0]
+    t = np.arange(p.splits.test_start, p.splits.test_start + len(pred))
+    rec = p.scaler.inverse(recursive(run.model, x, mc.horizon))
+    truth = np.stack([p.series.values[o:o + mc.horizon] for o in t])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(np.arange(p.splits.length), p.series.values[:, 0], color="k", lw=0.8, label="truth")
+    a.plot(t, pred, label="one-step forecast")
+    a.fill_between(t, pred - half, pred + half, alpha=0.3, label="90% interval")
+    a.set_xlim(p.splits.test_start - 3 * mc.window, p.splits.length)
+    a.legend()
+    steps = np.arange(1, mc.horizon + 1)
+    b.plot(steps, np.abs(p.scaler.inverse(mean) - truth).mean(axis=(0, 2)), marker="o", label="direct")
+    b.plot(steps, np.abs(rec - truth).mean(axis=(0, 2)), marker="o", label="recursive")
+    b.set_xlabel("steps ahead")
+    b.set_ylabel("MAE")
+    b.legend()
+    fig.suptitle(f"{p.series.name} {mc.model}")
+    path = Path(out_dir) / "forecast.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,218 @@
+"""Training a forecaster on the shared loop (lm.loop): ``Forecasting`` is the forecasting lm.loop.Family.
+
+Batches are windows of the standardised training part: (x: (B, W, D), y: (B, H, D)); an epoch's order is
+a pure function of (seed, epoch), so the loop's exact resume holds. The loss is the Gaussian NLL of the
+head (the mean is the point forecast, the scale gives the interval); the valid metrics are that NLL and
+the MSE of the mean, in standardised units. best.pt holds the lowest valid loss.
+
+Run directory: config.json (train config, model config, scaler, split, season), last.pt, best.pt,
+metrics.jsonl, metrics.png.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from forecast.data import PRESETS, Preset, Scaler, Series, Splits, chronological_splits, load_series, read_csv
+from forecast.model import MODELS, ForecastConfig, Forecaster, gaussian_nll
+from lm import loop
+from lm.config import (
+    ConfigError,
+    OptimConfig,
+    RunConfig,
+    Sections,
+    check_fields,
+    section_of,
+    setting,
+    with_defaults,
+)
+from lm.loop import StepLoss, Trainer
+
+CHECKPOINT_KIND = "ts"
+
+
+@dataclass
+class TSDataConfig:
+    """The series, its split and its windows."""
+
+    dataset: str = setting("sine-d2l", "preset series; ignored with --csv",
+                           choices=tuple(PRESETS))
+    csv: str = setting("", "a CSV file with a header instead of a preset")
+    time_column: str = setting("time", "--csv: the time column (strictly increasing)")
+    value_column: str = setting("value", "--csv: value column(s), comma-separated (several = multivariate)")
+    test: int = setting(0, "points at the end held out as the test horizon (0 = the preset's; --csv: 20%)",
+                        minimum=0)
+    season: int = setting(0, "seasonal period of the MASE scale (0 = the preset's; --csv: 1)", minimum=0)
+    window: int = setting(0, "past values per forecast (0 = the preset's; --csv: 8)", minimum=0)
+    horizon: int = setting(1, "steps forecast at once", minimum=1)
+    batch_size: int = setting(0, "windows per batch (0 = the preset's; --csv: 16)", minimum=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def series_time_column(self) -> str:
+        """The time column of the series' CSV (a preset's own, or --time-column)."""
+        source = PRESETS[self.dataset].source
+        return source[1] if source and not self.csv else self.time_column
+
+    def columns(self) -> list[str]:
+        return [c.strip() for c in self.value_column.split(",") if c.strip()]
+
+
+TSModelConfig = section_of(ForecastConfig, "TSModelConfig", "The network (forecast.model.ForecastConfig).",
+                           exclude=("inputs", "window", "horizon"))
+TSOptimConfig = with_defaults(OptimConfig, "TSOptimConfig", lr=1e-2, weight_decay=0.0, seed=0)
+TSRunConfig = with_defaults(RunConfig, "TSRunConfig", epochs=60, patience=8, log_every=10, max_minutes=5.0)
+
+
+@dataclass
+class TrainConfig(Sections):
+    """``rnnlab-ts train``: data, model, optim, run."""
+
+    data: TSDataConfig = field(default_factory=TSDataConfig)
+    model: Any = field(default_factory=TSModelConfig)
+    optim: Any = field(default_factory=TSOptimConfig)
+    run: Any = field(default_factory=TSRunConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.model not in MODELS:
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)}")
+
+    @classmethod
+    def of(cls, **flat: Any) -> TrainConfig:
+        return cls.from_dict(flat)
+
+
+def resolved_preset(data: TSDataConfig, length: int) -> Preset:
+    """The preset's test/season/window/batch with the config's non-zero values over them."""
+    base = PRESETS[data.dataset] if not data.csv else Preset(test=max(length // 5, 1), season=1, window=8,
+                                                             batch_size=16)
+    return Preset(test=data.test or base.test, season=data.season or base.season,
+                  window=data.window or base.window, batch_size=data.batch_size or base.batch_size)
+
+
+def read_series(data: TSDataConfig, seed: int) -> Series:
+    if data.csv:
+        return read_csv(data.csv, data.time_column, data.columns())
+    return load_series(data.dataset, seed)
+
+
+@dataclass
+class Prepared:
+    """A series ready for a model: the split, the scaler fitted on train, the standardised values."""
+
+    series: Series
+    preset: Preset
+    splits: Splits
+    scaler: Scaler
+    scaled: np.ndarray
+    """(N, D) float32 standardised values."""
+
+    def windows(self, start: int, stop: int, window: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every (x, y) whose target lies in [start, stop): x (n, W, D), y (n, H, D)."""
+        origins = np.arange(max(start, window), stop - horizon + 1)
+        x = np.stack([self.scaled[o - window:o] for o in origins])
+        y = np.stack([self.scaled[o:o + horizon] for o in origins])
+        return x, y
+
+
+def prepare(series: Series, preset: Preset, scaler: Scaler | None = None) -> Prepared:
+    splits = chronological_splits(len(series.values), preset.test, preset.window)
+    scaler = scaler or Scaler.fit(series.values[:splits.valid_start])
+    return Prepared(series, preset, splits, scaler, scaler.transform(series.values).astype(np.float32))
+
+
+class Forecasting:
+    """The forecasters' lm.loop.Family: shuffled training windows, Gaussian NLL, valid NLL and MSE."""
+
+    kind = CHECKPOINT_KIND
+    monitor, maximize = "loss", False
+
+    def __init__(self, config: TrainConfig, prepared: Prepared) -> None:
+        self.config, self.prepared = config, prepared
+        p, s = prepared.preset, prepared.splits
+        self.model_config = ForecastConfig(model=config.model.model, hidden=config.model.hidden,
+                                           layers=config.model.layers, relative=config.model.relative,
+                                           inputs=prepared.scaled.shape[1],
+                                           window=p.window, horizon=config.data.horizon)
+        h = config.data.horizon
+        w = p.window
+        self.x, self.y = (torch.from_numpy(a) for a in prepared.windows(0, s.valid_start, w, h))
+        self.vx, self.vy = (torch.from_numpy(a) for a in prepared.windows(s.valid_start, s.test_start, w, h))
+        self.title = f"{prepared.series.name} {config.model.model} h={config.data.horizon}"
+        self.model: Forecaster | None = None
+
+    def build_model(self) -> Forecaster:
+        self.model = Forecaster(self.model_config)
+        return self.model
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.config.optim.seed, epoch]).permutation(len(self.x))
+
+    def epoch_length(self, epoch: int) -> int:
+        return -(-len(self.x) // self.prepared.preset.batch_size)
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def batches(self, epoch: int, start: int) -> list[np.ndarray]:
+        order, size = self._order(epoch), self.prepared.preset.batch_size
+        return [order[i:i + size] for i in range(start * size, len(order), size)]
+
+    def step_loss(self, batch: np.ndarray) -> StepLoss:
+        """batch: (B,) int64 window indices -> Gaussian NLL of their targets."""
+        assert self.model is not None
+        index = torch.from_numpy(batch)
+        mean, log_sigma = self.model(self.x[index])
+        loss = gaussian_nll(mean, log_sigma, self.y[index])
+        return StepLoss(loss, loss.detach(), len(batch))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        assert self.model is not None
+        self.model.eval()
+        mean, log_sigma = self.model(self.vx)
+        self.model.train()
+        return {"loss": float(gaussian_nll(mean, log_sigma, self.vy)),
+                "mse": float(torch.mean((mean - self.vy) ** 2))}
+
+    def payload(self) -> dict[str, Any]:
+        p = self.prepared
+        return {"model_config": self.model_config.to_dict(), "scaler": vars(p.scaler),
+                "columns": p.series.columns, "season": p.preset.season, "test": p.preset.test}
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        pass  # nothing is carried from one batch to the next
+
+    def run_files(self) -> dict[str, Any]:
+        return {"config.json": {"train": self.config.to_dict(), **self.payload()}}
+
+
+def _prepared(config: TrainConfig) -> Prepared:
+    series = read_series(config.data, config.optim.seed)
+    return prepare(series, resolved_preset(config.data, len(series.values)))
+
+
+def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> Trainer:
+    """A trainer for a new run in ``out``; the series is read and split before the directory is made."""
+    loop.check_new_run_dir(Path(out))
+    return loop.start_run(Forecasting(config, _prepared(config)), config, out, **trainer_options)
+
+
+def _family_for(config: TrainConfig, payload: dict[str, Any]) -> Forecasting:
+    return Forecasting(config, _prepared(config))
+
+
+def resume_run(out: str | Path, overrides: dict[str, Any], **trainer_options: Any) -> Trainer:
+    """Continues the run in ``out`` exactly where it stopped; only [run] settings may change."""
+    return loop.resume_run(_family_for, TrainConfig, CHECKPOINT_KIND, out, overrides, **trainer_options)
+
+
+def summary(trainer: Trainer, reason: str) -> dict[str, Any]:
+    return {"steps": trainer.position.step, "epochs": trainer.position.epoch, "best_valid_loss": trainer.best,
+            "stopped_by": reason, "seconds": round(trainer.elapsed_s, 1)}

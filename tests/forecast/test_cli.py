@@ -1,0 +1,67 @@
+"""rnnlab-ts end to end on real data: train through the shared loop, eval --json, forecast, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forecast.cli import main
+from lm.checkpoint import load_checkpoint
+
+TRAIN = ["train", "--dataset", "sunspots", "--model", "gru", "--horizon", "4", "--hidden", "16",
+         "--max-steps", "30", "--no-progress", "--seed", "3", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ts") / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    return out
+
+
+def test_run_directory(run_dir):
+    for name in ("config.json", "last.pt", "best.pt", "metrics.jsonl", "metrics.png"):
+        assert (run_dir / name).exists(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["test"] == 30 and config["season"] == 11 and len(config["scaler"]["mean"]) == 1
+
+
+def test_eval_json_keys(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"mae", "rmse", "mase", "coverage"} <= set(result)
+    assert result["origins"] == 30 - 4 + 1 and result["points"] == 27 * 4
+    assert 0 <= result["coverage"] <= 1 and result["rmse"] >= result["mae"] > 0
+    assert (run_dir / "forecast.png").exists()
+
+
+def test_forecast_from_csv(run_dir, tmp_path, capsys):
+    csv = tmp_path / "h.csv"
+    csv.write_text("YEAR,SUNACTIVITY\n" + "".join(f"{1900 + i},{(i * 7) % 90}\n" for i in range(40)))
+    assert main(["forecast", str(run_dir), "--horizon", "6", "--csv", str(csv)]) == 0
+    out = json.loads(capsys.readouterr().out)["forecast"]
+    assert [f["step"] for f in out] == [1, 2, 3, 4, 5, 6]
+    assert all(f["lo90"][0] < f["mean"][0] < f["hi90"][0] for f in out)
+    short = tmp_path / "short.csv"
+    short.write_text("YEAR,SUNACTIVITY\n1900,3\n1901,4\n")
+    assert main(["forecast", str(run_dir), "--csv", str(short)]) == 2
+    assert "the model reads 22" in capsys.readouterr().err
+
+
+def test_determinism_by_seed(run_dir, tmp_path):
+    again = tmp_path / "again"
+    assert main([*TRAIN, "--out", str(again)]) == 0
+    a = load_checkpoint(run_dir / "last.pt", "ts")["model"]
+    b = load_checkpoint(again / "last.pt", "ts")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_csv_is_a_user_error(tmp_path, capsys):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("t,v\n1,1\n2,x\n")
+    assert main(["train", "--csv", str(csv), "--time-column", "t", "--value-column", "v",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "bad.csv:3" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
