@@ -9,7 +9,7 @@ MT_RUN  ?= $(RUNS)/mt-fra-eng
 # The serve-only environment of `make test-serve` (recreated on every run).
 SERVE_VENV ?= .venv-serve
 # 1: `make lint` also runs `ruff format --check` (on once the whole tree has been through `ruff format`).
-RUFF_FORMAT ?= 0
+RUFF_FORMAT ?= 1
 # Use the read-only data folder beside the checkout as an offline mirror when it is there.
 ifneq ($(wildcard ../shared/data),)
 export RNNLAB_DATA_MIRROR ?= $(abspath ../shared/data)

@@ -68,10 +68,18 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         columns = run.prepared.series.columns
         series = read_csv(args.csv, args.time_column or data.series_time_column(), columns)
         if len(series.values) < run.model.config.window:
-            raise ForecastInputError(f"{args.csv}: {len(series.values)} rows; the model reads "
-                                     f"{run.model.config.window}")
-    print(json.dumps({"horizon": args.horizon, "columns": run.prepared.series.columns,
-                      "forecast": forecast_next(run, args.horizon, series)}))
+            raise ForecastInputError(
+                f"{args.csv}: {len(series.values)} rows; the model reads {run.model.config.window}"
+            )
+    print(
+        json.dumps(
+            {
+                "horizon": args.horizon,
+                "columns": run.prepared.series.columns,
+                "forecast": forecast_next(run, args.horizon, series),
+            }
+        )
+    )
     return 0
 
 
@@ -91,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file of settings ([data] [model] [optim] [run])")
     add_config_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
-    for name, func, text in (("eval", cmd_eval, "rolling-origin scores on the test horizon"),
-                             ("forecast", cmd_forecast, "the next values with 90% intervals")):
+    for name, func, text in (
+        ("eval", cmd_eval, "rolling-origin scores on the test horizon"),
+        ("forecast", cmd_forecast, "the next values with 90% intervals"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("run", help="run directory")
         p.add_argument("--checkpoint", "--which", dest="which", choices=("best", "last"), default="best")

@@ -54,8 +54,9 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "co2": Preset(test=104, season=52, window=52, batch_size=32, source=("co2", "date", "co2")),
-    "sunspots": Preset(test=30, season=11, window=22, batch_size=16,
-                       source=("sunspots", "YEAR", "SUNACTIVITY")),
+    "sunspots": Preset(
+        test=30, season=11, window=22, batch_size=16, source=("sunspots", "YEAR", "SUNACTIVITY")
+    ),
     # 002: x_t = sin(0.01 t) + N(0, 0.2^2), T = 1000, tau = 4, the first 600 points train, batch 16
     "sine-d2l": Preset(test=400, season=1, window=4, batch_size=16),
     # 003: sin(t) + 0.1 N(0, 1) at t = 0, 0.1, ..., 19.9 (200 points), windows of 5; last 40 points test
@@ -83,8 +84,9 @@ def _time_key(text: str) -> float | str:
         return text
 
 
-def _parse_rows(path: Path, time_column: str, value_columns: list[str]
-                ) -> tuple[list[str], list[list[float]]]:
+def _parse_rows(
+    path: Path, time_column: str, value_columns: list[str]
+) -> tuple[list[str], list[list[float]]]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)

@@ -68,9 +68,9 @@ def rolling_origin(run: LoadedRun) -> dict[str, Any]:
     mean, sigma = predict(run.model, x)
     std = np.array(p.scaler.std)
     pred = p.scaler.inverse(mean)
-    truth = np.stack([p.series.values[o:o + mc.horizon] for o in origins])
-    mask = np.stack([p.series.observed[o:o + mc.horizon] for o in origins])
-    scale = seasonal_naive_scale(p.series.values[:p.splits.valid_start], p.preset.season)
+    truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
+    mask = np.stack([p.series.observed[o : o + mc.horizon] for o in origins])
+    scale = seasonal_naive_scale(p.series.values[: p.splits.valid_start], p.preset.season)
     result = scores(pred, truth, pred - Z90 * sigma * std, pred + Z90 * sigma * std, scale, mask)
     err = np.abs(pred - truth)
     result["per_step_mae"] = [float(np.mean(err[:, h][mask[:, h]])) for h in range(mc.horizon)]
@@ -93,16 +93,23 @@ def forecast_next(run: LoadedRun, horizon: int, series: Series | None = None) ->
     values = p.series.values if series is None else series.values
     if len(values) < mc.window:
         raise ValueError(f"the history has {len(values)} points; the model reads {mc.window}")
-    window = p.scaler.transform(values[-mc.window:])[None]
+    window = p.scaler.transform(values[-mc.window :])[None]
     mean, sigma = predict(run.model, window)
     if horizon > mc.horizon:
-        extra = recursive(run.model, window, horizon)[:, mc.horizon:]
+        extra = recursive(run.model, window, horizon)[:, mc.horizon :]
         mean = np.concatenate([mean, extra], axis=1)
         sigma = np.concatenate([sigma, np.repeat(sigma[:, -1:], horizon - mc.horizon, axis=1)], axis=1)
     std = np.array(p.scaler.std)
     pred, half = p.scaler.inverse(mean[0, :horizon]), Z90 * sigma[0, :horizon] * std
-    return [{"step": h + 1, "mean": pred[h].tolist(), "lo90": (pred[h] - half[h]).tolist(),
-             "hi90": (pred[h] + half[h]).tolist()} for h in range(horizon)]
+    return [
+        {
+            "step": h + 1,
+            "mean": pred[h].tolist(),
+            "lo90": (pred[h] - half[h]).tolist(),
+            "hi90": (pred[h] + half[h]).tolist(),
+        }
+        for h in range(horizon)
+    ]
 
 
 def plot_run(run: LoadedRun, out_dir: str | Path) -> Path:
@@ -119,7 +126,7 @@ def plot_run(run: LoadedRun, out_dir: str | Path) -> Path:
     pred, half = p.scaler.inverse(mean)[:, 0, 0], Z90 * sigma[:, 0, 0] * p.scaler.std[0]
     t = np.arange(p.splits.test_start, p.splits.test_start + len(pred))
     rec = p.scaler.inverse(recursive(run.model, x, mc.horizon))
-    truth = np.stack([p.series.values[o:o + mc.horizon] for o in t])
+    truth = np.stack([p.series.values[o : o + mc.horizon] for o in t])
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(np.arange(p.splits.length), p.series.values[:, 0], color="k", lw=0.8, label="truth")
     a.plot(t, pred, label="one-step forecast")

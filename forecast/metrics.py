@@ -13,12 +13,23 @@ def seasonal_naive_scale(train: np.ndarray, season: int) -> float:
     return scale if scale > 0 else 1.0
 
 
-def scores(pred: np.ndarray, truth: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: float,
-           mask: np.ndarray | None = None) -> dict[str, float]:
+def scores(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    scale: float,
+    mask: np.ndarray | None = None,
+) -> dict[str, float]:
     """All arrays of one shape -> mae, rmse, mase (mae / scale), coverage (share of truth in [lo, hi])."""
     keep = np.ones(truth.shape, dtype=bool) if mask is None else mask
     err = (pred - truth)[keep]
     inside = ((truth >= lo) & (truth <= hi))[keep]
     mae = float(np.mean(np.abs(err)))
-    return {"mae": mae, "rmse": float(np.sqrt(np.mean(err * err))), "mase": mae / scale,
-            "coverage": float(np.mean(inside)), "points": int(keep.sum())}
+    return {
+        "mae": mae,
+        "rmse": float(np.sqrt(np.mean(err * err))),
+        "mase": mae / scale,
+        "coverage": float(np.mean(inside)),
+        "points": int(keep.sum()),
+    }

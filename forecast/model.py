@@ -28,8 +28,11 @@ class ForecastConfig:
     inputs: int = setting(1, "values per time step (columns)", minimum=1)
     window: int = setting(4, "past values read per forecast", minimum=1)
     horizon: int = setting(1, "steps forecast at once (direct multi-horizon)", minimum=1)
-    relative: bool = setting(True, "read the window relative to its last value and forecast the change "
-                                   "(a trending series leaves the training range)")
+    relative: bool = setting(
+        True,
+        "read the window relative to its last value and forecast the change "
+        "(a trending series leaves the training range)",
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,8 +47,9 @@ class Forecaster(nn.Module):
         c = config
         out = 2 * c.horizon * c.inputs
         if c.model == "mlp":  # 002: tau lags -> 10 hidden ReLU -> the output
-            self.body: nn.Module = nn.Sequential(nn.Flatten(), nn.Linear(c.window * c.inputs, c.hidden),
-                                                 nn.ReLU())
+            self.body: nn.Module = nn.Sequential(
+                nn.Flatten(), nn.Linear(c.window * c.inputs, c.hidden), nn.ReLU()
+            )
         else:
             cell = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[c.model]
             self.body = cell(c.inputs, c.hidden, num_layers=c.layers, batch_first=True)

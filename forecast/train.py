@@ -40,13 +40,13 @@ CHECKPOINT_KIND = "ts"
 class TSDataConfig:
     """The series, its split and its windows."""
 
-    dataset: str = setting("sine-d2l", "preset series; ignored with --csv",
-                           choices=tuple(PRESETS))
+    dataset: str = setting("sine-d2l", "preset series; ignored with --csv", choices=tuple(PRESETS))
     csv: str = setting("", "a CSV file with a header instead of a preset")
     time_column: str = setting("time", "--csv: the time column (strictly increasing)")
     value_column: str = setting("value", "--csv: value column(s), comma-separated (several = multivariate)")
-    test: int = setting(0, "points at the end held out as the test horizon (0 = the preset's; --csv: 20%)",
-                        minimum=0)
+    test: int = setting(
+        0, "points at the end held out as the test horizon (0 = the preset's; --csv: 20%)", minimum=0
+    )
     season: int = setting(0, "seasonal period of the MASE scale (0 = the preset's; --csv: 1)", minimum=0)
     window: int = setting(0, "past values per forecast (0 = the preset's; --csv: 8)", minimum=0)
     horizon: int = setting(1, "steps forecast at once", minimum=1)
@@ -64,8 +64,12 @@ class TSDataConfig:
         return [c.strip() for c in self.value_column.split(",") if c.strip()]
 
 
-TSModelConfig = section_of(ForecastConfig, "TSModelConfig", "The network (forecast.model.ForecastConfig).",
-                           exclude=("inputs", "window", "horizon"))
+TSModelConfig = section_of(
+    ForecastConfig,
+    "TSModelConfig",
+    "The network (forecast.model.ForecastConfig).",
+    exclude=("inputs", "window", "horizon"),
+)
 TSOptimConfig = with_defaults(OptimConfig, "TSOptimConfig", lr=1e-2, weight_decay=0.0, seed=0)
 TSRunConfig = with_defaults(RunConfig, "TSRunConfig", epochs=60, patience=8, log_every=10, max_minutes=5.0)
 
@@ -90,10 +94,17 @@ class TrainConfig(Sections):
 
 def resolved_preset(data: TSDataConfig, length: int) -> Preset:
     """The preset's test/season/window/batch with the config's non-zero values over them."""
-    base = PRESETS[data.dataset] if not data.csv else Preset(test=max(length // 5, 1), season=1, window=8,
-                                                             batch_size=16)
-    return Preset(test=data.test or base.test, season=data.season or base.season,
-                  window=data.window or base.window, batch_size=data.batch_size or base.batch_size)
+    base = (
+        PRESETS[data.dataset]
+        if not data.csv
+        else Preset(test=max(length // 5, 1), season=1, window=8, batch_size=16)
+    )
+    return Preset(
+        test=data.test or base.test,
+        season=data.season or base.season,
+        window=data.window or base.window,
+        batch_size=data.batch_size or base.batch_size,
+    )
 
 
 def read_series(data: TSDataConfig, seed: int) -> Series:
@@ -116,14 +127,14 @@ class Prepared:
     def windows(self, start: int, stop: int, window: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """Every (x, y) whose target lies in [start, stop): x (n, W, D), y (n, H, D)."""
         origins = np.arange(max(start, window), stop - horizon + 1)
-        x = np.stack([self.scaled[o - window:o] for o in origins])
-        y = np.stack([self.scaled[o:o + horizon] for o in origins])
+        x = np.stack([self.scaled[o - window : o] for o in origins])
+        y = np.stack([self.scaled[o : o + horizon] for o in origins])
         return x, y
 
 
 def prepare(series: Series, preset: Preset, scaler: Scaler | None = None) -> Prepared:
     splits = chronological_splits(len(series.values), preset.test, preset.window)
-    scaler = scaler or Scaler.fit(series.values[:splits.valid_start])
+    scaler = scaler or Scaler.fit(series.values[: splits.valid_start])
     return Prepared(series, preset, splits, scaler, scaler.transform(series.values).astype(np.float32))
 
 
@@ -136,10 +147,15 @@ class Forecasting:
     def __init__(self, config: TrainConfig, prepared: Prepared) -> None:
         self.config, self.prepared = config, prepared
         p, s = prepared.preset, prepared.splits
-        self.model_config = ForecastConfig(model=config.model.model, hidden=config.model.hidden,
-                                           layers=config.model.layers, relative=config.model.relative,
-                                           inputs=prepared.scaled.shape[1],
-                                           window=p.window, horizon=config.data.horizon)
+        self.model_config = ForecastConfig(
+            model=config.model.model,
+            hidden=config.model.hidden,
+            layers=config.model.layers,
+            relative=config.model.relative,
+            inputs=prepared.scaled.shape[1],
+            window=p.window,
+            horizon=config.data.horizon,
+        )
         h = config.data.horizon
         w = p.window
         self.x, self.y = (torch.from_numpy(a) for a in prepared.windows(0, s.valid_start, w, h))
@@ -162,7 +178,7 @@ class Forecasting:
 
     def batches(self, epoch: int, start: int) -> list[np.ndarray]:
         order, size = self._order(epoch), self.prepared.preset.batch_size
-        return [order[i:i + size] for i in range(start * size, len(order), size)]
+        return [order[i : i + size] for i in range(start * size, len(order), size)]
 
     def step_loss(self, batch: np.ndarray) -> StepLoss:
         """batch: (B,) int64 window indices -> Gaussian NLL of their targets."""
@@ -178,13 +194,20 @@ class Forecasting:
         self.model.eval()
         mean, log_sigma = self.model(self.vx)
         self.model.train()
-        return {"loss": float(gaussian_nll(mean, log_sigma, self.vy)),
-                "mse": float(torch.mean((mean - self.vy) ** 2))}
+        return {
+            "loss": float(gaussian_nll(mean, log_sigma, self.vy)),
+            "mse": float(torch.mean((mean - self.vy) ** 2)),
+        }
 
     def payload(self) -> dict[str, Any]:
         p = self.prepared
-        return {"model_config": self.model_config.to_dict(), "scaler": vars(p.scaler),
-                "columns": p.series.columns, "season": p.preset.season, "test": p.preset.test}
+        return {
+            "model_config": self.model_config.to_dict(),
+            "scaler": vars(p.scaler),
+            "columns": p.series.columns,
+            "season": p.preset.season,
+            "test": p.preset.test,
+        }
 
     def restore(self, payload: dict[str, Any]) -> None:
         pass  # nothing is carried from one batch to the next
@@ -214,5 +237,10 @@ def resume_run(out: str | Path, overrides: dict[str, Any], **trainer_options: An
 
 
 def summary(trainer: Trainer, reason: str) -> dict[str, Any]:
-    return {"steps": trainer.position.step, "epochs": trainer.position.epoch, "best_valid_loss": trainer.best,
-            "stopped_by": reason, "seconds": round(trainer.elapsed_s, 1)}
+    return {
+        "steps": trainer.position.step,
+        "epochs": trainer.position.epoch,
+        "best_valid_loss": trainer.best,
+        "stopped_by": reason,
+        "seconds": round(trainer.elapsed_s, 1),
+    }

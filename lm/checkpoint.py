@@ -49,8 +49,9 @@ def _check_plain(obj: Any, where: str, path: str | Path) -> None:
         return
     if type(obj) not in _PLAIN_CONTAINERS:
         kind = f"{type(obj).__module__}.{type(obj).__name__}"
-        raise CheckpointError(f"{path}: cannot save {where} of type {kind}; "
-                              "checkpoints hold only tensors and plain Python data")
+        raise CheckpointError(
+            f"{path}: cannot save {where} of type {kind}; checkpoints hold only tensors and plain Python data"
+        )
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     for key, value in items:
         if isinstance(obj, dict):
@@ -71,9 +72,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: payload kind must be one of {', '.join(KINDS)}, not {kind!r}")
     _check_plain(payload, "payload", path)
     body = _to_bytes({**payload, "format": FORMAT, "version": VERSION})
-    envelope = {"format": FORMAT, "version": VERSION, "kind": kind,
-                "sha256": hashlib.sha256(body).hexdigest(),
-                "body": torch.frombuffer(bytearray(body), dtype=torch.uint8)}
+    envelope = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "body": torch.frombuffer(bytearray(body), dtype=torch.uint8),
+    }
     try:
         atomic_write_bytes(path, _to_bytes(envelope))
     except OSError as exc:

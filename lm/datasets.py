@@ -52,7 +52,9 @@ REGISTRY: dict[str, Dataset] = {
         name="timemachine",
         url="http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
         sha256="8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516",
-        member=None, filename="timemachine.txt", size=178979,
+        member=None,
+        filename="timemachine.txt",
+        size=178979,
         licence="public domain (Project Gutenberg)",
         description="H. G. Wells, The Time Machine (d2l.ai copy)",
     ),
@@ -60,7 +62,9 @@ REGISTRY: dict[str, Dataset] = {
         name="tinyshakespeare",
         url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        member=None, filename="tinyshakespeare.txt", size=1115394,
+        member=None,
+        filename="tinyshakespeare.txt",
+        size=1115394,
         licence="public domain",
         description="Shakespeare excerpts, char-rnn tiny shakespeare",
     ),
@@ -68,7 +72,9 @@ REGISTRY: dict[str, Dataset] = {
         name="fra-eng",
         url="http://d2l-data.s3-accelerate.amazonaws.com/fra-eng.zip",
         sha256="fa96382b2c8b609e1662654c1e6e6baeb8d30b3bf63dfb4a5a261cc36347df13",
-        member="fra-eng/fra.txt", filename="fra-eng.zip", size=3420152,
+        member="fra-eng/fra.txt",
+        filename="fra-eng.zip",
+        size=3420152,
         licence="CC-BY 2.0 FR (tatoeba.org, manythings.org/anki)",
         description="Tatoeba English-French pairs, 'english<TAB>french' lines",
     ),
@@ -76,7 +82,9 @@ REGISTRY: dict[str, Dataset] = {
         name="co2",
         url="https://raw.githubusercontent.com/statsmodels/statsmodels/main/statsmodels/datasets/co2/co2.csv",
         sha256="16695fa2786e53414e5a6b54767a3fdf5de99cfbc68617f69d1362d92776a92f",
-        member=None, filename="co2.csv", size=33974,
+        member=None,
+        filename="co2.csv",
+        size=33974,
         licence="public domain",
         description="Mauna Loa weekly CO2 (ppm) 1958-2001, 'date,co2' CSV (statsmodels copy), a series",
     ),
@@ -84,7 +92,9 @@ REGISTRY: dict[str, Dataset] = {
         name="sunspots",
         url="https://raw.githubusercontent.com/statsmodels/statsmodels/main/statsmodels/datasets/sunspots/sunspots.csv",
         sha256="f67889b1d9002cd5227f0e0ef54e35b419cdd85a31279adef6f73fb41e5c0a9b",
-        member=None, filename="sunspots.csv", size=2944,
+        member=None,
+        filename="sunspots.csv",
+        size=2944,
         licence="public domain",
         description="Yearly sunspot activity 1700-2008 (NOAA NGDC), 'YEAR,SUNACTIVITY' CSV, a series",
     ),
@@ -99,8 +109,10 @@ def get_dataset(name: str) -> Dataset:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise DatasetError(f"unknown corpus {name!r}; known corpora: {', '.join(sorted(REGISTRY))} "
-                           "(or give the path of a UTF-8 text file)") from None
+        raise DatasetError(
+            f"unknown corpus {name!r}; known corpora: {', '.join(sorted(REGISTRY))} "
+            "(or give the path of a UTF-8 text file)"
+        ) from None
 
 
 def _sources(dataset: Dataset) -> list[str]:
@@ -130,8 +142,10 @@ def _download(dataset: Dataset, source: str, target: Path) -> None:
             digest.update(chunk)
             out.write(chunk)
         if digest.hexdigest() != dataset.sha256:
-            raise DatasetError(f"checksum mismatch for {dataset.filename} from {source}: expected sha256 "
-                               f"{dataset.sha256}, got {digest.hexdigest()}")
+            raise DatasetError(
+                f"checksum mismatch for {dataset.filename} from {source}: expected sha256 "
+                f"{dataset.sha256}, got {digest.hexdigest()}"
+            )
 
 
 def _fetch_download(dataset: Dataset) -> Path:
@@ -141,8 +155,10 @@ def _fetch_download(dataset: Dataset) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DatasetError(f"cannot create the cache folder {target.parent} ({exc.strerror}); "
-                           f"set {CACHE_ENV} to a writable folder") from None
+        raise DatasetError(
+            f"cannot create the cache folder {target.parent} ({exc.strerror}); "
+            f"set {CACHE_ENV} to a writable folder"
+        ) from None
     failures = []
     for source in _sources(dataset):
         try:
@@ -153,8 +169,10 @@ def _fetch_download(dataset: Dataset) -> Path:
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             failures.append(f"{source}: {reason}")
-    raise DatasetError(f"cannot fetch {dataset.name} ({'; '.join(failures)}); without network access, set "
-                       f"{MIRROR_ENV} to a folder or URL prefix holding {dataset.filename}")
+    raise DatasetError(
+        f"cannot fetch {dataset.name} ({'; '.join(failures)}); without network access, set "
+        f"{MIRROR_ENV} to a folder or URL prefix holding {dataset.filename}"
+    )
 
 
 def _extract_member(dataset: Dataset, archive: Path) -> Path:
@@ -217,11 +235,17 @@ def describe() -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for dataset in REGISTRY.values():
         cached = is_cached(dataset)
-        rows.append({
-            "name": dataset.name, "description": dataset.description, "licence": dataset.licence,
-            "url": dataset.url, "size": dataset.size, "cached": cached,
-            "path": str(cache_dir() / (dataset.member or dataset.filename)) if cached else None,
-        })
+        rows.append(
+            {
+                "name": dataset.name,
+                "description": dataset.description,
+                "licence": dataset.licence,
+                "url": dataset.url,
+                "size": dataset.size,
+                "cached": cached,
+                "path": str(cache_dir() / (dataset.member or dataset.filename)) if cached else None,
+            }
+        )
     return rows
 
 
@@ -229,10 +253,16 @@ def format_table(rows: list[dict[str, object]]) -> str:
     """The rows of :func:`describe` as an aligned text table."""
     header = ("NAME", "SIZE", "CACHED", "LICENCE", "DESCRIPTION")
     lines = [header] + [
-        (str(r["name"]), f"{r['size'] / 1e6:.1f} MB" if isinstance(r["size"], int) else "?",
-         "yes" if r["cached"] else "no", str(r["licence"]), str(r["description"]))
+        (
+            str(r["name"]),
+            f"{r['size'] / 1e6:.1f} MB" if isinstance(r["size"], int) else "?",
+            "yes" if r["cached"] else "no",
+            str(r["licence"]),
+            str(r["description"]),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )

@@ -10,8 +10,24 @@ import torch
 from forecast.cli import main
 from lm.checkpoint import load_checkpoint
 
-TRAIN = ["train", "--dataset", "sunspots", "--model", "gru", "--horizon", "4", "--hidden", "16",
-         "--max-steps", "30", "--no-progress", "--seed", "3", "--threads", "1"]
+TRAIN = [
+    "train",
+    "--dataset",
+    "sunspots",
+    "--model",
+    "gru",
+    "--horizon",
+    "4",
+    "--hidden",
+    "16",
+    "--max-steps",
+    "30",
+    "--no-progress",
+    "--seed",
+    "3",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +77,21 @@ def test_determinism_by_seed(run_dir, tmp_path):
 def test_bad_csv_is_a_user_error(tmp_path, capsys):
     csv = tmp_path / "bad.csv"
     csv.write_text("t,v\n1,1\n2,x\n")
-    assert main(["train", "--csv", str(csv), "--time-column", "t", "--value-column", "v",
-                 "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--csv",
+                str(csv),
+                "--time-column",
+                "t",
+                "--value-column",
+                "v",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "bad.csv:3" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -37,7 +37,7 @@ def test_scaler_is_fitted_on_train_only():
     series = load_series("sunspots")
     config = TrainConfig.of(dataset="sunspots")
     prepared = prepare(series, resolved_preset(config.data, 309))
-    train = series.values[:prepared.splits.valid_start]
+    train = series.values[: prepared.splits.valid_start]
     assert prepared.scaler.mean == pytest.approx(train.mean(axis=0).tolist())
     assert prepared.scaler.mean != pytest.approx(series.values.mean(axis=0).tolist())
     back = prepared.scaler.inverse(prepared.scaler.transform(series.values))
@@ -53,15 +53,18 @@ def test_csv_missing_values_are_interpolated(tmp_path):
     assert series.observed[1].tolist() == [False, False] and series.observed[0].all()
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("t,v\n1,1\n2,abc\n", r"s.csv:3: column 'v': 'abc' is not a number"),
-    ("t,v\n1,1\n2,2,5\n", r"s.csv:3: 3 fields, the header has 2"),
-    ("t,v\n1,1\n3,2\n2,4\n", r"s.csv:4: time '2' does not come after '3'"),
-    ("t,v\n1,1\n1,2\n", r"s.csv:3: time '1' does not come after '1'"),
-    ("t,v\n1,1\n2,inf\n", r"s.csv:3: column 'v': 'inf' is not finite"),
-    ("t,x\n1,1\n", r"no column 'v'"),
-    ("", "empty file"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("t,v\n1,1\n2,abc\n", r"s.csv:3: column 'v': 'abc' is not a number"),
+        ("t,v\n1,1\n2,2,5\n", r"s.csv:3: 3 fields, the header has 2"),
+        ("t,v\n1,1\n3,2\n2,4\n", r"s.csv:4: time '2' does not come after '3'"),
+        ("t,v\n1,1\n1,2\n", r"s.csv:3: time '1' does not come after '1'"),
+        ("t,v\n1,1\n2,inf\n", r"s.csv:3: column 'v': 'inf' is not finite"),
+        ("t,x\n1,1\n", r"no column 'v'"),
+        ("", "empty file"),
+    ],
+)
 def test_csv_bad_rows_are_named_by_line(tmp_path, text, message):
     path = tmp_path / "s.csv"
     path.write_text(text, encoding="utf-8")
