@@ -12,8 +12,6 @@ import sys
 
 from serving.errors import UserError, run_command
 
-TRAIN_ONLY = ("out", "resume", "config", "command", "func")
-
 
 class ForecastInputError(UserError):
     """A forecast request cannot be answered (history too short, wrong columns)."""
@@ -31,18 +29,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from forecast.train import TrainConfig, resume_run, start_run, summary
-    from lm.config import build_config, given_settings
-    from lm.loop import fit_command
+    from lm.loop import train_command
 
-    flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
-    config_file = getattr(args, "config", None)
-    if getattr(args, "resume", False):
-        trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
-    else:
-        trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
-    result, code = fit_command(trainer, f"rnnlab-ts train --out {args.out} --resume")
-    print(json.dumps(summary(trainer, result.reason)))
-    return code
+    return train_command(args, TrainConfig, start_run, resume_run, summary, "rnnlab-ts")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

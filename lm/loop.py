@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lm.config import OptimConfig, Sections, resumed_config
+from lm.config import OptimConfig, Sections, build_config, given_settings, resumed_config
 from lm.metrics import MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, perplexity
 from lm.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -535,3 +535,28 @@ def fit_command(trainer: Trainer, resume_hint: str) -> tuple[FitResult, int]:
         print(f"interrupted; continue with: {resume_hint}", file=sys.stderr)
         return result, ExitCode.INTERRUPTED
     return result, ExitCode.OK
+
+
+TRAIN_ONLY = ("out", "resume", "config", "command", "func")
+"""argparse destinations of a family's ``train`` command that are not config settings."""
+
+
+def train_command(
+    args: Any,
+    config_cls: type,
+    start_run: Callable[[Any, str], Trainer],
+    resume_run: Callable[[str, dict[str, Any]], Trainer],
+    summary: Callable[[Trainer, str], dict[str, Any]],
+    program: str,
+) -> int:
+    """A family's ``PROGRAM train``: a new run (or ``--resume``) from the flags and ``--config FILE.toml``,
+    fit, the family's summary as one JSON line on stdout; returns the exit code (ExitCode table)."""
+    flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
+    config_file = getattr(args, "config", None)
+    if getattr(args, "resume", False):
+        trainer = resume_run(args.out, given_settings(config_cls, flags, config_file))
+    else:
+        trainer = start_run(build_config(config_cls, flags, config_file), args.out)
+    result, code = fit_command(trainer, f"{program} train --out {args.out} --resume")
+    print(json.dumps(summary(trainer, result.reason)))
+    return code

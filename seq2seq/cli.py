@@ -42,23 +42,11 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_train)
 
 
-TRAIN_ONLY = ("out", "resume", "config", "command", "func")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from lm.config import build_config, given_settings
-    from lm.loop import fit_command
+    from lm.loop import train_command
     from seq2seq.train import TrainConfig, resume_run, start_run, summary
 
-    flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
-    config_file = getattr(args, "config", None)
-    if getattr(args, "resume", False):
-        trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
-    else:
-        trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
-    result, code = fit_command(trainer, f"rnnlab-mt train --out {args.out} --resume")
-    print(json.dumps(summary(trainer, result.reason)))
-    return code
+    return train_command(args, TrainConfig, start_run, resume_run, summary, "rnnlab-mt")
 
 
 # --- eval --------------------------------------------------------------------------------------------
