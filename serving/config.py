@@ -49,6 +49,13 @@ class ServerConfig:
     session_ttl_s: float = 3600.0
     evict_idle_sessions: bool = True  # evict least recently used idle sessions when the store is full
     max_message_bytes: int = 4 * 2**20
+    # translation (rnnlab.v1.Translation): limits on TranslateOptions and on one Translate call
+    translate_max_sentences: int = 4096  # more in one Translate call: RESOURCE_EXHAUSTED (use the stream)
+    translate_max_beam: int = 16
+    translate_max_length: int = 1024  # cap on TranslateOptions.max_length (output tokens)
+    translate_max_length_ratio: float = 10.0
+    translate_max_length_penalty: float = 5.0
+    translate_gather_ms: float = 3.0  # a batcher waits this long after the oldest sentence for company
     grace_s: float = 10.0  # SIGTERM: seconds in-flight calls may take to finish
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -75,14 +82,23 @@ class ServerConfig:
             "max_message_bytes",
             "ort_threads",
             "translate_workers",
+            "translate_max_sentences",
+            "translate_max_beam",
+            "translate_max_length",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
         for name in ("prompt_cache_entries", "prompt_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
-        if not (math.isfinite(self.flush_ms) and self.flush_ms >= 0):
-            raise ConfigError(f"flush_ms must be >= 0, not {self.flush_ms}")
+        for name in (
+            "flush_ms",
+            "translate_gather_ms",
+            "translate_max_length_ratio",
+            "translate_max_length_penalty",
+        ):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
         if not self.max_messages_per_s > 0:
             raise ConfigError(f"max_messages_per_s must be > 0, not {self.max_messages_per_s}")
         if not 0 <= self.port < 65536:

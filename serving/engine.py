@@ -63,6 +63,11 @@ class EngineStopped(Exception):
     pass
 
 
+class RequestRejected(ValueError):
+    """A request that would fail the whole batch (an id outside the vocabulary, a state of another shape):
+    refused at ``submit``, so that only its own call fails."""
+
+
 @dataclass
 class Request:
     """One call on a model.
@@ -274,6 +279,7 @@ class ModelEngine:
         self._ends: dict[Stream, Outcome] = {}  # streams that ended in those steps
         self._pending: dict[Stream, _Pending] = {}  # collected, not handed over yet
         self._urgent: set[Stream] = set()  # streams whose pending update goes at once: first token, end
+        self._state_shapes = [a.shape for a in runtime.init_state(1)]
 
     # -- event-loop side ---------------------------------------------------------------------------
 
@@ -291,6 +297,7 @@ class ModelEngine:
             self._thread.join()
 
     def submit(self, request: Request) -> Stream:
+        self._check(request)
         stream = Stream(request, time.perf_counter())
         with self._cond:
             if self._stopping:
@@ -298,6 +305,17 @@ class ModelEngine:
             self._incoming.append(stream)
             self._cond.notify()
         return stream
+
+    def _check(self, request: Request) -> None:
+        """Raises RequestRejected for what would break the batched step of every stream of this model."""
+        vocab = self.runtime.vocab_size
+        if request.ids and not all(0 <= i < vocab for i in request.ids):
+            bad = next(i for i in request.ids if not 0 <= i < vocab)
+            raise RequestRejected(f"token id {bad} out of range [0, {vocab})")
+        if request.state is not None and [a.shape for a in request.state] != self._state_shapes:
+            raise RequestRejected("state arrays do not fit the model")
+        if request.logits is not None and request.logits.shape != (vocab,):
+            raise RequestRejected(f"logits must have shape ({vocab},)")
 
     def cancel(self, stream: Stream) -> None:
         """The stream leaves the batch before the next step (its client went away)."""

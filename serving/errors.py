@@ -66,3 +66,12 @@ def run_command(command: Callable[[], int]) -> int:
         if os.environ.get("RNNLAB_DEBUG"):
             raise
         return fail(f"internal error ({type(exc).__name__}): {exc}", ExitCode.INTERNAL)
+
+
+QUOTE_CHARS = 80  # a 1 MB model name echoed whole once overflowed gRPC's 8 KB status-metadata limit
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of a client- or user-supplied value cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"

@@ -94,3 +94,32 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class TranslationMetrics:
+    """Prometheus metrics of the translation service, in the server's registry when given one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry or CollectorRegistry()
+        self.batch = Histogram(
+            "rnnlab_translation_batch_sentences",
+            "Sentences per encoder call",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.shared = Counter(
+            "rnnlab_translation_shared_batches",
+            "Encoder calls holding sentences of two or more RPCs",
+            ["model"],
+            registry=r,
+        )
+        self.sentences = Counter(
+            "rnnlab_translation_sentences", "Sentences translated", ["model"], registry=r
+        )
+        self.latency = Histogram(
+            "rnnlab_translation_sentence_seconds",
+            "From queueing a sentence to its result",
+            ["model"],
+            registry=r,
+        )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.errors import quote
+
 # Bookkeeping per session beyond its arrays (dict entry, object, id string); used for the byte budget.
 SESSION_OVERHEAD_BYTES = 600
 
@@ -104,9 +106,9 @@ class SessionStore:
         self.expire()
         session = self._sessions.get(session_id)
         if session is None:
-            raise SessionNotFound(f"no session {session_id!r} (unknown, closed or expired)")
+            raise SessionNotFound(f"no session {quote(session_id)} (unknown, closed or expired)")
         if session.busy:
-            raise SessionBusy(f"session {session_id!r} is busy with another call")
+            raise SessionBusy(f"session {quote(session_id)} is busy with another call")
         session.busy = True
         self._sessions.move_to_end(session_id)
         return session
@@ -126,7 +128,7 @@ class SessionStore:
     def close(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if session is None:
-            raise SessionNotFound(f"no session {session_id!r} (unknown, closed or expired)")
+            raise SessionNotFound(f"no session {quote(session_id)} (unknown, closed or expired)")
         self._bytes -= session.nbytes
         session.state, session.logits = [], None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -71,8 +72,13 @@ def encode(snapshot: SessionState, key: bytes) -> bytes:
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
-def decode(token: bytes, key: bytes) -> SessionState:
-    """Verifies the signature first, then parses; raises TokenError."""
+MAX_TOKENS = 2**53  # a session's token count; JSON-exact, far inside the response's int64
+MAX_STATE_VALUES = 1 << 24  # float32 values (64 MB): the decompressed size is bounded before inflating
+
+
+def decode(token: bytes, key: bytes, max_values: int = MAX_STATE_VALUES) -> SessionState:
+    """Verifies the signature first, then parses and checks every header field's type and range;
+    raises TokenError. Ids against the vocabulary and shapes against the model are the caller's checks."""
     if len(token) < len(MAGIC) + 5 + _TAG or not token.startswith(MAGIC):
         raise TokenError("malformed", "not an rnnlab state token")
     body, tag = token[:-_TAG], token[-_TAG:]
@@ -85,18 +91,59 @@ def decode(token: bytes, key: bytes) -> SessionState:
     start = len(MAGIC) + 5
     end = start + int.from_bytes(body[len(MAGIC) + 1 : start], "big")
     try:
-        header = json.loads(body[start:end])
-        raw = zlib.decompress(body[end:])
+        header = _header(json.loads(body[start:end]), max_values)
+        counts = [math.prod(shape) for shape in header["shapes"]]
+        raw = _inflate(body[end:], 4 * sum(counts))
         arrays, offset = [], 0
-        for shape in header["shapes"]:
-            count = int(np.prod(shape))
+        for shape, count in zip(header["shapes"], counts, strict=True):
             arrays.append(np.frombuffer(raw, np.float32, count, offset).reshape(shape).copy())
             offset += 4 * count
-        if offset != len(raw):
-            raise ValueError("array bytes do not match the shapes")
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError("arrays hold NaN or infinity")
         logits = arrays.pop() if header["has_logits"] else None
         return SessionState(
-            header["model"], header["bundle_digest"], arrays, logits, header["pending"], int(header["tokens"])
+            header["model"], header["bundle_digest"], arrays, logits, header["pending"], header["tokens"]
         )
     except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise TokenError("malformed", f"state token is malformed ({exc})") from exc
+        raise TokenError("malformed", f"state token is malformed ({str(exc)[:120]})") from exc
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _header(header: object, max_values: int) -> dict:
+    """The header with every field checked for type and range; ValueError names the first bad one."""
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    if not isinstance(header.get("model"), str) or not isinstance(header.get("bundle_digest"), str):
+        raise ValueError("model and bundle_digest must be strings")
+    shapes = header.get("shapes")
+    if not (
+        isinstance(shapes, list)
+        and 0 < len(shapes) <= 64
+        and all(
+            isinstance(s, list) and len(s) <= 6 and all(_is_int(d) and 0 <= d <= max_values for d in s)
+            for s in shapes
+        )
+    ):
+        raise ValueError("shapes must be 1..64 lists of at most 6 non-negative integers")
+    if sum(math.prod(s) for s in shapes) > max_values:
+        raise ValueError(f"arrays hold more than {max_values} values")
+    if not isinstance(header.get("has_logits"), bool):
+        raise ValueError("has_logits must be a boolean")
+    pending = header.get("pending")
+    if pending is not None and not (_is_int(pending) and 0 <= pending < 2**31):
+        raise ValueError("pending must be null or a token id in [0, 2**31)")
+    if not (_is_int(header.get("tokens")) and 0 <= header["tokens"] <= MAX_TOKENS):
+        raise ValueError(f"tokens must be an integer in [0, {MAX_TOKENS}]")
+    return header
+
+
+def _inflate(data: bytes, size: int) -> bytes:
+    """zlib-inflates at most ``size`` bytes; ValueError unless the stream holds exactly that many."""
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(data, size + 1)
+    if len(raw) != size or inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("array bytes do not match the shapes")
+    return raw

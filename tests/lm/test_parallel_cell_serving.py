@@ -9,9 +9,9 @@ import pytest
 
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, sampling_options
+from serving.harness import ServerThread
 from serving.runtime import LMRuntime
 from serving.sampling import SamplingParams
-from serving.server import ServerThread
 from tests.serving.serve_helpers import Stubs, config
 from tests.tiny_bundles import make_tiny_bundle
 

@@ -14,7 +14,7 @@ import pytest
 
 from seq2seq.cli import main
 from serving.config import ServerConfig
-from serving.server import ServerThread
+from serving.harness import ServerThread
 from serving.translator import SearchParams, Seq2SeqRuntime
 from tests.committed_bundles import TRANSLATOR, committed
 from tests.tiny_translators import pairs_lines, tiny_sources, tiny_translator

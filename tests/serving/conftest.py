@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from serving.harness import ServerThread
 from serving.runtime import LMRuntime
-from serving.server import ServerThread
 from tests.committed_bundles import committed
 from tests.serving.serve_helpers import Stubs, config
 

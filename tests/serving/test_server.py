@@ -10,8 +10,8 @@ import pytest
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, sampling_options
 from serving.config import ServerConfig
+from serving.harness import ServerThread
 from serving.sampling import SamplingParams
-from serving.server import ServerThread
 from tests.serving.serve_helpers import STATE_KEY, Stubs, config
 
 PROMPT = "The Time Traveller"

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import state_token
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client
-from serving.server import ServerThread
+from serving.harness import ServerThread
 from tests.serving.serve_helpers import STATE_KEY, Stubs, config
 
 Code = grpc.StatusCode

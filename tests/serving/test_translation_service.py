@@ -15,8 +15,9 @@ from serving.bundle import write_manifest
 from serving.client import Client
 from serving.client_cli import main as client_main
 from serving.config import ServerConfig
-from serving.server import ServerThread
-from serving.translation_service import MAX_SENTENCES, SentenceBatcher, TranslationMetrics
+from serving.harness import ServerThread
+from serving.metrics import TranslationMetrics
+from serving.sentence_batcher import SentenceBatcher
 from serving.translator import SearchParams, Seq2SeqRuntime
 from tests.committed_bundles import TRANSLATOR, committed
 from tests.tiny_translators import tiny_sources
@@ -100,7 +101,7 @@ def test_status_codes(client, model, options, code):
 
 def test_too_many_sentences_is_resource_exhausted(client):
     with pytest.raises(grpc.RpcError) as error:
-        client.translate(NAME, [""] * (MAX_SENTENCES + 1))
+        client.translate(NAME, [""] * (ServerConfig().translate_max_sentences + 1))
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -166,7 +167,7 @@ def test_client_cli_translate(server, capsys):
 
 
 def test_garbled_bundle_is_refused_with_a_log_line(bundle, tmp_path, caplog):
-    from serving.translation_service import load_translators
+    from serving.registry import load_bundles
 
     garbled = tmp_path / "garbled"
     shutil.copytree(bundle, garbled)
@@ -175,10 +176,11 @@ def test_garbled_bundle_is_refused_with_a_log_line(bundle, tmp_path, caplog):
     for key in ("format", "format_version", "files", "file_sizes"):
         del manifest[key]
     write_manifest(garbled, manifest)
-    with caplog.at_level(logging.WARNING, logger="rnnlab.serve.translation"):
-        loaded = load_translators([garbled, bundle])
-    assert list(loaded) == [NAME]
-    assert "refusing translation bundle" in caplog.text and "encoder.onnx" in caplog.text
+    shutil.copytree(bundle, tmp_path / NAME)
+    with caplog.at_level(logging.WARNING, logger="rnnlab.serve"):
+        loaded = load_bundles(tmp_path)
+    assert list(loaded["seq2seq"]) == [NAME]
+    assert "refusing bundle garbled" in caplog.text and "encoder.onnx" in caplog.text
 
 
 def test_a_deadline_ends_the_call_and_the_server_goes_on(client):
@@ -250,9 +252,9 @@ def test_unset_length_penalty_is_the_product_default_and_an_explicit_zero_switch
     from serving.search import DEFAULT_SEARCH
     from serving.translation_service import search_params
 
-    assert search_params(tpb.TranslateOptions()) == DEFAULT_SEARCH
+    assert search_params(tpb.TranslateOptions(), ServerConfig()) == DEFAULT_SEARCH
     off = tpb.TranslateOptions.FromString(tpb.TranslateOptions(length_penalty=0.0).SerializeToString())
-    assert off.HasField("length_penalty") and search_params(off).length_penalty == 0.0
+    assert off.HasField("length_penalty") and search_params(off, ServerConfig()).length_penalty == 0.0
     # Wire compatible: a value set by a client built before the field was optional reads the same.
     old_wire = b"\x25" + struct.pack("<f", 0.3)  # field 4, fixed32
-    assert search_params(tpb.TranslateOptions.FromString(old_wire)).length_penalty == 0.3
+    assert search_params(tpb.TranslateOptions.FromString(old_wire), ServerConfig()).length_penalty == 0.3
