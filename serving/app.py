@@ -27,7 +27,7 @@ from serving.registry import LoadedBundle
 from serving.runtime import LMRuntime
 from serving.sampling import SamplingParams
 from serving.sessions import Session, SessionNotFound, SessionStore, StoreLimits
-from serving.status import Code, Refusal
+from serving.status import Code, Refusal, invalid
 
 log = logging.getLogger("rnnlab.serve")
 
@@ -126,22 +126,21 @@ class App:
             raise Refusal(
                 Code.NOT_FOUND,
                 f"no model {quote(name)} (serving: {', '.join(sorted(self.models)) or 'none'})",
+                "MODEL_NOT_FOUND",
             )
         return model
 
     def encode(self, model: Model, text: str, what: str, allow_empty: bool = False) -> list[int]:
         if not text and not allow_empty:
-            raise Refusal(Code.INVALID_ARGUMENT, f"{what} is empty")
+            raise invalid(what, f"{what} is empty")
         if len(text) > self.config.max_prompt_chars:
-            raise Refusal(
-                Code.INVALID_ARGUMENT,
-                f"{what} has {len(text)} characters, over the limit of {self.config.max_prompt_chars}",
+            raise invalid(
+                what, f"{what} has {len(text)} characters, over the limit of {self.config.max_prompt_chars}"
             )
         ids = model.runtime.encode(text) if text else []
         if len(ids) > self.config.max_prompt_tokens:
-            raise Refusal(
-                Code.INVALID_ARGUMENT,
-                f"{what} has {len(ids)} tokens, over the limit of {self.config.max_prompt_tokens}",
+            raise invalid(
+                what, f"{what} has {len(ids)} tokens, over the limit of {self.config.max_prompt_tokens}"
             )
         return ids
 
@@ -150,10 +149,10 @@ class App:
     ) -> tuple[int, SamplingParams, tuple[str, ...]]:
         cap = self.config.max_tokens
         if max_tokens < 0 or max_tokens > cap:
-            raise Refusal(Code.INVALID_ARGUMENT, f"max_tokens must be in 0..{cap}, not {max_tokens}")
+            raise invalid("max_tokens", f"max_tokens must be in 0..{cap}, not {max_tokens}")
         top_p = sampling.top_p if sampling.top_p != 0 else 1.0
         if math.isnan(top_p):
-            raise Refusal(Code.INVALID_ARGUMENT, "top_p must be in (0, 1], not nan")
+            raise invalid("sampling.top_p", "top_p must be in (0, 1], not nan")
         try:
             params = SamplingParams(
                 float(sampling.temperature),
@@ -162,14 +161,11 @@ class App:
                 sampling.seed if sampling.HasField("seed") else None,
             )
         except ValueError as exc:
-            raise Refusal(Code.INVALID_ARGUMENT, str(exc)) from None
+            raise invalid(f"sampling.{str(exc).split()[0]}", str(exc)) from None
         stops = tuple(s for s in stop if s)
         limit, chars = self.config.max_stop_strings, self.config.max_stop_chars
         if len(stops) > limit or any(len(s) > chars for s in stops):
-            raise Refusal(
-                Code.INVALID_ARGUMENT,
-                f"at most {limit} stop strings of at most {chars} characters",
-            )
+            raise invalid("stop", f"at most {limit} stop strings of at most {chars} characters")
         return max_tokens or self.config.default_max_tokens, params, stops
 
     @contextlib.contextmanager
@@ -178,6 +174,8 @@ class App:
             raise Refusal(
                 Code.RESOURCE_EXHAUSTED,
                 f"server busy: {self.active_streams} streams running (limit {self.config.max_streams})",
+                "STREAMS_EXHAUSTED",
+                retry_s=1.0,
             )
         self.active_streams += 1
         try:
@@ -272,6 +270,12 @@ class App:
         session.state, session.logits, session.pending = outcome.state, outcome.logits, None
         session.tokens += counted
 
+    def describe(self, session_id: str) -> pb.SessionInfo:
+        """The session's info; NOT_FOUND / ABORTED (busy) as for any call on it."""
+        session, _ = self.acquire(session_id)
+        self.sessions.release(session)
+        return self.session_info(session)
+
     def acquire(self, session_id: str) -> tuple[Session, Model]:
         session = self.sessions.acquire(session_id)
         return session, self.models[session.model]  # sessions exist only on models loaded at start
@@ -301,6 +305,7 @@ class App:
                 raise Refusal(
                     Code.FAILED_PRECONDITION,
                     "the session holds no text yet: append text or pass it with the call",
+                    "SESSION_EMPTY",
                 )
             with self.stream_slot():
                 stream = model.engine.submit(
@@ -344,16 +349,19 @@ class App:
             raise Refusal(
                 Code.FAILED_PRECONDITION,
                 f"state token is for another version of model {model.name!r} (bundle digest differs)",
+                "TOKEN_OTHER_VERSION",
             )
         vocab = model.runtime.vocab_size
         want = [a.shape for a in model.runtime.init_state(1)]
         if [a.shape for a in snapshot.state] != want or (
             snapshot.logits is not None and snapshot.logits.shape != (vocab,)
         ):
-            raise Refusal(Code.INVALID_ARGUMENT, "state token arrays do not fit the model")
+            raise Refusal(Code.INVALID_ARGUMENT, "state token arrays do not fit the model", "TOKEN_MALFORMED")
         if snapshot.pending is not None and not 0 <= snapshot.pending < vocab:
             raise Refusal(
-                Code.INVALID_ARGUMENT, f"state token's pending id {snapshot.pending} is not in [0, {vocab})"
+                Code.INVALID_ARGUMENT,
+                f"state token's pending id {snapshot.pending} is not in [0, {vocab})",
+                "TOKEN_MALFORMED",
             )
         session = self.sessions.create(
             model.name, snapshot.state, snapshot.logits, snapshot.pending, snapshot.tokens

@@ -12,10 +12,13 @@ with Client("127.0.0.1:50151") as client:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
@@ -31,6 +34,35 @@ def sampling_options(
     if seed is not None:
         options.seed = seed
     return options
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """The google.rpc.Status details of a failed call (see generation.proto): what a program acts on."""
+
+    reason: str | None  # ErrorInfo.reason, e.g. "MODEL_NOT_FOUND", "STREAMS_EXHAUSTED"
+    retry_after_s: float | None  # RetryInfo: a retry may succeed after this long; None: do not retry
+    fields: tuple[tuple[str, str], ...]  # BadRequest: (field path, what is wrong)
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    """Reads the details of an error raised by a call (empty when the server sent none)."""
+    reason, retry, fields = None, None, []
+    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry = info.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            info = error_details_pb2.BadRequest()
+            detail.Unpack(info)
+            fields += [(v.field, v.description) for v in info.field_violations]
+    return ErrorDetails(reason, retry, tuple(fields))
 
 
 class Client:
@@ -216,4 +248,6 @@ class ClientSession:
         ).token
 
     def close(self, timeout: float | None = None) -> None:
-        self.client.sessions.Close(pb.CloseSessionRequest(session_id=self.id), **self.client._kw(timeout))
+        self.client.sessions.CloseSession(
+            pb.CloseSessionRequest(session_id=self.id), **self.client._kw(timeout)
+        )

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from serving.api.rnnlab.v1 import generation_pb2 as pb
-from serving.client import Client, sampling_options
+from serving.client import Client, error_details, sampling_options
 from serving.errors import ExitCode, UsageError, fail, run_command
 from serving.sampling import DEFAULT_SAMPLING
 from serving.search import DEFAULT_SEARCH
@@ -210,7 +210,10 @@ def _run(args: argparse.Namespace) -> int:
                 "translate": _translate,
             }[args.command](client, args)
     except grpc.RpcError as exc:
-        return fail(f"{exc.code().name}: {exc.details()}", ExitCode.SOME_FAILED)
+        details = error_details(exc)
+        reason = f" [{details.reason}]" if details.reason else ""
+        retry = f" (retry after {details.retry_after_s:g} s)" if details.retry_after_s is not None else ""
+        return fail(f"{exc.code().name}{reason}: {exc.details()}{retry}", ExitCode.SOME_FAILED)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

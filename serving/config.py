@@ -38,7 +38,9 @@ class ServerConfig:
     prompt_cache_entries: int = 4096  # prompt states kept per model: shared prompts skip prefill (0: off)
     prompt_cache_bytes: int = 64 * 2**20
     max_prompt_chars: int = 32_768
-    max_prompt_tokens: int = 8_192
+    # One limit story: prompts and appended text are checked in characters first (the unit clients see);
+    # the token limit, as large, only bites for tokenizers that make more tokens than characters.
+    max_prompt_tokens: int = 32_768
     max_tokens: int = 4_096  # cap on max_tokens per call
     default_max_tokens: int = 256  # when a call leaves max_tokens 0
     max_stop_strings: int = 8

@@ -25,10 +25,11 @@ import grpc
 from prometheus_client import Counter
 
 from serving.auth import UNAUTHENTICATED_MESSAGE, BearerAuth
-from serving.status import INTERNAL_MESSAGE, Code, Refusal, status_for
+from serving.status import INTERNAL, Code, Refusal, Status, abort, status_for
 
 log = logging.getLogger("rnnlab.serve")
 LOG_EVERY_S = 10.0
+_UNAUTHENTICATED = Status(Code.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "UNAUTHENTICATED")
 _COUNTED_PREFIX = "/rnnlab."
 
 
@@ -110,7 +111,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 reason = _plain_decode_reason(exc)
                 self._malformed.warning("malformed %s request: %s", label, reason)
                 message = f"request is not a valid {type_name}: {reason}"
-                raise Refusal(Code.INVALID_ARGUMENT, message) from None
+                raise Refusal(Code.INVALID_ARGUMENT, message, "MALFORMED_REQUEST") from None
 
         return parse
 
@@ -156,7 +157,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self._idle.clear()
         try:
             if self.draining:
-                raise Refusal(Code.UNAVAILABLE, "server is shutting down: retry on another replica")
+                raise Refusal(
+                    Code.UNAVAILABLE,
+                    "server is shutting down: retry on another replica",
+                    "SERVER_DRAINING",
+                    retry_s=0.0,
+                )
             yield outcome
         except asyncio.CancelledError:  # client cancel or deadline: frees everything (finally blocks)
             remaining = context.time_remaining()
@@ -170,9 +176,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             status = status_for(exc)
             if status is None:
                 log.error("internal error in %s", label, exc_info=exc)
-                status = (Code.INTERNAL, INTERNAL_MESSAGE)
-            outcome.code = status[0]
-            await context.abort(*status)
+                status = INTERNAL
+            outcome.code = status.code
+            await abort(context, status)
         finally:
             self._count(label, outcome.code)
             self._active -= 1
@@ -208,10 +214,10 @@ def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     streaming_out = handler is not None and handler.response_streaming
 
     async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(Code.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        await abort(context, _UNAUTHENTICATED)
 
     async def deny_stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        await context.abort(Code.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        await abort(context, _UNAUTHENTICATED)
         yield b""  # an async generator, as streaming handlers are
 
     return _handler(streaming_in, streaming_out, deny_stream if streaming_out else deny)

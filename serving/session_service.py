@@ -28,9 +28,11 @@ class SessionService(pb_grpc.SessionsServicer):
         async for message in self.app.session_generate(request, request.session_id):
             yield message
 
-    async def Close(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext):
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext):
         self.app.sessions.close(request.session_id)
         return pb.CloseSessionResponse()
+
+    Close = CloseSession  # the first name of the RPC, kept on the wire (grpc-js clients cannot call it)
 
     async def Export(self, request: pb.ExportSessionRequest, context: grpc.aio.ServicerContext):
         return self.app.export_session(request.session_id)
@@ -51,9 +53,7 @@ class SessionService(pb_grpc.SessionsServicer):
                     elif action == "resume_token":
                         info = app.resume_session(request.resume_token)
                     elif action == "attach_session_id":
-                        session, _ = app.acquire(request.attach_session_id)
-                        app.sessions.release(session)
-                        info = app.session_info(session)
+                        info = app.describe(request.attach_session_id)
                     else:
                         raise Refusal(
                             Code.INVALID_ARGUMENT,
@@ -67,8 +67,10 @@ class SessionService(pb_grpc.SessionsServicer):
                 elif action == "generate":
                     async for message in app.session_generate(request.generate, session_id):
                         yield pb.InteractResponse(generation=message)
-                elif action == "export":
+                elif action == "export" and request.export:
                     yield pb.InteractResponse(state=app.export_session(session_id))
+                elif action == "export":  # an explicit false: nothing to export, the session as it is
+                    yield pb.InteractResponse(session=app.describe(session_id))
                 else:
                     raise Refusal(
                         Code.INVALID_ARGUMENT,

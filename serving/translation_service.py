@@ -27,7 +27,7 @@ from serving.metrics import TranslationMetrics
 from serving.registry import LoadedBundle
 from serving.search import DEFAULT_SEARCH
 from serving.sentence_batcher import SentenceBatcher
-from serving.status import Code, Refusal
+from serving.status import Code, Refusal, invalid
 from serving.translator import Hypothesis, SearchParams, Seq2SeqRuntime
 
 log = logging.getLogger("rnnlab.serve.translation")
@@ -86,7 +86,8 @@ def search_params(options: tpb.TranslateOptions, config: ServerConfig) -> Search
     if not (math.isfinite(alpha) and 0 <= alpha <= max_alpha):
         problems.append(f"length_penalty must be in [0, {max_alpha:g}], not {alpha:g}")
     if problems:
-        raise Refusal(Code.INVALID_ARGUMENT, "; ".join(problems))
+        fields = [(f"options.{problem.split()[0]}", problem) for problem in problems]
+        raise Refusal(Code.INVALID_ARGUMENT, "; ".join(problems), fields=fields)
     return SearchParams(
         beam=beam, length_penalty=alpha, max_len_ratio=ratio, max_len_cap=max_length, n_best=n_best
     )
@@ -115,7 +116,9 @@ class TranslationService(tpb_grpc.TranslationServicer):
     def _translator(self, name: str) -> Translator:
         if name not in self.translators:
             known = ", ".join(sorted(self.translators)) or "none"
-            raise Refusal(Code.NOT_FOUND, f"no translation model {quote(name)} (loaded: {known})")
+            raise Refusal(
+                Code.NOT_FOUND, f"no translation model {quote(name)} (loaded: {known})", "MODEL_NOT_FOUND"
+            )
         return self.translators[name]
 
     async def _translate_one(
@@ -145,6 +148,7 @@ class TranslationService(tpb_grpc.TranslationServicer):
                 Code.RESOURCE_EXHAUSTED,
                 f"{len(request.sentences)} sentences in one call (limit {limit}); "
                 "split the batch or use TranslateStream",
+                "TOO_MANY_SENTENCES",
             )
         call = next(self._calls)
         tasks = [
@@ -184,8 +188,8 @@ class TranslationService(tpb_grpc.TranslationServicer):
                     if translator is None:
                         translator = self._translator(payload.model)
                     elif payload.model and payload.model != translator.name:
-                        raise Refusal(
-                            Code.INVALID_ARGUMENT,
+                        raise invalid(
+                            "model",
                             f"one stream, one model: got {quote(payload.model)} after {translator.name!r}",
                         )
                     if payload.HasField("options"):  # every message's options are checked; the first apply

@@ -219,6 +219,11 @@ class SessionsStub:
                 request_serializer=rnnlab_dot_v1_dot_generation__pb2.SessionGenerateRequest.SerializeToString,
                 response_deserializer=rnnlab_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/rnnlab.v1.Sessions/CloseSession',
+                request_serializer=rnnlab_dot_v1_dot_generation__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=rnnlab_dot_v1_dot_generation__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
         self.Close = channel.unary_unary(
                 '/rnnlab.v1.Sessions/Close',
                 request_serializer=rnnlab_dot_v1_dot_generation__pb2.CloseSessionRequest.SerializeToString,
@@ -271,8 +276,17 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Close(self, request, context):
+    def CloseSession(self, request, context):
         """Closes a session and frees its state; NOT_FOUND when it is unknown or already expired.
+        Prefer it to Close: grpc-js gives every client a close() method of its own (it closes the channel),
+        so a Node client cannot call an RPC named Close as `sessions.close(...)`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Close(self, request, context):
+        """The same as CloseSession, kept for the clients written before it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -317,6 +331,11 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=rnnlab_dot_v1_dot_generation__pb2.SessionGenerateRequest.FromString,
                     response_serializer=rnnlab_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=rnnlab_dot_v1_dot_generation__pb2.CloseSessionRequest.FromString,
+                    response_serializer=rnnlab_dot_v1_dot_generation__pb2.CloseSessionResponse.SerializeToString,
             ),
             'Close': grpc.unary_unary_rpc_method_handler(
                     servicer.Close,
@@ -426,6 +445,33 @@ class Sessions:
             '/rnnlab.v1.Sessions/Generate',
             rnnlab_dot_v1_dot_generation__pb2.SessionGenerateRequest.SerializeToString,
             rnnlab_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnlab.v1.Sessions/CloseSession',
+            rnnlab_dot_v1_dot_generation__pb2.CloseSessionRequest.SerializeToString,
+            rnnlab_dot_v1_dot_generation__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,7 +63,8 @@ class TranslationServicer:
 
     def TranslateStream(self, request_iterator, context):
         """Long jobs: sentences stream in, each result streams out (not necessarily in request order) with the
-        id of its request. Options are taken from the first message that sets them, or the defaults.
+        id of its request. Options are taken from the first message that sets them, or the defaults; the
+        options of every message are checked, and out-of-range options on any message are INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
