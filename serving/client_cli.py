@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         details = error_details(exc)
         reason = f" [{details.reason}]" if details.reason else ""
         retry = f" (retry after {details.retry_after_s:g} s)" if details.retry_after_s is not None else ""
-        return fail(f"{exc.code().name}{reason}: {exc.details()}{retry}", ExitCode.SOME_FAILED)
+        return fail(f"{exc.code().name}: {exc.details()}{reason}{retry}", ExitCode.SOME_FAILED)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
