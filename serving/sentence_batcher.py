@@ -67,6 +67,14 @@ class SentenceBatcher:
         self._sentences = metrics.sentences.labels(name)
         self._latency = metrics.latency.labels(name)
 
+    def close(self) -> None:
+        """At server stop: the drain task ends and the worker threads go (calls have ended by now)."""
+        if self._task is not None:
+            self._task.cancel()
+        for task in self._running:
+            task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     def submit(self, ids: list[int], params: SearchParams, call: int) -> asyncio.Future:
         """Queues one source (ids + EOS); the future gets its list of hypotheses."""
         loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -42,12 +42,14 @@ log = logging.getLogger("rnnlab.serve")
 
 @dataclass
 class Parts:
-    """What a service's ``add`` gets: the loaded bundles by kind, the shared App, config and metrics."""
+    """What a service's ``add`` gets: the loaded bundles by kind, the shared App, config and metrics, and
+    ``on_stop``, where it leaves what must run when the server has stopped (closing its threads)."""
 
     config: ServerConfig
     bundles: dict[str, dict[str, LoadedBundle]]
     app: App
     metrics: ServerMetrics
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def _add_sessions(server: grpc.aio.Server, parts: Parts) -> bool:
 
 def _add_translation(server: grpc.aio.Server, parts: Parts) -> bool:
     metrics = TranslationMetrics(parts.metrics.registry)
-    return translation_service.add_to_server(server, parts.bundles["seq2seq"], parts.config, metrics)
+    return translation_service.add_to_server(
+        server, parts.bundles["seq2seq"], parts.config, metrics, parts.on_stop
+    )
 
 
 SERVICES: tuple[Service, ...] = (
@@ -95,6 +99,7 @@ class RnnlabServer:
         self._server: grpc.aio.Server | None = None
         self._health = DrainingHealth()
         self._sweeper: asyncio.Task | None = None
+        self._parts: Parts | None = None
         tokens = config.bearer_tokens()
         self._calls = CallInterceptor(
             self.metrics.requests, {s.name: s.label for s in SERVICES}, BearerAuth(tokens) if tokens else None
@@ -107,7 +112,7 @@ class RnnlabServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
         server = grpc.aio.server(interceptors=[self._calls], options=options)
-        parts = Parts(config, self.bundles, self.app, self.metrics)
+        parts = self._parts = Parts(config, self.bundles, self.app, self.metrics)
         services = [service.name for service in SERVICES if service.add(server, parts)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -167,6 +172,8 @@ class RnnlabServer:
             log.warning("grace period of %.1f s over: cancelling the calls still running", grace)
         await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         self._server = None
+        for close in self._parts.on_stop:
+            close()
         await asyncio.get_running_loop().run_in_executor(None, self.app.stop)
         self.metrics.close()
 

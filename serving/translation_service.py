@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from itertools import count
 
@@ -238,8 +238,10 @@ def add_to_server(
     bundles: dict[str, LoadedBundle],
     config: ServerConfig,
     metrics: TranslationMetrics,
+    on_stop: list[Callable[[], None]],
 ) -> bool:
-    """Registers the Translation service over the seq2seq bundles -> whether there were any."""
+    """Registers the Translation service over the seq2seq bundles -> whether there were any; the
+    batchers' closing goes into ``on_stop``."""
     translators = {
         name: Translator(
             name,
@@ -253,4 +255,5 @@ def add_to_server(
     }
     if translators:
         tpb_grpc.add_TranslationServicer_to_server(TranslationService(translators, config), server)
+    on_stop += [translator.batcher.close for translator in translators.values()]
     return bool(translators)
