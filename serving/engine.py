@@ -309,8 +309,8 @@ class ModelEngine:
     def _check(self, request: Request) -> None:
         """Raises RequestRejected for what would break the batched step of every stream of this model."""
         vocab = self.runtime.vocab_size
-        if request.ids and not all(0 <= i < vocab for i in request.ids):
-            bad = next(i for i in request.ids if not 0 <= i < vocab)
+        if request.ids and (min(request.ids) < 0 or max(request.ids) >= vocab):
+            bad = min(request.ids) if min(request.ids) < 0 else max(request.ids)
             raise RequestRejected(f"token id {bad} out of range [0, {vocab})")
         if request.state is not None and [a.shape for a in request.state] != self._state_shapes:
             raise RequestRejected("state arrays do not fit the model")
