@@ -153,7 +153,9 @@ class MambaBlock(nn.Module):
 
     def _project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (B, T, d) -> z (B, T, E), x̃BC before the convolution (B, T, E + 2N), Δ before softplus."""
-        return self.in_proj(self.norm(u)).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        # .to(u.dtype): under bf16 autocast the projection is bf16; the convolution and the SSM run float32.
+        projected = self.in_proj(self.norm(u)).to(u.dtype)
+        return projected.split([self.inner, self.conv_dim, self.heads], dim=-1)
 
     def _output(self, u: Tensor, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """y, x: (..., H, P), z and u's width -> u + W_out RMSNorm((y + D x) ⊙ SiLU(z))."""
@@ -172,7 +174,8 @@ class MambaBlock(nn.Module):
         # Short windows get one chunk of their own length; the traced export keeps the fixed chunk.
         chunk = self.chunk if torch.jit.is_tracing() else min(self.chunk, time)
         dt, a = F.softplus(delta + self.dt_bias), -torch.exp(self.a_log)
-        y, ssm_state = ssd(x, dt, a, b, c, ssm_state, chunk)
+        with torch.autocast(u.device.type, enabled=False):  # the state hand-over in float32
+            y, ssm_state = ssd(x, dt, a, b, c, ssm_state, chunk)
         return self._output(u, y, x, z), window[:, 1 - self.kernel :], ssm_state
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
