@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from bench.lm_common import write_result
 from lm.export import export_lm
-from lm.mingru import LinearScan, scan_doubling, scan_log
+from lm.mingru import LinearScan, scan_blocked, scan_log
 from lm.model import RNNLM, ModelConfig
 from lm.ssm import ssd
 from serving.runtime import LMRuntime
@@ -154,7 +154,7 @@ def formulations(reps: int, batch: int = BATCH, time_: int = 128, inner: int = 4
             ssd(x.view(batch, time_, heads, -1), dt_h, a_h, b, c, h0, 64)[0].sum().backward()
         ),
         "mamba1_selective_scan": lambda: selective_scan(x, dt, a_e, b, c).sum().backward(),
-        "mingru_doubling_scan": lambda: scan_doubling(gate, cand, g0).sum().backward(),
+        "mingru_blocked_scan": lambda: scan_blocked(gate, cand, g0).sum().backward(),
         "mingru_log_space_scan": lambda: scan_log(gate, cand, g0).sum().backward(),
     }
     seconds = round_robin(cases, reps)

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-size", type=int, default=16, help="mamba")
     parser.add_argument("--expand", type=int, default=2, help="mamba, mingru")
     parser.add_argument("--heads", type=int, default=4, help="mamba")
+    parser.add_argument("--precision", default="fp32", help="mamba, mingru: fp32 or bf16 training matmuls")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default")
+    parser.add_argument("--result", default="", help="result name (default lm_shakespeare[_<cell>])")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directory here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         state_size=args.state_size,
         expand=args.expand,
         heads=args.heads,
+        precision=args.precision,
         weight_decay=0.01,
         clip=1.0,
         lr_schedule="cosine",
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     valid = {r["step"]: round(r["loss"], 4) for r in result.history if r["split"] == "valid"}
     # The LSTM's figure keeps its file name; each other cell writes lm_shakespeare_<cell>.json.
     write_result(
-        "lm_shakespeare" if args.cell == "lstm" else f"lm_shakespeare_{args.cell}",
+        args.result or ("lm_shakespeare" if args.cell == "lstm" else f"lm_shakespeare_{args.cell}"),
         {
             "budget_minutes": args.minutes,
             "config": config.to_dict(),
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "valid_bits_per_char": round(evaluation.bits_per_char, 4),
             "valid_perplexity": round(evaluation.perplexity, 4),
             "valid_loss_by_step": valid,
-            "target_nats_per_char": 1.47,
+            # The LSTM's target; issue 15's for the parallel cells is 1.40.
+            "target_nats_per_char": 1.47 if args.cell == "lstm" else 1.40,
             "run_dir": repo_path(args.keep) if args.keep else None,
         },
     )

@@ -9,13 +9,14 @@ The gates read the input only, so the recurrence is linear in the state:
 Unrolled, h_t = A_t h_0 + Σ_{s<=t} (A_t / A_s) z_s h̃_s with A_t = Π_{s<=t} (1 − z_s). Three exact
 parallel forms of that sum live here:
 
-- ``scan_doubling`` (training): the linear recurrence h_t = a_t h_{t−1} + b_t composed over spans that
-  double each round (Hillis–Steele), log2 T rounds of whole-window elementwise ops. Every factor is a
-  product of decays <= 1, so nothing overflows or cancels.
+- ``scan_blocked`` (training): the linear recurrence h_t = a_t h_{t−1} + b_t in chunks of Q ≈ √T steps,
+  all chunks at once (``_blocked``), with the gates folded into the same autograd node (``MinGRUScan``).
+  Every factor is a product of decays <= 1, so nothing overflows or cancels. It replaced a doubling
+  (Hillis–Steele) scan of log2 T whole-window rounds; figures in docs/lm.md.
 - ``scan_log``: the paper's log-space scan, log h = log A + logcumsumexp(log(z h̃) − log A) (g > 0 keeps
-  the logarithms real). Measured at batch 32, 448 channels, forward + backward: 2.1x slower than
-  ``scan_doubling`` on 128-token windows (148 vs 70 ms), and in float32 it loses ε·|log A_t| of relative
-  precision (5e-4 after 512 steps of decay e^-20), so it is kept for the benchmark only.
+  the logarithms real). Slower than ``scan_blocked`` (bench.lm_cells, docs/lm.md), and in float32 it loses
+  ε·|log A_t| of relative precision (5e-4 after 512 steps of decay e^-20), so it is kept for the
+  benchmark only.
 - ``scan_chunked`` (the ONNX export): onnxruntime has neither log-cumsum-exp nor a dynamic number of
   doubling rounds, so the graph sums within chunks of ``chunk`` steps with relative decays <= 1 and hands
   one state from chunk to chunk.
@@ -84,9 +85,8 @@ def _adjoint(a: Tensor, grad_h: Tensor) -> Tensor:
 class LinearScan(torch.autograd.Function):
     """h_t = a_t h_{t−1} + b_t. a, b: (B, T, D), h0: (B, D) -> h (B, T, D).
 
-    Forward and backward are each one ``_doubling`` scan (the backward one runs the adjoint recurrence
-    backwards in time). Left to autograd, the rounds' slices cost 6x more than the scan itself
-    (measured: zero-filled slice gradients took 57 % of a training step).
+    Forward and backward are each one ``_blocked`` scan (the backward one runs the adjoint recurrence
+    backwards in time); bench.lm_cells runs its Mamba-1 style selective scan with it.
     """
 
     @staticmethod
@@ -108,7 +108,7 @@ class MinGRUScan(torch.autograd.Function):
     h0: (B, D) -> h (B, T, D), with the backward written out (λ from ``_adjoint``, s = σ(min(candidate, 0))):
 
         ∂L/∂gate = λ z (1 − z) (g(candidate) − h_{t−1}),   ∂L/∂h0 = λ_0 (1 − z_0),
-        ∂L/∂candidate = λ z g'(candidate),   g' = s (1 − s) below zero, 1 above = s (1 − s) + ¾ [candidate > 0]
+        ∂L/∂candidate = λ z g'(candidate),   g' = s (1 − s) + ¾ [candidate > 0]  (1 above zero)
 
     Why: left to autograd, the gates and ``g`` and their backward were ~20 elementwise passes a layer.
     """
@@ -136,7 +136,7 @@ class MinGRUScan(torch.autograd.Function):
         return grad_gate, grad_candidate, grad_h0
 
 
-def scan_doubling(gate: Tensor, candidate: Tensor, h0: Tensor) -> Tensor:
+def scan_blocked(gate: Tensor, candidate: Tensor, h0: Tensor) -> Tensor:
     """gate, candidate: (B, T, D) pre-activations, h0: (B, D) -> h: (B, T, D)."""
     return MinGRUScan.apply(gate, candidate, h0)
 
@@ -184,7 +184,7 @@ class MinGRUBlock(nn.Module):
         if torch.jit.is_tracing():  # the ONNX export: the number of doubling rounds depends on T
             h = scan_chunked(gate, candidate, h0, self.chunk)
         else:
-            h = scan_doubling(gate, candidate, h0)
+            h = scan_blocked(gate, candidate, h0)
         return u + self.out_proj(h), h[:, -1]
 
     def state_shapes(self) -> tuple[tuple[int, ...]]:

@@ -230,15 +230,18 @@ def test_cli_export_of_a_missing_run_fails_cleanly(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("cell", ["mamba", "mingru"])
-def test_parallel_cells_export_step_and_decode_graphs_that_match_torch(cell, tokenizer, tmp_path):
+@pytest.mark.parametrize("cell,layers,embed", [("mamba", 2, 12), ("mamba", 1, 16), ("mingru", 2, 12)])
+def test_parallel_cells_export_step_and_decode_graphs_that_match_torch(
+    cell, layers, embed, tokenizer, tmp_path
+):
+    """(mamba's hand-built decode graph: with and without the input projection, one layer and two.)"""
     torch.manual_seed(2)
     model = RNNLM(
         ModelConfig(
             vocab_size=tokenizer.vocab_size,
             cell=cell,
-            layers=2,
-            embed=12,
+            layers=layers,
+            embed=embed,
             hidden=16,
             heads=2,
             state_size=4,
@@ -247,7 +250,9 @@ def test_parallel_cells_export_step_and_decode_graphs_that_match_torch(cell, tok
     ).eval()
     bundle = export_lm(model, tokenizer, tmp_path / cell)
     data = json.loads((bundle / "manifest.json").read_text())
-    shapes = [[2, "batch", 2, 40], [2, "batch", 2, 16, 4]] if cell == "mamba" else [[2, "batch", 32]]
+    shapes = (
+        [[layers, "batch", 2, 40], [layers, "batch", 2, 16, 4]] if cell == "mamba" else [[2, "batch", 32]]
+    )
     assert [s["shape"] for s in data["state"]] == shapes
     assert data["parity"]["worst_case"] and data["parity"]["max_abs_logits"] <= 1e-4
     assert data["decode_parity"]["max_abs_state"] <= 1e-4

@@ -11,7 +11,7 @@ import torch
 
 from lm.cli import main
 from lm.config import ConfigError, TrainConfig
-from lm.mingru import MinGRUBlock, g, scan_chunked, scan_doubling, scan_log
+from lm.mingru import MinGRUBlock, g, scan_blocked, scan_chunked, scan_log
 from lm.model import RNNLM, ModelConfig
 from lm.ssm import MambaBlock
 from tests.lm.conftest import TINY_FLAGS
@@ -82,7 +82,7 @@ def test_mingru_export_and_log_space_forms_equal_the_training_scan(time: int) ->
     gen = torch.Generator().manual_seed(time)
     gate, candidate = (4 * torch.randn(3, time, 5, generator=gen, dtype=torch.float64) for _ in range(2))
     h0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
-    want = scan_doubling(gate, candidate, h0)
+    want = scan_blocked(gate, candidate, h0)
     torch.testing.assert_close(scan_chunked(gate, candidate, h0, 4), want, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(scan_log(gate, candidate, h0), want, atol=1e-10, rtol=1e-10)
 
@@ -93,7 +93,7 @@ def test_training_scan_stays_exact_under_strong_forgetting_over_a_long_window() 
     gate = torch.full((1, 512, 3), 20.0)
     candidate = torch.randn(1, 512, 3, generator=torch.Generator().manual_seed(0))
     want = g(candidate)[0, 1:]
-    got = scan_doubling(gate, candidate, torch.ones(1, 3))[0, 1:]
+    got = scan_blocked(gate, candidate, torch.ones(1, 3))[0, 1:]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     drift = (scan_log(gate, candidate, torch.ones(1, 3))[0, 1:] - want).abs().max()
     assert 1e-5 < drift < 1e-2
@@ -171,3 +171,56 @@ def test_cli_trains_resumes_evaluates_exports_and_generates(cell: str, corpus_fi
     from_bundle = capsys.readouterr().out
     assert main(["generate", str(run), *args]) == 0
     assert capsys.readouterr().out == from_bundle and from_bundle
+
+
+@pytest.mark.parametrize("time", [1, 2, 35, 64, 130])  # chunks of 1, 1, 8 (padded), 8 and 16 (padded)
+def test_mingru_scan_gradients_equal_autograd_through_the_recurrence(time: int) -> None:
+    gen = torch.Generator().manual_seed(time)
+    gate, candidate = (3 * torch.randn(2, time, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    h0 = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, time, 5, generator=gen, dtype=torch.float64)
+
+    def grads(parallel: bool) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in (gate, candidate, h0)]
+        if parallel:
+            h = scan_blocked(*leaves)
+        else:
+            z, steps, state = torch.sigmoid(leaves[0]), [], leaves[2]
+            for t in range(time):
+                state = (1 - z[:, t]) * state + z[:, t] * g(leaves[1][:, t])
+                steps.append(state)
+            h = torch.stack(steps, dim=1)
+        (h * weights).sum().backward()
+        return [h.detach()] + [leaf.grad for leaf in leaves]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cell", ["mamba", "mingru"])
+def test_bf16_precision_trains_with_bf16_products_and_evaluates_in_float32(cell: str) -> None:
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=13, cell=cell, layers=2, embed=16, hidden=16, dropout=0.0, heads=2, state_size=4)
+    fp32, bf16 = RNNLM(ModelConfig(**kwargs)), RNNLM(ModelConfig(**kwargs, precision="bf16"))
+    bf16.load_state_dict(fp32.state_dict())
+    tokens = torch.randint(0, 13, (3, 20), generator=torch.Generator().manual_seed(1))
+    trained, _ = bf16(tokens)
+    reference, _ = fp32(tokens)
+    difference = (trained - reference).abs().max()
+    assert trained.dtype == torch.float32 and 0 < difference < 0.1  # bf16 products: close, not equal
+    trained.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf16.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(bf16.eval()(tokens)[0], fp32.eval()(tokens)[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="precision"):
+        ModelConfig(vocab_size=13, cell="gru", precision="bf16")
+
+
+def test_parallel_cells_drop_the_same_channels_at_every_step() -> None:
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=13, cell="mingru", layers=1, embed=16, hidden=16, dropout=0.5))
+    dropped = model.drop(torch.ones(4, 9, 16))
+    assert ((dropped == 0).any(dim=1) == (dropped == 0).all(dim=1)).all()  # a channel is off at all steps
+    assert 0 < (dropped == 0).float().mean() < 1
+    torch.testing.assert_close(dropped[dropped != 0], torch.full_like(dropped[dropped != 0], 2.0))
+    assert torch.equal(model.eval().drop(torch.ones(4, 9, 16)), torch.ones(4, 9, 16))
