@@ -8,13 +8,17 @@ once in turn (round robin) and the medians are compared, so machine load affects
    3 M parameters; tokens/s and the ratio to the GRU of the same size.
 2. Formulations, the recurrence alone (forward + backward) on one layer's tensors: Mamba-2's chunked SSD
    against a Mamba-1 style selective scan over a (batch, time, channels, state) tensor; minGRU's
-   doubling scan against the paper's log-space scan.
+   chunked scan (``scan_blocked``) against the paper's log-space scan.
 3. Decode: ``StatefulDecoder.step`` (the server's decode loop) through onnxruntime on the exported
    bundles of the 0.7 M models at batch 1 and 64, against the GRU bundle of the same size, with one
    intra-op thread per session as the server runs them (four sessions with two spinning threads each,
    called in turn, measured mamba's batch-64 step 13x slower than the same session alone).
 
-    python -m bench.lm_cells [--reps 5] [--decode-reps 2000]
+4. Where the time goes: torch profiler self CPU time of one training step (0.7 M, 128-token windows)
+   per operator for the GRU and the parallel cells, grouped as matrix products, the recurrence
+   (the scan's autograd nodes / the GRU kernel) and everything else.
+
+    python -m bench.lm_cells [--reps 5] [--decode-reps 2000] [--windows 35,128,512]
 """
 
 from __future__ import annotations
@@ -42,21 +46,31 @@ from serving.vocab import Vocab
 
 VOCAB, BATCH, WINDOWS = 65, 32, (35, 128, 512)
 # Equal parameter counts (printed with the results): the classic cells as lm_throughput and
-# lm_shakespeare size them; the parallel cells with expand 2 (6·d² parameters a layer).
+# lm_shakespeare size them; the parallel cells with expand 2 (6·d² parameters a layer), mingru also with
+# expand 1 and a wider residual stream (same parameters, a third fewer scanned channels), each in fp32 and
+# with bf16 training matmuls (``--precision bf16``; torch's GRU and LSTM have no faster bf16 path: the
+# GRU's step under bf16 autocast measured slower than in fp32).
 SIZES = {
     "0.7M": {
-        "gru": dict(layers=2, embed=64, hidden=256),
-        "lstm": dict(layers=2, embed=64, hidden=220),
-        "mamba": dict(layers=2, embed=224, hidden=224, heads=2),
-        "mingru": dict(layers=2, embed=224, hidden=224),
+        "gru": dict(cell="gru", layers=2, embed=64, hidden=256),
+        "lstm": dict(cell="lstm", layers=2, embed=64, hidden=220),
+        "mamba": dict(cell="mamba", layers=2, embed=224, hidden=224, heads=2),
+        "mamba bf16": dict(cell="mamba", layers=2, embed=224, hidden=224, heads=2, precision="bf16"),
+        "mingru": dict(cell="mingru", layers=2, embed=224, hidden=224),
+        "mingru bf16": dict(cell="mingru", layers=2, embed=224, hidden=224, precision="bf16"),
+        "mingru e1 bf16": dict(cell="mingru", layers=2, embed=316, hidden=316, expand=1, precision="bf16"),
     },
     "3M": {
-        "gru": dict(layers=2, embed=128, hidden=560),
-        "lstm": dict(layers=2, embed=128, hidden=490),
-        "mamba": dict(layers=3, embed=400, hidden=400, heads=4),
-        "mingru": dict(layers=3, embed=400, hidden=400),
+        "gru": dict(cell="gru", layers=2, embed=128, hidden=560),
+        "lstm": dict(cell="lstm", layers=2, embed=128, hidden=490),
+        "mamba": dict(cell="mamba", layers=3, embed=400, hidden=400, heads=4),
+        "mamba bf16": dict(cell="mamba", layers=3, embed=400, hidden=400, heads=4, precision="bf16"),
+        "mingru": dict(cell="mingru", layers=3, embed=400, hidden=400),
+        "mingru bf16": dict(cell="mingru", layers=3, embed=400, hidden=400, precision="bf16"),
+        "mingru e1 bf16": dict(cell="mingru", layers=3, embed=566, hidden=566, expand=1, precision="bf16"),
     },
 }
+DECODE_CELLS = ("gru", "lstm", "mamba", "mingru")
 
 
 def round_robin(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
@@ -85,29 +99,29 @@ def train_step(model: RNNLM, window: int) -> Callable[[], None]:
     return step
 
 
-def model_for(cell: str, size: str) -> RNNLM:
+def model_for(case: str, size: str) -> RNNLM:
     torch.manual_seed(0)
-    return RNNLM(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.1, **SIZES[size][cell]))
+    return RNNLM(ModelConfig(vocab_size=VOCAB, dropout=0.1, **SIZES[size][case]))
 
 
-def training(reps: int) -> list[dict]:
+def training(reps: int, windows: list[int]) -> list[dict]:
     rows = []
     for size, cells in SIZES.items():
-        models = {cell: model_for(cell, size) for cell in cells}
-        for window in WINDOWS:
-            seconds = round_robin({cell: train_step(m, window) for cell, m in models.items()}, reps)
-            for cell, s in seconds.items():
+        models = {case: model_for(case, size) for case in cells}
+        for window in windows:
+            seconds = round_robin({case: train_step(m, window) for case, m in models.items()}, reps)
+            for case, s in seconds.items():
                 rows.append(
                     {
                         "size": size,
-                        "cell": cell,
+                        "case": case,
                         "window": window,
                         "batch": BATCH,
-                        "parameters": models[cell].num_parameters(),
+                        "parameters": models[case].num_parameters(),
                         "step_ms": round(s * 1e3, 1),
                         "tokens_per_s": round(BATCH * window / s),
                         "vs_gru": round(seconds["gru"] / s, 2),
-                        **SIZES[size][cell],
+                        **SIZES[size][case],
                     }
                 )
             print(
@@ -173,7 +187,7 @@ def decode(reps: int, tmp: Path) -> list[dict]:
     tokenizer = CharTokenizer(Vocab(["<unk>", *[chr(c) for c in range(32, 32 + VOCAB - 1)]]))
     runtimes = {
         cell: LMRuntime.load(export_lm(model_for(cell, "0.7M").eval(), tokenizer, tmp / cell))
-        for cell in SIZES["0.7M"]
+        for cell in DECODE_CELLS
     }
     rows = []
     for batch in (1, 64):
@@ -201,15 +215,46 @@ def decode(reps: int, tmp: Path) -> list[dict]:
     return rows
 
 
+PROFILED = ("gru", "mamba", "mamba bf16", "mingru", "mingru bf16", "mingru e1 bf16")
+
+
+def profile(window: int = 128, size: str = "0.7M", steps: int = 3) -> dict[str, dict]:
+    """Self CPU ms per training step by operator (the top 12) of each PROFILED case, one after another."""
+    result = {}
+    for case in PROFILED:
+        step = train_step(model_for(case, size), window)
+        step()  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops) / steps / 1e3
+        matmul = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        result[case] = {
+            "size": size,
+            "window": window,
+            "step_cpu_ms": round(total, 1),
+            "matmul_ms": round(matmul / steps / 1e3, 1),
+            "top_ops_ms": {e.key: round(e.self_cpu_time_total / steps / 1e3, 1) for e in ops[:12]},
+        }
+        print(
+            f"profile {case}: {result[case]['step_cpu_ms']} ms, matmul {result[case]['matmul_ms']}",
+            flush=True,
+        )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="training steps timed per case")
     parser.add_argument("--decode-reps", type=int, default=2000)
+    parser.add_argument("--windows", default=",".join(map(str, WINDOWS)), help="training window lengths")
     args = parser.parse_args(argv)
     result = {
         "threads": torch.get_num_threads(),
-        "training": training(args.reps),
+        "training": training(args.reps, [int(w) for w in args.windows.split(",")]),
         "formulations": formulations(args.reps),
+        "profile": profile(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         result["decode"] = decode(args.decode_reps, Path(tmp))
