@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from lm.decode_graph import build_decode_graph
-from lm.decode_graph_mamba import build_mamba_decode_graph
 from lm.exporter import (
     PARITY_TOLERANCE,
     BundleWriter,
@@ -240,9 +239,7 @@ def export_lm(
         parity = require_parity(check_parity(fused, graph, tokenizer, PARITY_SHAPES), "the step graph")
         # A one-token step through onnxruntime's GRU/LSTM/RNN op costs ~1.5x a MatMul-based graph of the
         # same cell: decoding gets a T = 1 graph of its own (lm/decode_graph.py).
-        if fused.config.cell == "mamba":
-            build_mamba_decode_graph(fused, decode)
-        elif fused.parallel:  # mingru: the blocks' recurrent form, traced from torch
+        if fused.parallel:  # the blocks' recurrent form, traced from torch
             export_onnx(fused, decode, one_token=True)
         else:
             build_decode_graph(fused, decode)

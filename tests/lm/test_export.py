@@ -234,7 +234,7 @@ def test_cli_export_of_a_missing_run_fails_cleanly(tmp_path, capsys):
 def test_parallel_cells_export_step_and_decode_graphs_that_match_torch(
     cell, layers, embed, tokenizer, tmp_path
 ):
-    """(mamba's hand-built decode graph: with and without the input projection, one layer and two.)"""
+    """(mamba: with and without the input projection, one layer and two.)"""
     torch.manual_seed(2)
     model = RNNLM(
         ModelConfig(
