@@ -162,14 +162,14 @@ def formulations(reps: int, batch: int = BATCH, time_: int = 128, inner: int = 4
     dt_h = dt[..., :heads].detach().clone().requires_grad_(True)
     a_h, a_e = -torch.linspace(1, 16, heads), -torch.linspace(1, 16, n).expand(inner, n)
     h0 = torch.zeros(batch, heads, inner // heads, n)
-    gate, cand, g0 = leaf(batch, time_, inner), leaf(batch, time_, inner), torch.zeros(batch, inner)
+    projected, g0 = leaf(batch, time_, 2 * inner), torch.zeros(batch, inner)  # [gate | candidate]
     cases = {
         "mamba2_ssd_chunk64": lambda: (
             ssd(x.view(batch, time_, heads, -1), dt_h, a_h, b, c, h0, 64)[0].sum().backward()
         ),
         "mamba1_selective_scan": lambda: selective_scan(x, dt, a_e, b, c).sum().backward(),
-        "mingru_blocked_scan": lambda: scan_blocked(gate, cand, g0).sum().backward(),
-        "mingru_log_space_scan": lambda: scan_log(gate, cand, g0).sum().backward(),
+        "mingru_blocked_scan": lambda: scan_blocked(projected, g0).sum().backward(),
+        "mingru_log_space_scan": lambda: scan_log(*projected.chunk(2, dim=-1), g0).sum().backward(),
     }
     seconds = round_robin(cases, reps)
     return {

@@ -30,9 +30,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x · r · w with r = 1 / sqrt(mean(x²) + eps) over the last axis, backward written out:
+
+        ∂L/∂x = r (g − x̂ mean(g · x̂)),  g = ∂L/∂y · w,  x̂ = x r;   ∂L/∂w = Σ ∂L/∂y · x̂
+
+    Why: left to autograd the six forward ops and their backward took 7.3 ms per (32, 128, 224) norm
+    on one core (forward + backward, measured), three norms a step in a 2-layer model.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        r = torch.rsqrt(
+            torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps)
+        )
+        normed = x * r
+        ctx.save_for_backward(normed, r, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        normed, r, weight = ctx.saved_tensors
+        grad_weight = (grad * normed).flatten(0, -2).sum(0)
+        g = grad * weight
+        mean = (g * normed).mean(-1, keepdim=True)
+        return g.sub_(normed * mean).mul_(r), grad_weight, None
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) · w over the last axis, spelt as onnxruntime's SimplifiedLayerNormalization fusion
-    expects it (Pow, ReduceMean, Add, Sqrt, Div, Mul): one fused op per norm in the exported graphs."""
+    """x / rms(x) · w over the last axis. Traced for export it is spelt as onnxruntime's
+    SimplifiedLayerNormalization fusion expects it (Pow, ReduceMean, Add, Sqrt, Div, Mul): one fused op
+    per norm in the exported graphs; elsewhere one autograd node (``_RMSNormFunction``)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -40,7 +68,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if torch.jit.is_tracing():
+            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def segsum(a: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from lm.cli import main
 from lm.config import ConfigError, TrainConfig
 from lm.mingru import MinGRUBlock, g, scan_blocked, scan_chunked, scan_log
 from lm.model import RNNLM, ModelConfig
-from lm.ssm import MambaBlock
+from lm.ssm import MambaBlock, RMSNorm, _RMSNormFunction
 from tests.lm.conftest import TINY_FLAGS
 
 SHAPES = [(1, 1), (3, 1), (2, 7), (3, 8), (4, 13), (2, 40)]  # (batch, time); the test chunk is 8
@@ -82,7 +82,7 @@ def test_mingru_export_and_log_space_forms_equal_the_training_scan(time: int) ->
     gen = torch.Generator().manual_seed(time)
     gate, candidate = (4 * torch.randn(3, time, 5, generator=gen, dtype=torch.float64) for _ in range(2))
     h0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
-    want = scan_blocked(gate, candidate, h0)
+    want = scan_blocked(torch.cat([gate, candidate], dim=-1), h0)
     torch.testing.assert_close(scan_chunked(gate, candidate, h0, 4), want, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(scan_log(gate, candidate, h0), want, atol=1e-10, rtol=1e-10)
 
@@ -93,7 +93,7 @@ def test_training_scan_stays_exact_under_strong_forgetting_over_a_long_window() 
     gate = torch.full((1, 512, 3), 20.0)
     candidate = torch.randn(1, 512, 3, generator=torch.Generator().manual_seed(0))
     want = g(candidate)[0, 1:]
-    got = scan_blocked(gate, candidate, torch.ones(1, 3))[0, 1:]
+    got = scan_blocked(torch.cat([gate, candidate], dim=-1), torch.ones(1, 3))[0, 1:]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     drift = (scan_log(gate, candidate, torch.ones(1, 3))[0, 1:] - want).abs().max()
     assert 1e-5 < drift < 1e-2
@@ -183,7 +183,7 @@ def test_mingru_scan_gradients_equal_autograd_through_the_recurrence(time: int) 
     def grads(parallel: bool) -> list[torch.Tensor]:
         leaves = [t.clone().requires_grad_(True) for t in (gate, candidate, h0)]
         if parallel:
-            h = scan_blocked(*leaves)
+            h = scan_blocked(torch.cat(leaves[:2], dim=-1), leaves[2])
         else:
             z, steps, state = torch.sigmoid(leaves[0]), [], leaves[2]
             for t in range(time):
@@ -224,3 +224,27 @@ def test_parallel_cells_drop_the_same_channels_at_every_step() -> None:
     assert 0 < (dropped == 0).float().mean() < 1
     torch.testing.assert_close(dropped[dropped != 0], torch.full_like(dropped[dropped != 0], 2.0))
     assert torch.equal(model.eval().drop(torch.ones(4, 9, 16)), torch.ones(4, 9, 16))
+
+
+def test_rms_norm_autograd_node_equals_the_exported_spelling() -> None:
+    """RMSNorm's training form (one autograd node, hand-written backward) against the op-by-op form the
+    ONNX export traces: values and gradients in float64, and torch's gradcheck."""
+    norm = RMSNorm(7).double()
+    torch.nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(spelled: bool) -> list[torch.Tensor]:
+        norm.zero_grad()
+        leaf = x.clone().requires_grad_(True)
+        if spelled:
+            y = leaf / torch.sqrt(leaf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+        else:
+            y = norm(leaf)
+        (y * weights).sum().backward()
+        return [y.detach(), leaf.grad, norm.weight.grad.clone()]
+
+    for got, want in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    leaf = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-5), (leaf, norm.weight))
