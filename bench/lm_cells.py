@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="training steps timed per case")
     parser.add_argument("--decode-reps", type=int, default=2000)
+    parser.add_argument("--result", default="lm_cells", help="result name in bench/results/")
     parser.add_argument("--windows", default=",".join(map(str, WINDOWS)), help="training window lengths")
     args = parser.parse_args(argv)
     result = {
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         result["decode"] = decode(args.decode_reps, Path(tmp))
-    write_result("lm_cells", result)
+    write_result(args.result, result)
     return 0
 
 
