@@ -1,0 +1,113 @@
+"""Helpers of the replica tests (tests/serving/test_replicas.py, test_nginx.py): replicas sharing a key file,
+an Interact session driven message by message, which replica holds a session."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.replicas import Nginx, NginxMissing, nginx_binary
+from bench.serve_load import ServerProcess
+from serving.api.rnnlab.v1 import generation_pb2 as pb
+from serving.client import Client
+from serving.config import ServerConfig
+from tests.committed_bundles import committed
+
+KEY = "replica-test-key-0123456789\n"
+LONG = 8_000  # tokens of a stream still running when the test drains or kills its replica (~1.5 s)
+PROMPT = "The Time Traveller "
+
+
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "state.key"
+    path.write_text(KEY)
+    return path
+
+
+def thread_config(key: Path, **overrides) -> ServerConfig:
+    """A ServerThread replica of tests/bundles/tiny on a free loopback port, signing with ``key``."""
+    config = ServerConfig(models=str(committed("tiny")), port=0, state_key_file=str(key), **overrides)
+    return config.validate()
+
+
+def replica_process(tmp_path: Path, key: Path) -> ServerProcess:
+    """``python -m serving.server --state-key-file KEY`` serving tests/bundles/tiny (one we can SIGKILL)."""
+    settings = tmp_path / "server.toml"
+    settings.write_text(f"max_tokens = {LONG}\n")
+    flags = ("--config", str(settings), "--state-key-file", str(key), "--log-level", "WARNING")
+    return ServerProcess(committed("tiny"), *flags)
+
+
+def start_nginx(run_dir: Path, replicas: list[str]) -> Nginx:
+    """nginx on deploy/nginx/nginx.conf; a test that needs it fails (never skips) when it is missing."""
+    try:
+        nginx_binary()
+    except NginxMissing as exc:
+        pytest.fail(str(exc))
+    return Nginx(run_dir, replicas)
+
+
+class Interaction:
+    """One Interact stream fed message by message: ``send(request)``, ``next()`` reads an answer."""
+
+    def __init__(self, client: Client) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._answers = client.interact(iter(self._requests.get, None), timeout=60)
+
+    def send(self, **action) -> None:
+        self._requests.put(pb.InteractRequest(**action))
+
+    def next(self) -> pb.InteractResponse:
+        return next(self._answers)
+
+    def generation(self, max_tokens: int) -> Iterator[pb.GenerateResponse]:
+        """Greedy generation in the session, message by message, up to the one with ``end``."""
+        self.send(generate=pb.SessionGenerateRequest(max_tokens=max_tokens))
+        while True:
+            message = self.next().generation
+            yield message
+            if message.HasField("end"):
+                return
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+def resumed_tokens(client: Client, token: bytes, received: list[int], text: str, total: int) -> list[int]:
+    """The rest of an interrupted greedy generation of ``total`` tokens: resume the state token taken
+    before it, read the ``text`` of the ``received`` tokens, generate the remainder."""
+    session = client.resume(token)
+    if text:
+        session.append(text)
+    rest = [i for m in session.generate(total - len(received)) for i in m.token_ids]
+    session.close()
+    return received + rest
+
+
+def holder(replicas: dict[str, str], session_id: str) -> str:
+    """The name of the replica that holds ``session_id`` (Export reads a session without changing it)."""
+    for name, target in replicas.items():
+        with Client(target) as direct:
+            try:
+                direct.sessions.Export(pb.ExportSessionRequest(session_id=session_id), timeout=10)
+                return name
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+    raise AssertionError(f"no replica holds session {session_id}")
+
+
+def generate_calls(server) -> float:
+    """Generation.Generate calls a ServerThread replica has answered (rnnlab_requests_total)."""
+    total = 0.0
+    for metric in server.server.metrics.registry.collect():
+        if metric.name == "rnnlab_requests":
+            total += sum(
+                s.value
+                for s in metric.samples
+                if s.name.endswith("_total") and s.labels["method"] == "GenerationService.Generate"
+            )
+    return total

@@ -1,0 +1,182 @@
+"""Stateless replicas: one state key file, client-side round_robin over replicas, health-checked draining,
+a session moving between replicas on its state token, a replica killed mid-stream."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from serving import client_cli, state_token
+from serving.client import Client, channel_target
+from serving.config import ConfigError, ServerConfig
+from serving.harness import ServerThread
+from tests.committed_bundles import committed
+from tests.serving.replica_helpers import (
+    KEY,
+    LONG,
+    PROMPT,
+    Interaction,
+    generate_calls,
+    key_file,
+    replica_process,
+    resumed_tokens,
+    thread_config,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_state_key_file_is_read_stripped_and_beats_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(state_token.KEY_ENV, "from-the-environment")
+    with ServerThread(thread_config(key_file(tmp_path))) as running:
+        assert running.app.state_key == KEY.strip().encode()
+    assert state_token.resolve_key(None, None) == b"from-the-environment"
+    assert state_token.resolve_key("configured", None) == b"configured"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read state key file"), ("short\n", "holds 5 bytes; at least 16")],
+)
+def test_a_missing_or_short_key_file_stops_the_server_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "state.key"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(state_token.StateKeyError, match=message) as refused:
+        ServerConfig(models=str(committed("tiny")), state_key_file=str(path)).validate()
+    assert str(path) in str(refused.value)
+    command = [sys.executable, "-m", "serving.server", "--models", str(committed("tiny")), "--port", "0"]
+    done = subprocess.run(
+        [*command, "--state-key-file", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert str(path) in done.stderr and message in done.stderr
+
+
+def test_state_key_and_key_file_exclude_each_other(tmp_path):
+    with pytest.raises(ConfigError, match="exclude each other"):
+        ServerConfig(state_key="k" * 16, state_key_file=str(key_file(tmp_path))).validate()
+
+
+def test_a_target_list_becomes_one_address_list():
+    assert channel_target("127.0.0.1:1") == "127.0.0.1:1"
+    assert channel_target("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target(["127.0.0.1:1", "localhost:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target(["127.0.0.1:1,127.0.0.1:2", "127.0.0.1:1"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    assert channel_target("dns:///rnnlab-replicas:50151") == "dns:///rnnlab-replicas:50151"
+    with pytest.raises(ValueError, match="only target"):
+        channel_target("dns:///a:1,127.0.0.1:2")
+    with pytest.raises(ValueError, match="not host:port"):
+        channel_target("127.0.0.1,127.0.0.1:2")
+
+
+@pytest.fixture
+def two_replicas(tmp_path):
+    key = key_file(tmp_path)
+    settings = {"max_tokens": LONG, "grace_s": 30.0}
+    with ServerThread(thread_config(key, **settings)) as a, ServerThread(thread_config(key, **settings)) as b:
+        yield a, b
+
+
+def test_round_robin_spreads_streams_over_both_replicas(two_replicas, capsys):
+    a, b = two_replicas
+    with Client([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]) as client:
+        client.health(timeout=10)  # connected
+        for seed in range(20):
+            assert len(list(client.generate("tiny", PROMPT, 8, temperature=1.0, seed=seed))) >= 1
+    assert generate_calls(a) >= 5 and generate_calls(b) >= 5 and generate_calls(a) + generate_calls(b) == 20
+    # rnnlab-client: the flag repeated and comma-separated
+    targets = ["--target", f"127.0.0.1:{a.port},127.0.0.1:{b.port}", "--target", f"127.0.0.1:{a.port}"]
+    assert client_cli.build_parser().parse_args([*targets, "models"]).target == targets[1::2]
+    for _ in range(6):
+        assert client_cli.main([*targets, "generate", "tiny", PROMPT, "--max-tokens", "4"]) == 0
+    assert generate_calls(a) + generate_calls(b) == 26
+    assert capsys.readouterr().out.count("\n") == 6
+
+
+def test_a_session_started_on_a_continues_on_b_from_its_state_token(two_replicas):
+    a, b = two_replicas
+    with Client(f"127.0.0.1:{a.port}") as on_a, Client(f"127.0.0.1:{b.port}") as on_b:
+        session = on_a.open_session("tiny", prompt=PROMPT)
+        first = [i for m in session.generate(40) for i in m.token_ids]
+        token = session.export()
+        stayed = [i for m in session.generate(120) for i in m.token_ids]
+        moved = on_b.resume(token)
+        assert [i for m in moved.generate(120) for i in m.token_ids] == stayed
+        assert moved.tokens == session.tokens and len(first) == 40
+
+
+@pytest.mark.parametrize("health_check", [True, False])
+def test_health_checking_takes_a_draining_replica_out_of_the_rotation(two_replicas, health_check):
+    """With health checking (the default over several addresses) no call reaches the draining replica;
+    without it, the calls round_robin picks for it are refused UNAVAILABLE [SERVER_DRAINING]."""
+    a, b = two_replicas
+    with Client([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], health_check=health_check) as client:
+        for _ in range(4):
+            list(client.generate("tiny", PROMPT, 4))
+        running = client.generate("tiny", PROMPT, LONG)  # keeps its replica draining for a while
+        first = next(running)
+        victim, other = (a, b) if a.app.active_streams else (b, a)
+        before = generate_calls(other)
+        stopper = threading.Thread(target=victim.call, args=(victim.server.stop(30.0),))
+        stopper.start()
+        time.sleep(0.3)  # the replica's health Watch has answered NOT_SERVING
+        refused = 0
+        for _ in range(20):
+            try:
+                assert list(client.generate("tiny", PROMPT, 4))[-1].end.generated_tokens == 4
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in exc.details()
+                refused += 1
+        assert len(first.token_ids) + sum(len(m.token_ids) for m in running) == LONG  # finished in the drain
+        stopper.join(60)
+    if health_check:
+        assert refused == 0 and generate_calls(other) - before == 20
+    else:
+        assert 5 <= refused <= 15 and generate_calls(other) - before == 20 - refused
+
+
+def test_a_replica_killed_mid_stream_and_the_session_resumes_on_the_other(tmp_path):
+    """SIGKILL of replica A during a greedy session generation: the client sees UNAVAILABLE, resumes the
+    state token it took before the generation on the round_robin channel (now only B), reads the tokens
+    it had received and generates the rest: the same tokens as an uninterrupted run."""
+    key = key_file(tmp_path)
+    a, b = replica_process(tmp_path, key), replica_process(tmp_path, key)
+    try:
+        with Client(b.target) as on_b:  # the uninterrupted reference
+            session = on_b.open_session("tiny", prompt=PROMPT)
+            token = session.export()
+            expected = [i for m in session.generate(LONG) for i in m.token_ids]
+        with Client(a.target) as on_a, Client([a.target, b.target]) as replicas:
+            interaction = Interaction(on_a)
+            interaction.send(open={"model": "tiny", "prompt": PROMPT})
+            interaction.next()
+            interaction.send(export=True)
+            assert interaction.next().state.token  # what the client keeps to resume
+            received, text = [], ""
+            with pytest.raises(grpc.RpcError) as killed:
+                for message in interaction.generation(LONG):
+                    received += message.token_ids
+                    text += message.text
+                    if a.process.poll() is None:
+                        a.process.kill()
+            assert killed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert 0 < len(received) < LONG
+            assert resumed_tokens(replicas, token, received, text, LONG) == expected
+            interaction.close()
+    finally:
+        for replica in (a, b):
+            if replica.process.poll() is None:
+                replica.stop()
