@@ -4,6 +4,7 @@ an Interact session driven message by message, which replica holds a session."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,13 +79,17 @@ class Interaction:
 
 
 def resumed_tokens(client: Client, token: bytes, received: list[int], text: str, total: int) -> list[int]:
-    """The rest of an interrupted greedy generation of ``total`` tokens: resume the state token taken
-    before it, read the ``text`` of the ``received`` tokens, generate the remainder."""
-    session = client.resume(token)
+    """An interrupted greedy generation of ``total`` tokens completed: in one Interact stream (one replica
+    whatever balances the calls), resume the state token taken before it, read the ``text`` of the
+    ``received`` tokens, generate the rest."""
+    interaction = Interaction(client)
+    interaction.send(resume_token=token)
+    interaction.next()
     if text:
-        session.append(text)
-    rest = [i for m in session.generate(total - len(received)) for i in m.token_ids]
-    session.close()
+        interaction.send(append=text)
+        interaction.next()
+    rest = [i for m in interaction.generation(total - len(received)) for i in m.token_ids]
+    interaction.close()
     return received + rest
 
 
@@ -100,14 +105,21 @@ def holder(replicas: dict[str, str], session_id: str) -> str:
     raise AssertionError(f"no replica holds session {session_id}")
 
 
-def generate_calls(server) -> float:
-    """Generation.Generate calls a ServerThread replica has answered (rnnlab_requests_total)."""
-    total = 0.0
-    for metric in server.server.metrics.registry.collect():
-        if metric.name == "rnnlab_requests":
-            total += sum(
-                s.value
-                for s in metric.samples
-                if s.name.endswith("_total") and s.labels["method"] == "GenerationService.Generate"
+def calls(servers, expected: float, method: str = "GenerationService.Generate") -> list[float]:
+    """Calls of ``method`` each ServerThread replica has answered, whatever their code
+    (rnnlab_requests_total), once their sum reaches ``expected`` (a server counts as its handler ends,
+    maybe just after the client has its answer), or after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        counts = [
+            sum(
+                sample.value
+                for metric in server.app.metrics.registry.collect()
+                for sample in metric.samples
+                if sample.name == "rnnlab_requests_total" and sample.labels["method"] == method
             )
-    return total
+            for server in servers
+        ]
+        if sum(counts) >= expected or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.01)
