@@ -17,7 +17,7 @@ from pathlib import Path
 from bench import ROOT
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
-INSTALL_HINT = "install it: `apt-get install -y nginx-light` (Debian/Ubuntu, as root), or `make nginx`"
+INSTALL_HINT = "install it: `make nginx`, or `apt-get install -y nginx` (Debian/Ubuntu, as root)"
 
 
 class NginxMissing(RuntimeError):
