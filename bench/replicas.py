@@ -1,20 +1,39 @@
 """Replicas: 2 rnnlab-serve processes behind nginx against 1, and nginx's own cost against direct calls.
 
-    python -m bench.replicas [--bundle DIR] [--streams 64] [--tokens 256] [--repeats 7]
+    python -m bench.replicas [--bundle DIR] [--streams 64] [--tokens 1024] [--repeats 7]
 
-BENCH_BODY
+Side by side in one run, taking turns (each figure the median of ``--repeats`` runs of ``--streams``
+concurrent streams of ``--tokens`` tokens, the load of bench/serve_load.py from this process):
+- ``direct_1``: the client straight to one replica;
+- ``nginx_1``: the same replica through nginx (``deploy/nginx/nginx.conf``): nginx's own cost;
+- ``nginx_2``: two replicas through nginx;
+- ``round_robin_2``: two replicas, balanced by the client's channel (``round_robin``, no proxy).
+Every replica is an ``rnnlab-serve`` process with the defaults (batching, ort_threads 1); nginx runs
+``worker_processes auto``. Clients, nginx and replicas share the machine's cores, so on 2 cores two
+replicas cannot double anything: the JSON records the core count. Same bundle choice as
+bench/serve_load.py. Writes bench/results/replicas.json.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import platform
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-from bench import ROOT
+from bench import ROOT, repo_path
+from serving.client import channel_target, service_config
+
+RESULTS = ROOT / "bench" / "results" / "replicas.json"
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 INSTALL_HINT = "install it: `make nginx`, or `apt-get install -y nginx` (Debian/Ubuntu, as root)"
@@ -98,3 +117,96 @@ class Nginx:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def measure(
+    routes: dict[str, tuple[str, tuple]], model: str, streams: int, tokens: int, repeats: int
+) -> dict:
+    """The median run of every route (``name: (target, channel options)``), the routes taking turns."""
+    from bench.serve_load import load
+
+    runs: dict[str, list[dict]] = {name: [] for name in routes}
+    for _ in range(repeats):
+        for name, (target, options) in routes.items():
+            runs[name].append(asyncio.run(load(target, model, streams, tokens, options)))
+            print(
+                f"{name:14s} {streams} streams: {runs[name][-1]['tokens_per_s']:,.0f} tokens/s",
+                file=sys.stderr,
+            )
+    rows = {}
+    for name, figures in runs.items():
+        ranked = sorted(figures, key=lambda f: f["tokens_per_s"])
+        rows[name] = {**ranked[len(ranked) // 2], "runs_tokens_per_s": [f["tokens_per_s"] for f in figures]}
+    return rows
+
+
+def ratios(rows: dict) -> dict:
+    tokens = {name: row["tokens_per_s"] for name, row in rows.items()}
+    return {
+        "nginx_2_vs_direct_1": round(tokens["nginx_2"] / tokens["direct_1"], 3),
+        "nginx_2_vs_nginx_1": round(tokens["nginx_2"] / tokens["nginx_1"], 3),
+        "nginx_1_vs_direct_1": round(tokens["nginx_1"] / tokens["direct_1"], 3),
+        "round_robin_2_vs_direct_1": round(tokens["round_robin_2"] / tokens["direct_1"], 3),
+    }
+
+
+def nginx_version() -> str:
+    done = subprocess.run([nginx_binary(), "-v"], capture_output=True, text=True, check=True)
+    return done.stderr.strip().split("/")[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.serve_load import DEFAULT_BUNDLE, ServerProcess, random_bundle
+    from serving.runtime import LMRuntime
+
+    parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="LM bundle (default: as bench/serve_load.py)")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=1024, help="per stream (runs of seconds: steadier)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.bundle or DEFAULT_BUNDLE.is_dir():
+            bundle = Path(args.bundle or DEFAULT_BUNDLE)
+            described = repo_path(bundle)
+        else:
+            bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
+        model = LMRuntime.load(bundle).manifest.name
+        replicas = [ServerProcess(bundle), ServerProcess(bundle)]
+        targets = [replica.target for replica in replicas]
+        fronts: list[Nginx] = []
+        try:
+            fronts.append(Nginx(Path(tmp) / "nginx-1", targets[:1]))
+            fronts.append(Nginx(Path(tmp) / "nginx-2", targets))
+            routes = {
+                "direct_1": (replicas[0].target, ()),
+                "nginx_1": (fronts[0].target, ()),
+                "nginx_2": (fronts[1].target, ()),
+                "round_robin_2": (
+                    channel_target(targets),
+                    (("grpc.service_config", service_config(health_check=True)),),
+                ),
+            }
+            rows = measure(routes, model, args.streams, args.tokens, args.repeats)
+        finally:
+            for process in [*fronts, *replicas]:
+                process.stop()
+    results = {
+        "bundle": described,
+        "streams": args.streams,
+        "tokens_per_stream": args.tokens,
+        "repeats": args.repeats,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "nginx": nginx_version()},
+        "routes": rows,
+        "ratios": ratios(rows),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["ratios"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

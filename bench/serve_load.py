@@ -134,8 +134,9 @@ async def one_stream(stub: pb_grpc.GenerationStub, model: str, tokens: int, seed
     return {"start": start, "first": first, "end": time.perf_counter(), "tokens": count, "gaps": gaps}
 
 
-async def load(target: str, model: str, streams: int, tokens: int) -> dict:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def load(target: str, model: str, streams: int, tokens: int, options: tuple = ()) -> dict:
+    """``streams`` concurrent streams over one channel (``options``: its channel arguments)."""
+    async with grpc.aio.insecure_channel(target, options) as channel:
         stub = pb_grpc.GenerationStub(channel)
         await one_stream(stub, model, 4, 0)  # warm-up: connection, first call
         results = await asyncio.gather(*(one_stream(stub, model, tokens, seed) for seed in range(streams)))
