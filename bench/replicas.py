@@ -1,6 +1,6 @@
 """Replicas: 2 rnnlab-serve processes behind nginx against 1, and nginx's own cost against direct calls.
 
-    python -m bench.replicas [--bundle DIR] [--streams 64] [--tokens 1024] [--repeats 7]
+    python -m bench.replicas [--bundle DIR] [--streams 64] [--tokens 1024] [--repeats 11]
 
 Side by side in one run, taking turns (each figure the median of ``--repeats`` runs of ``--streams``
 concurrent streams of ``--tokens`` tokens, the load of bench/serve_load.py from this process):
@@ -24,6 +24,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,13 +142,22 @@ def measure(
 
 
 def ratios(rows: dict) -> dict:
-    tokens = {name: row["tokens_per_s"] for name, row in rows.items()}
-    return {
-        "nginx_2_vs_direct_1": round(tokens["nginx_2"] / tokens["direct_1"], 3),
-        "nginx_2_vs_nginx_1": round(tokens["nginx_2"] / tokens["nginx_1"], 3),
-        "nginx_1_vs_direct_1": round(tokens["nginx_1"] / tokens["direct_1"], 3),
-        "round_robin_2_vs_direct_1": round(tokens["round_robin_2"] / tokens["direct_1"], 3),
-    }
+    """``a_vs_b`` for the pairs reported: the ratio of medians, and the median of the ratios of runs made
+    in the same round (back to back, so the machine's other load drifts less between them)."""
+    pairs = [
+        ("nginx_2", "direct_1"),
+        ("nginx_2", "nginx_1"),
+        ("nginx_1", "direct_1"),
+        ("round_robin_2", "direct_1"),
+    ]
+    result = {}
+    for a, b in pairs:
+        runs = zip(rows[a]["runs_tokens_per_s"], rows[b]["runs_tokens_per_s"], strict=True)
+        result[f"{a}_vs_{b}"] = {
+            "of_medians": round(rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"], 3),
+            "median_of_paired_runs": round(statistics.median(x / y for x, y in runs), 3),
+        }
+    return result
 
 
 def nginx_version() -> str:
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", help="LM bundle (default: as bench/serve_load.py)")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=1024, help="per stream (runs of seconds: steadier)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
         model = LMRuntime.load(bundle).manifest.name
+        load_before = os.getloadavg()[0]
         replicas = [ServerProcess(bundle), ServerProcess(bundle)]
         targets = [replica.target for replica in replicas]
         fronts: list[Nginx] = []
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_stream": args.tokens,
         "repeats": args.repeats,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "nginx": nginx_version()},
+        # the machine is shared: the 1-minute load average before and after the run
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "routes": rows,
         "ratios": ratios(rows),
     }
