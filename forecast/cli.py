@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     for name, func, text in (
         ("eval", cmd_eval, "rolling-origin scores on the test horizon"),
-        ("forecast", cmd_forecast, "the next values with 90% intervals"),
+        ("forecast", cmd_forecast, "the next values with 90%% intervals"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("run", help="run directory")

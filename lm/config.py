@@ -344,7 +344,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         for f in fields(section_cls):
             meta = f.metadata
             names = [flag(f.name), *meta.get("aliases", ())]
-            help_text = f"{meta.get('help', '')} (default: {f.default})"
+            # argparse %-formats help strings: a literal "20%" in a field's help must not break --help.
+            help_text = f"{meta.get('help', '')} (default: {f.default})".replace("%", "%%")
             if isinstance(f.default, bool):
                 group.add_argument(
                     *names,
