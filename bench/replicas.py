@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import ROOT, repo_path
+from bench import ROOT
 from serving.client import channel_target, service_config
 
 RESULTS = ROOT / "bench" / "results" / "replicas.json"
@@ -166,7 +166,7 @@ def nginx_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.serve_load import DEFAULT_BUNDLE, ServerProcess, random_bundle
+    from bench.serve_load import ServerProcess, choose_bundle
     from serving.runtime import LMRuntime
 
     parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__.splitlines()[0])
@@ -177,11 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.bundle or DEFAULT_BUNDLE.is_dir():
-            bundle = Path(args.bundle or DEFAULT_BUNDLE)
-            described = repo_path(bundle)
-        else:
-            bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
+        bundle, described = choose_bundle(args.bundle, Path(tmp))
         model = LMRuntime.load(bundle).manifest.name
         load_before = os.getloadavg()[0]
         replicas = [ServerProcess(bundle), ServerProcess(bundle)]

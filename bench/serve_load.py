@@ -64,6 +64,15 @@ def random_bundle(out_dir: Path) -> Path:
     return export_lm(model, tokenizer, out_dir / "bench-gru", name="bench-gru")
 
 
+def choose_bundle(given: str | None, tmp: Path) -> tuple[Path, str]:
+    """``given``, else the default pipeline's bundle, else ``random_bundle`` made in ``tmp``; with how the
+    result file names it."""
+    if given or DEFAULT_BUNDLE.is_dir():
+        bundle = Path(given or DEFAULT_BUNDLE)
+        return bundle, repo_path(bundle)
+    return random_bundle(tmp), "random 2-layer GRU hidden 256, vocab 80"
+
+
 def ceiling(runtime: LMRuntime, batch: int, steps: int) -> float:
     """Tokens/s of ORT alone stepping a (batch, 1) input with the state carried."""
     state = runtime.init_state(batch)
@@ -215,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.bundle or DEFAULT_BUNDLE.is_dir():
-            bundle = Path(args.bundle or DEFAULT_BUNDLE)
-            described = repo_path(bundle)
-        else:
-            bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
+        bundle, described = choose_bundle(args.bundle, Path(tmp))
         runtime = LMRuntime.load(bundle)
         model = runtime.manifest.name
         results: dict = {

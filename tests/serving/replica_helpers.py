@@ -3,6 +3,7 @@ an Interact session driven message by message, which replica holds a session."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from bench.serve_load import ServerProcess
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client
 from serving.config import ServerConfig
+from serving.harness import ServerThread
 from tests.committed_bundles import committed
 
 KEY = "replica-test-key-0123456789\n"
@@ -33,6 +35,15 @@ def thread_config(key: Path, **overrides) -> ServerConfig:
     """A ServerThread replica of tests/bundles/tiny on a free loopback port, signing with ``key``."""
     config = ServerConfig(models=str(committed("tiny")), port=0, state_key_file=str(key), **overrides)
     return config.validate()
+
+
+@contextlib.contextmanager
+def thread_replicas(tmp_path: Path) -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two ServerThread replicas sharing a key file, streams up to LONG tokens, a drain grace of 30 s."""
+    key = key_file(tmp_path)
+    settings = {"max_tokens": LONG, "grace_s": 30.0}
+    with ServerThread(thread_config(key, **settings)) as a, ServerThread(thread_config(key, **settings)) as b:
+        yield a, b
 
 
 def replica_process(tmp_path: Path, key: Path) -> ServerProcess:
@@ -76,6 +87,33 @@ class Interaction:
 
     def close(self) -> None:
         self._requests.put(None)
+
+
+def open_and_export(client: Client, keep_open: bool = False) -> tuple[Interaction, str, bytes]:
+    """An Interact session on tests/bundles/tiny that has read PROMPT: (the stream, session id, a state
+    token taken before any generation: what a client keeps to resume elsewhere)."""
+    interaction = Interaction(client)
+    interaction.send(open=pb.OpenSessionRequest(model="tiny", prompt=PROMPT), keep_open=keep_open)
+    session_id = interaction.next().session.session_id
+    interaction.send(export=True)
+    return interaction, session_id, interaction.next().state.token
+
+
+def killed_mid_generation(
+    interaction: Interaction, replica: ServerProcess
+) -> tuple[list[int], str, grpc.RpcError]:
+    """A greedy generation of LONG tokens whose replica gets SIGKILL once its first message arrived: the
+    tokens and text received, and the error that ended the stream."""
+    received, text = [], ""
+    with pytest.raises(grpc.RpcError) as killed:
+        for message in interaction.generation(LONG):
+            received += message.token_ids
+            text += message.text
+            if replica.process.poll() is None:
+                replica.process.kill()
+    interaction.close()
+    assert 0 < len(received) < LONG
+    return received, text, killed.value
 
 
 def resumed_tokens(client: Client, token: bytes, received: list[int], text: str, total: int) -> list[int]:

@@ -14,29 +14,26 @@ import threading
 import grpc
 import pytest
 
-from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.client import Client, error_details
-from serving.harness import ServerThread
 from tests.serving.replica_helpers import (
     LONG,
     PROMPT,
-    Interaction,
     calls,
     holder,
     key_file,
+    killed_mid_generation,
+    open_and_export,
     replica_process,
     resumed_tokens,
     start_nginx,
-    thread_config,
+    thread_replicas,
 )
 
 
 @pytest.fixture
 def replicas(tmp_path):
-    key = key_file(tmp_path)
-    settings = {"max_tokens": LONG, "grace_s": 30.0}
-    with ServerThread(thread_config(key, **settings)) as a, ServerThread(thread_config(key, **settings)) as b:
-        yield a, b
+    with thread_replicas(tmp_path) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -59,11 +56,7 @@ def test_a_state_token_resumes_on_whichever_replica_nginx_picks(replicas, nginx)
     """Through a balancer every call may land on another replica: a session lives in one Interact stream
     (one replica), and continues on another from its state token, with the same greedy tokens."""
     with Client(nginx.target) as client:
-        interaction = Interaction(client)
-        interaction.send(open=pb.OpenSessionRequest(model="tiny", prompt=PROMPT))
-        interaction.next()
-        interaction.send(export=True)
-        token = interaction.next().state.token
+        interaction, _, token = open_and_export(client)
         stayed = [i for m in interaction.generation(150) for i in m.token_ids]
         interaction.close()
         for _ in range(8):
@@ -78,23 +71,11 @@ def test_a_replica_killed_behind_nginx_mid_stream_and_the_session_resumes(tmp_pa
     front = start_nginx(tmp_path / "nginx", [p.target for p in processes.values()])
     try:
         with Client(front.target) as client:
-            interaction = Interaction(client)
-            interaction.send(open=pb.OpenSessionRequest(model="tiny", prompt=PROMPT), keep_open=True)
-            session_id = interaction.next().session.session_id
-            interaction.send(export=True)
-            token = interaction.next().state.token
+            interaction, session_id, token = open_and_export(client, keep_open=True)
             victim = processes[holder({n: p.target for n, p in processes.items()}, session_id)]
-            received, text = [], ""
-            with pytest.raises(grpc.RpcError) as killed:
-                for message in interaction.generation(LONG):
-                    received += message.token_ids
-                    text += message.text
-                    if victim.process.poll() is None:
-                        victim.process.kill()
+            received, text, error = killed_mid_generation(interaction, victim)
             # nginx resets the client's stream: INTERNAL, where a direct channel says UNAVAILABLE
-            assert killed.value.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in killed.value.details()
-            assert 0 < len(received) < LONG
-            interaction.close()
+            assert error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in error.details()
             survivor = next(p for p in processes.values() if p is not victim)
             with Client(survivor.target) as direct:  # the uninterrupted reference
                 expected = resumed_tokens(direct, token, [], "", LONG)

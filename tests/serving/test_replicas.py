@@ -21,12 +21,14 @@ from tests.serving.replica_helpers import (
     KEY,
     LONG,
     PROMPT,
-    Interaction,
     calls,
     key_file,
+    killed_mid_generation,
+    open_and_export,
     replica_process,
     resumed_tokens,
     thread_config,
+    thread_replicas,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,10 +86,8 @@ def test_a_target_list_becomes_one_address_list():
 
 @pytest.fixture
 def two_replicas(tmp_path):
-    key = key_file(tmp_path)
-    settings = {"max_tokens": LONG, "grace_s": 30.0}
-    with ServerThread(thread_config(key, **settings)) as a, ServerThread(thread_config(key, **settings)) as b:
-        yield a, b
+    with thread_replicas(tmp_path) as pair:
+        yield pair
 
 
 def test_round_robin_spreads_streams_over_both_replicas(two_replicas, capsys):
@@ -158,25 +158,12 @@ def test_a_replica_killed_mid_stream_and_the_session_resumes_on_the_other(tmp_pa
     try:
         with Client(b.target) as on_b:  # the uninterrupted reference
             session = on_b.open_session("tiny", prompt=PROMPT)
-            token = session.export()
             expected = [i for m in session.generate(LONG) for i in m.token_ids]
         with Client(a.target) as on_a, Client([a.target, b.target]) as replicas:
-            interaction = Interaction(on_a)
-            interaction.send(open={"model": "tiny", "prompt": PROMPT})
-            interaction.next()
-            interaction.send(export=True)
-            assert interaction.next().state.token  # what the client keeps to resume
-            received, text = [], ""
-            with pytest.raises(grpc.RpcError) as killed:
-                for message in interaction.generation(LONG):
-                    received += message.token_ids
-                    text += message.text
-                    if a.process.poll() is None:
-                        a.process.kill()
-            assert killed.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert 0 < len(received) < LONG
+            interaction, _, token = open_and_export(on_a)
+            received, text, error = killed_mid_generation(interaction, a)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert resumed_tokens(replicas, token, received, text, LONG) == expected
-            interaction.close()
     finally:
         for replica in (a, b):
             if replica.process.poll() is None:
