@@ -9,6 +9,7 @@ sees a gRPC error as an HTTP 200), until the replica has stopped.
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import grpc
@@ -111,3 +112,9 @@ def test_a_draining_replica_behind_nginx_refuses_until_it_has_stopped(replicas, 
         stopper.join(60)
         for _ in range(20):  # stopped: connections refused, nginx goes to B without the client noticing
             assert list(client.generate("tiny", PROMPT, 4))[-1].end.generated_tokens == 4
+
+
+def test_without_nginx_these_tests_fail_saying_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    with pytest.raises(pytest.fail.Exception, match=r"nginx is not installed; install it: `make nginx`"):
+        start_nginx(tmp_path, ["127.0.0.1:1"])

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
-from serving import client_cli, state_token
+from serving import client_cli, server, state_token
 from serving.client import Client, channel_target
 from serving.config import ConfigError, ServerConfig
 from serving.harness import ServerThread
@@ -168,3 +170,20 @@ def test_a_replica_killed_mid_stream_and_the_session_resumes_on_the_other(tmp_pa
         for replica in (a, b):
             if replica.process.poll() is None:
                 replica.stop()
+
+
+def test_the_kubernetes_manifest_is_the_one_in_the_docs_and_uses_real_flags():
+    manifest = Path(ROOT) / "deploy" / "kubernetes" / "rnnlab.yaml"
+    docs = (Path(ROOT) / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert f"```yaml\n{manifest.read_text(encoding='utf-8')}```" in docs
+    secret, deployment, service = yaml.safe_load_all(manifest.read_text(encoding="utf-8"))
+    pod = deployment["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    args = server.build_parser().parse_args(command[1:])  # argparse exits on an unknown flag
+    mount = pod["containers"][0]["volumeMounts"][0]
+    assert command[0] == "rnnlab-serve" and Path(args.state_key_file).parent == Path(mount["mountPath"])
+    assert pod["volumes"][0]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert Path(args.state_key_file).name in secret["stringData"]
+    assert pod["terminationGracePeriodSeconds"] > args.grace_s
+    assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == args.port
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["ports"][0]["port"] == args.port
