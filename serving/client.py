@@ -112,11 +112,34 @@ def balances(target: str) -> bool:
     return target.startswith(("ipv4:", "ipv6:", "dns:"))
 
 
+# Calls that may be sent again after UNAVAILABLE: those that change no session (or start one afresh).
+# Append, Generate, CloseSession and Close act on a session by id: if a connection broke after the
+# replica had done one, doing it again would do it twice.
+RETRIED = (
+    {"service": "rnnlab.v1.Generation"},
+    {"service": "rnnlab.v1.Translation"},
+    *({"service": "rnnlab.v1.Sessions", "method": m} for m in ("Open", "Export", "Resume", "Interact")),
+)
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.02s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
 def service_config(health_check: bool = True) -> str:
-    """The channel's service config: ``round_robin`` over every address of the target, and (unless
-    ``health_check`` is off) gRPC client-side health checking, so that a replica whose health turns
-    NOT_SERVING (draining) is left out of the rotation while its calls in flight finish."""
-    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    """The channel's service config: ``round_robin`` over every address of the target; gRPC client-side
+    health checking unless ``health_check`` is off, so that a replica whose health turns NOT_SERVING
+    (draining) leaves the rotation while its calls in flight finish; and gRPC retries of UNAVAILABLE
+    for the calls in ``RETRIED``. gRPC retries a call only before any answer came back: a draining
+    replica's refusal (``SERVER_DRAINING``, refused before any work) goes to the next pick, e.g. behind
+    nginx; a stream cut after its first message is not retried."""
+    config: dict = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": list(RETRIED), "retryPolicy": RETRY_POLICY}],
+    }
     if health_check:
         config["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(config)

@@ -15,6 +15,8 @@ import threading
 import grpc
 import pytest
 
+from serving.api.rnnlab.v1 import generation_pb2 as pb
+from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.client import Client, error_details
 from tests.serving.replica_helpers import (
     LONG,
@@ -91,27 +93,37 @@ def test_a_replica_killed_behind_nginx_mid_stream_and_the_session_resumes(tmp_pa
 
 
 def test_a_draining_replica_behind_nginx_refuses_until_it_has_stopped(replicas, nginx):
+    """nginx passes a draining replica's refusals on (a plain channel sees them); the Client retries
+    them, and nginx's next pick is the other replica; once the replica has stopped, nginx skips it."""
     a = replicas[0]
-    with Client(f"127.0.0.1:{a.port}") as direct, Client(nginx.target) as client:
+    with (
+        Client(f"127.0.0.1:{a.port}") as direct,
+        Client(nginx.target) as client,
+        grpc.insecure_channel(nginx.target) as plain,
+    ):
         running = direct.generate("tiny", PROMPT, LONG)  # holds replica A in its drain for a while
         next(running)
         stopper = threading.Thread(target=a.call, args=(a.server.stop(30.0),))
         stopper.start()
-        codes = []
-        while a.app.active_streams and len(codes) < 200:
+        plain_codes, request = [], pb.GenerateRequest(model="tiny", prompt=PROMPT, max_tokens=4)
+        for _ in range(10):
             try:
-                list(client.generate("tiny", PROMPT, 4))
-                codes.append("OK")
+                list(pb_grpc.GenerationStub(plain).Generate(request))
+                plain_codes.append("OK")
             except grpc.RpcError as exc:
                 details = error_details(exc)
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE and details.reason == "SERVER_DRAINING"
                 assert details.retry_after_s == 0  # "retry on another replica": nginx's next pick
-                codes.append("UNAVAILABLE")
-        assert "UNAVAILABLE" in codes and "OK" in codes  # nginx passes the drain's refusals on
+                plain_codes.append("UNAVAILABLE")
+        assert plain_codes.count("UNAVAILABLE") == plain_codes.count("OK") == 5  # nginx's round robin
+        for _ in range(10):  # refused on A, retried by the Client's channel, sent to B by nginx
+            assert list(client.generate("tiny", PROMPT, 4))[-1].end.generated_tokens == 4
+        assert a.app.active_streams == 1  # all the above happened during the drain
         list(running)
         stopper.join(60)
         for _ in range(20):  # stopped: connections refused, nginx goes to B without the client noticing
-            assert list(client.generate("tiny", PROMPT, 4))[-1].end.generated_tokens == 4
+            response = list(pb_grpc.GenerationStub(plain).Generate(request))
+            assert response[-1].end.generated_tokens == 4
 
 
 def test_without_nginx_these_tests_fail_saying_how_to_install_it(tmp_path, monkeypatch):

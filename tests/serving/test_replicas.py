@@ -3,6 +3,7 @@ a session moving between replicas on its state token, a replica killed mid-strea
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 import yaml
 
 from serving import client_cli, server, state_token
+from serving.api.rnnlab.v1 import generation_pb2 as pb
+from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.client import Client, channel_target
 from serving.config import ConfigError, ServerConfig
 from serving.harness import ServerThread
@@ -121,34 +124,47 @@ def test_a_session_started_on_a_continues_on_b_from_its_state_token(two_replicas
         assert moved.tokens == session.tokens and len(first) == 40
 
 
-@pytest.mark.parametrize("health_check", [True, False])
-def test_health_checking_takes_a_draining_replica_out_of_the_rotation(two_replicas, health_check):
-    """With health checking (the default over several addresses) no call reaches the draining replica;
-    without it, the calls round_robin picks for it are refused UNAVAILABLE [SERVER_DRAINING]."""
+def plain_round_robin(targets: list[str]) -> grpc.Channel:
+    """A channel balancing round_robin, without the Client's health checking and retries."""
+    config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+    return grpc.insecure_channel(channel_target(targets), [("grpc.service_config", config)])
+
+
+@pytest.mark.parametrize("channel", ["client", "client without health checking", "plain round_robin"])
+def test_health_checking_takes_a_draining_replica_out_of_the_rotation(two_replicas, channel):
+    """The Client's channel (health checking, the default over several addresses) sends no call to a
+    draining replica; without health checking its retries take the replica's refusals to the other one;
+    a plain round_robin channel gets UNAVAILABLE [SERVER_DRAINING] for the calls it picks the replica for."""
     a, b = two_replicas
-    with Client([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], health_check=health_check) as client:
+    targets = [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+    with Client(targets, health_check=channel == "client") as client, plain_round_robin(targets) as plain:
+        stub = pb_grpc.GenerationStub(plain) if channel == "plain round_robin" else client.generation
         for _ in range(4):
-            list(client.generate("tiny", PROMPT, 4))
-        running = client.generate("tiny", PROMPT, LONG)  # keeps its replica draining for a while
-        first = next(running)
+            list(stub.Generate(pb.GenerateRequest(model="tiny", prompt=PROMPT, max_tokens=4)))
+        running = stub.Generate(pb.GenerateRequest(model="tiny", prompt=PROMPT, max_tokens=LONG))
+        first = next(running)  # keeps its replica draining for a while
         victim, other = (a, b) if a.app.active_streams else (b, a)
-        before = calls([other], 0)[0]
+        before = calls([victim, other], 0)
         stopper = threading.Thread(target=victim.call, args=(victim.server.stop(30.0),))
         stopper.start()
         time.sleep(0.3)  # the replica's health Watch has answered NOT_SERVING
         refused = 0
         for _ in range(20):
             try:
-                assert list(client.generate("tiny", PROMPT, 4))[-1].end.generated_tokens == 4
+                list(stub.Generate(pb.GenerateRequest(model="tiny", prompt=PROMPT, max_tokens=4)))
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in exc.details()
                 refused += 1
         assert len(first.token_ids) + sum(len(m.token_ids) for m in running) == LONG  # finished in the drain
         stopper.join(60)
-    if health_check:
-        assert refused == 0 and calls([other], before + 20)[0] - before == 20
+    reached_victim = calls([victim], before[0] + 1)[0] - before[0] - 1  # less the long call
+    served = calls([other], before[1] + 20 - refused)[0] - before[1]
+    if channel == "client":
+        assert (refused, reached_victim, served) == (0, 0, 20)
+    elif channel == "client without health checking":  # refused there, retried here
+        assert refused == 0 and reached_victim >= 5 and served == 20
     else:
-        assert 5 <= refused <= 15 and calls([other], before + 20 - refused)[0] - before == 20 - refused
+        assert 5 <= refused <= 15 and reached_victim == refused and served == 20 - refused
 
 
 def test_a_replica_killed_mid_stream_and_the_session_resumes_on_the_other(tmp_path):
