@@ -36,8 +36,8 @@ from lm.ssm import RMSNorm, pad_time, segsum
 
 
 def g(x: Tensor) -> Tensor:
-    """x + ½ for x >= 0, σ(x) below, as σ(min(x, 0)) + max(x, 0): torch.where took 13 ms on a (32, 128, 448)
-    tensor on one core, clamp, sigmoid and add together 1.5 ms (measured)."""
+    """x + ½ for x >= 0, σ(x) below, as σ(min(x, 0)) + max(x, 0): on a (32, 128, 448) tensor on one core the
+    torch.where form took 18.1 ms, this one 4.1 ms (one microbenchmark, machine under load)."""
     return torch.sigmoid(x.clamp(max=0)) + x.clamp(min=0)
 
 
@@ -111,8 +111,9 @@ class MinGRUScan(torch.autograd.Function):
         ∂L/∂gate = λ z (1 − z) (g(candidate) − h_{t−1}),   ∂L/∂h0 = λ_0 (1 − z_0),
         ∂L/∂candidate = λ z g'(candidate),   g' = s (1 − s) + ¾ [candidate > 0]  (1 above zero)
 
-    Why: left to autograd, the gates and ``g`` and their backward were ~20 elementwise passes a layer;
-    taking the projection whole spares the halves' concatenation in the backward.
+    Why: left to autograd, every op of the gates and ``g`` and of their backward is a pass over a
+    (B, T, D) tensor with its own allocation; taking the projection whole also spares the concatenation of
+    the halves' gradients.
     """
 
     @staticmethod
