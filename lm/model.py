@@ -1,7 +1,9 @@
 """The recurrent language model: Embedding → RNN/GRU/LSTM × L → dropout → Linear (optionally tied).
 
 The parallel cells (``mamba``, ``mingru``: lm/ssm.py, lm/mingru.py) replace the RNN by L residual blocks
-and a final RMSNorm: Embedding → (Linear embed → hidden) → block × L → RMSNorm → dropout → Linear.
+and a final RMSNorm: Embedding → (Linear embed → hidden) → block × L → RMSNorm → dropout → Linear; their
+dropout is ``LockedDropout`` (one mask per sequence and channel) and ``--precision bf16`` runs their
+matrix products in bf16 while training.
 """
 
 from __future__ import annotations
