@@ -156,6 +156,18 @@ def export_graph(
     onnx.checker.check_model(str(path))
 
 
+def declare_state_outputs(path: Path, sig: Signature) -> None:
+    """Gives each state output its input's declared shape: the exporter cannot infer the static size of a
+    slice of a window whose length depends on T (mamba's convolution state, a forecaster's window)."""
+    graph = onnx.load(str(path))
+    shapes = {v.name: v.type.tensor_type.shape for v in graph.graph.input}
+    outputs = {spec.output: spec.name for spec in sig.state}
+    for value in graph.graph.output:
+        if value.name in outputs:
+            value.type.tensor_type.shape.CopyFrom(shapes[outputs[value.name]])
+    onnx.save(graph, str(path))
+
+
 def created_by(tool: str) -> dict:
     """The manifest's ``created_by``: the exporting tool and the versions that made the graphs."""
     return {

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import translation_service
+from serving import forecasting_service, translation_service
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.app import App
 from serving.auth import BearerAuth
@@ -33,7 +33,7 @@ from serving.errors import run_command
 from serving.generation_service import GenerationService
 from serving.health import DrainingHealth
 from serving.interceptor import CallInterceptor
-from serving.metrics import ServerMetrics, TranslationMetrics
+from serving.metrics import ForecastMetrics, ServerMetrics, TranslationMetrics
 from serving.registry import LoadedBundle, load_bundles
 from serving.session_service import SessionService
 
@@ -79,10 +79,18 @@ def _add_translation(server: grpc.aio.Server, parts: Parts) -> bool:
     )
 
 
+def _add_forecasting(server: grpc.aio.Server, parts: Parts) -> bool:
+    metrics = ForecastMetrics(parts.metrics.registry)
+    return forecasting_service.add_to_server(
+        server, parts.bundles["forecast"], parts.config, parts.app.state_key, metrics, parts.on_stop
+    )
+
+
 SERVICES: tuple[Service, ...] = (
     Service("rnnlab.v1.Generation", "GenerationService", _add_generation),
     Service("rnnlab.v1.Sessions", "SessionService", _add_sessions),
     Service(translation_service.SERVICE_NAME, "TranslationService", _add_translation),
+    Service(forecasting_service.SERVICE_NAME, "ForecastingService", _add_forecasting),
 )
 
 
