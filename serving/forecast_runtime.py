@@ -89,6 +89,7 @@ class ForecastRuntime:
         self.mean = np.asarray(spec["scaler"]["mean"], dtype=np.float64)
         self.std = np.asarray(spec["scaler"]["std"], dtype=np.float64)
         self.history = spec.get("history") or {}
+        self.time_column = str(spec.get("time_column", "time"))
         self.model = str(manifest.architecture.get("model", ""))
         self._run = _raw_run(session)
         self._outputs = ["mean", "sigma", "window_out"]
