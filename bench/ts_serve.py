@@ -13,8 +13,9 @@ For the server with batching on, then with ``--no-batching`` (one stream per ORT
    its first message and waiting with its state on the server (RSS: memory per stream = (live - idle) /
    streams);
 3. load: every stream sends ``--messages`` messages of one observation each, awaiting each answer (a
-   closed loop, all streams at once): observations answered per second, the latency of an answer, and
-   the server's ORT calls (rnnlab_forecast_batch_streams) against the observations read.
+   closed loop, all streams at once): observations answered per second, the latency of an answer, the
+   server's CPU time per observation, and its ORT calls (rnnlab_forecast_batch_streams) against the
+   observations read.
 Writes bench/results/ts_serve.json. Target (issue 16): 1,000 live streams under 100 MB over idle.
 """
 
@@ -122,6 +123,12 @@ class Streams:
             await channel.close()
 
 
+def cpu_seconds(server: ServerProcess) -> float:
+    """User + system CPU time of the server process so far."""
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def settle_rss(server: ServerProcess, seconds: float = 1.0) -> int:
     time.sleep(seconds)
     return server.rss()
@@ -146,7 +153,9 @@ async def run_server(bundle: Path, series: list[np.ndarray], messages: int, *fla
         opened_s = time.perf_counter() - start
         live = settle_rss(server)
         calls0 = metric(metrics_port, "rnnlab_forecast_batch_streams_count")
+        cpu0 = cpu_seconds(server)
         seconds = await streams.load(messages)
+        cpu = cpu_seconds(server) - cpu0
         calls = metric(metrics_port, "rnnlab_forecast_batch_streams_count") - calls0
         after_load = settle_rss(server)
         await streams.close()
@@ -171,6 +180,7 @@ async def run_server(bundle: Path, series: list[np.ndarray], messages: int, *fla
             "p50": round(float(np.percentile(lat, 50)), 2),
             "p99": round(float(np.percentile(lat, 99)), 2),
         },
+        "server_cpu_us_per_observation": round(cpu / answered * 1e6, 1),
         "ort_calls": int(calls),
         "streams_per_ort_call": round(answered / calls, 1) if calls else None,
     }

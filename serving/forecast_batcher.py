@@ -6,7 +6,8 @@ drain task hands everything queued to the model's worker thread, which groups th
 beyond the model's horizon), concatenates each group's windows and observations and runs it as one
 onnxruntime call (plus one call per recursive step); while that runs, new items queue up and form the
 next batch, so the batch grows with the load without a waiting period (continuous batching, as the
-language models' engine does). The item's future gets (window' (1, W, D), mean, sigma (h, D)).
+language models' engine does). The item's future gets its new window (1, W, D) and its forecast in the
+series' units as lists (``Steps``), converted for the whole group at once in the worker thread.
 Items are validated by the service before they are queued: a bad one cannot fail the batch.
 """
 
@@ -24,7 +25,8 @@ from serving.metrics import ForecastMetrics
 
 log = logging.getLogger("rnnlab.serve.forecast")
 
-Result = tuple[np.ndarray, np.ndarray, np.ndarray]  # window' (1, W, D), mean (h, D), sigma (h, D)
+Steps = tuple[list, list, list, list]  # mean, lower, upper, scale: each [h][D] floats in the series' units
+Result = tuple[np.ndarray, Steps]  # the new window (1, W, D) float32 standardised, the forecast
 
 
 @dataclass
@@ -93,9 +95,12 @@ class ForecastBatcher:
             values = np.stack([batch[i].values for i in rows])
             windows = np.concatenate([batch[i].window for i in rows])
             updated, mean, sigma = self.runtime.forecast(values, windows, steps)
+            forecast = self.runtime.in_units(mean, sigma)
+            # Lists for the whole group at once: ~1 µs a row, against ~15 µs for numpy rows per message.
+            parts = [a.tolist() for a in (forecast.mean, forecast.lower, forecast.upper, forecast.sigma)]
             for row, i in enumerate(rows):
                 h = batch[i].horizon
-                results[i] = (updated[row : row + 1], mean[row, :h], sigma[row, :h])
+                results[i] = (updated[row : row + 1], tuple(part[row][:h] for part in parts))
             self._batch.observe(len(rows))
             self._observations.inc(values.shape[0] * values.shape[1])
         return results  # type: ignore[return-value]

@@ -25,7 +25,7 @@ from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
 from serving.api.rnnlab.v1 import forecasting_pb2_grpc as fpb_grpc
 from serving.config import ServerConfig
 from serving.errors import quote
-from serving.forecast_batcher import ForecastBatcher
+from serving.forecast_batcher import ForecastBatcher, Steps
 from serving.forecast_runtime import ForecastRuntime
 from serving.metrics import ForecastMetrics
 from serving.registry import LoadedBundle
@@ -87,26 +87,19 @@ def read_observations(
                 )
             last_time = time
     values = np.array([o.values for o in observations], dtype=np.float64).reshape(-1, width)
-    bad = np.argwhere(~np.isfinite(values))
-    if len(bad):
-        i, j = (int(k) for k in bad[0])
+    if not np.isfinite(values).all():
+        i, j = (int(k) for k in np.argwhere(~np.isfinite(values))[0])
         where = f"{field}[{i}].values[{j}]"
         raise invalid(where, f"{where} is {values[i, j]}; values must be finite")
     return values, last_time
 
 
-def steps(runtime: ForecastRuntime, mean: np.ndarray, sigma: np.ndarray) -> list[fpb.ForecastStep]:
-    """mean, sigma (h, D) standardised -> the steps in the series' units with their intervals."""
-    forecast = runtime.in_units(mean[None], sigma[None])
+def steps(forecast: Steps) -> list[fpb.ForecastStep]:
+    """A batcher's forecast (mean, lower, upper, scale: [h][D] lists) as ForecastStep messages."""
+    centre, lower, upper, scale = forecast
     return [
-        fpb.ForecastStep(
-            step=h + 1,
-            mean=forecast.mean[0, h],
-            lower=forecast.lower[0, h],
-            upper=forecast.upper[0, h],
-            scale=forecast.sigma[0, h],
-        )
-        for h in range(mean.shape[0])
+        fpb.ForecastStep(step=h + 1, mean=centre[h], lower=lower[h], upper=upper[h], scale=scale[h])
+        for h in range(len(centre))
     ]
 
 
@@ -154,9 +147,9 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
                 "history", f"history has {len(values)} observations; the model reads {runtime.window}"
             )
         window = runtime.standardise(values[-runtime.window :])
-        _, mean, sigma = await forecaster.batcher.submit(window, runtime.init_state(1), horizon)
+        _, forecast = await forecaster.batcher.submit(window, runtime.init_state(1), horizon)
         return fpb.ForecastResponse(
-            model=forecaster.name, steps=steps(runtime, mean, sigma), interval_level=runtime.level
+            model=forecaster.name, steps=steps(forecast), interval_level=runtime.level
         )
 
     async def ForecastStream(
@@ -232,7 +225,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
             runtime, request.observations, "observations", session.extra.get(TIME)
         )
         fresh = runtime.standardise(values[-runtime.window :])
-        window, mean, sigma = await forecaster.batcher.submit(fresh, session.state[0], horizon)
+        window, forecast = await forecaster.batcher.submit(fresh, session.state[0], horizon)
         session.state = [window]  # nothing above changed the session: a refused message leaves it as it was
         session.tokens += len(values)
         if last_time is not None:
@@ -241,7 +234,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
             observations=session.tokens, session_id=session.id, interval_level=runtime.level
         )
         if session.tokens >= runtime.window:
-            response.steps.extend(steps(runtime, mean, sigma))
+            response.steps.extend(steps(forecast))
         if request.export:
             snapshot = state_token.SessionState(
                 forecaster.name, forecaster.digest, session.state, None, None, session.tokens, session.extra
