@@ -2,15 +2,15 @@
 
     python -m bench.ts_serve [--streams 1000] [--messages 40] [--bundle DIR]
 
-The model (unless ``--bundle``): a GRU forecaster (hidden 32) trained on Mauna Loa co2 (window 52 weeks,
-horizon 8) for ``--train-steps`` steps by ``rnnlab-ts train``, exported by ``rnnlab-ts export``. The server
-is ``python -m serving.server`` in a process of its own (one ORT thread), so that its resident memory is
-its own; the streams come from this process (grpc.aio, spread over 8 channels) on the same 2 cores.
+The model (unless ``--bundle``): a GRU forecaster (hidden 32) trained on Mauna Loa co2 (the preset's
+window, horizon 8) for ``--train-steps`` steps by ``rnnlab-ts train``, exported by ``rnnlab-ts export``.
+The server is ``python -m serving.server`` in a process of its own (one ORT thread), so that its resident
+memory is its own; the streams come from this process (grpc.aio, over 8 channels) on the same 2 cores.
 
 For the server with batching on, then with ``--no-batching`` (one stream per ORT call), side by side:
 1. idle: the server after one Forecast call (RSS);
-2. live: ``--streams`` ForecastStream calls opened at once, each reading a 52-week history of its own in
-   its first message and waiting with its state on the server (RSS: memory per stream = (live - idle) /
+2. live: ``--streams`` ForecastStream calls opened at once, each reading a window-long history of its own
+   in its first message and waiting with its state on the server (RSS: memory per stream = (live - idle) /
    streams);
 3. load: every stream sends ``--messages`` messages of one observation each, awaiting each answer (a
    closed loop, all streams at once): observations answered per second, the latency of an answer, the
@@ -209,10 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "ForecastStream: live streams, throughput and memory per stream (bench/ts_serve.py)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "bundle": repo_path(bundle)
-        if args.bundle
-        else f"co2 GRU hidden 32, window 52, horizon 8, "
-        f"{args.train_steps} training steps (rnnlab-ts train, seed 0)",
+        "bundle": repo_path(bundle) if args.bundle else f"co2 GRU, {args.train_steps} training steps, seed 0",
+        "architecture": runtime.manifest.architecture,
         "state_bytes_per_stream": runtime.state_bytes,
         "streams": args.streams,
         "messages_per_stream": args.messages,

@@ -125,6 +125,8 @@ def _architecture(model: Forecaster) -> dict:
         "window": c.window,
         "horizon": c.horizon,
         "relative": c.relative,
+        "ar": c.ar,
+        "members": c.members,
     }
 
 
