@@ -7,6 +7,7 @@ the server keeps serving (health, and a normal Forecast, after each row).
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -177,3 +178,28 @@ def test_bad_starts_are_refused(client):
     error = _first(client, state_token=state_token.encode(snapshot, KEY))
     assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
     assert_still_serving(client)
+
+
+def wait_for_count(registry, labels: dict[str, str], value: float) -> None:
+    """Until rnnlab_requests_total{labels} reaches ``value`` (the server counts as the handler ends, which
+    may be just after the client has its answer); fails after 5 s."""
+    deadline = time.monotonic() + 5
+    while (registry.get_sample_value("rnnlab_requests_total", labels) or 0) < value:
+        assert time.monotonic() < deadline, f"{labels} not counted"
+        time.sleep(0.01)
+
+
+def test_refusals_are_counted_with_the_status_the_client_saw(server, client):
+    """The one interceptor counts every Forecasting call under its service label and the code sent."""
+    registry = server.server.metrics.registry
+    refused = {"method": "ForecastingService.ForecastStream", "code": "INVALID_ARGUMENT"}
+    ok = {"method": "ForecastingService.Forecast", "code": "OK"}
+    before = {
+        k: registry.get_sample_value("rnnlab_requests_total", v) or 0 for k, v in (("r", refused), ("o", ok))
+    }
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError):
+            list(client.forecast_stream([fpb.ForecastStreamRequest(model=MODEL, observations=[obs(NAN)])]))
+    client.forecast(MODEL, [[0.1 * t] for t in range(6)])
+    wait_for_count(registry, refused, before["r"] + 3)
+    wait_for_count(registry, ok, before["o"] + 1)

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving import state_token
 from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
-from serving.bundle import BundleError
+from serving.bundle import BundleError, write_manifest
 from serving.client import Client, error_details, observations
 from serving.client_cli import main as client_main
 from serving.config import ServerConfig
@@ -91,9 +91,6 @@ def test_a_broken_forecast_manifest_is_refused_naming_it(tmp_path):
     manifest = bundle / "manifest.json"
     data = json.loads(manifest.read_text())
     data["forecast"]["scaler"]["std"] = [0.0]
-    manifest.write_text(json.dumps(data))
-    from serving.bundle import write_manifest
-
     write_manifest(bundle, {k: v for k, v in data.items() if k not in ("files", "file_sizes")})
     with pytest.raises(BundleError, match=r"manifest.json: forecast.scaler.std must be positive"):
         ForecastRuntime.load(bundle)
