@@ -30,7 +30,7 @@ from lm.exporter import (
     ParityReport,
     Signature,
     created_by,
-    declare_state_outputs,
+    declare_outputs,
     export_graph,
     require_parity,
     step_parity,
@@ -142,7 +142,7 @@ def export_forecaster(run: LoadedRun, out_dir: str | Path, name: str | None = No
     with BundleWriter(out_dir) as bundle:
         graph = bundle.path(GRAPH_FILE)
         export_graph(StepGraph(model), example, graph, sig.input_specs, sig.output_specs)
-        declare_state_outputs(graph, sig)
+        declare_outputs(graph, sig.output_specs)
         parity = require_parity(check_parity(model, graph, run.prepared.scaled), "the step graph")
         evaluation = {k: v for k, v in rolling_origin(run).items() if k != "per_step_mae"}
         return bundle.publish(

@@ -168,6 +168,25 @@ def declare_state_outputs(path: Path, sig: Signature) -> None:
     onnx.save(graph, str(path))
 
 
+def declare_outputs(path: Path, specs: Sequence[TensorSpec]) -> None:
+    """Writes the signature's shapes onto the graph's outputs (ints fixed, names symbolic): the exporter
+    leaves a size it cannot infer as a made-up symbol (a forecaster ensemble's mean over its members gave
+    ``ReduceMeanmean_dim_1`` for the horizon), which the runtimes' checks against the manifest refuse."""
+    graph = onnx.load(str(path))
+    shapes = {spec.name: spec.shape for spec in specs}
+    for value in graph.graph.output:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value.name]:
+                dim = dims.add()
+                if isinstance(size, str):
+                    dim.dim_param = size
+                else:
+                    dim.dim_value = size
+    onnx.save(graph, str(path))
+
+
 def created_by(tool: str) -> dict:
     """The manifest's ``created_by``: the exporting tool and the versions that made the graphs."""
     return {

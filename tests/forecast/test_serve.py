@@ -1,8 +1,9 @@
-"""Export and serving against torch: runs trained by ``rnnlab-ts train`` (MLP and GRU on sunspots, a GRU on
-a two-column CSV), exported by ``rnnlab-ts export``, served by a real server on 127.0.0.1 with real
-onnxruntime. Served forecasts equal torch's forecasts of the same run within 1e-4 (the parity tolerance):
-Forecast against forecast.evaluate.forecast_next, ForecastStream one observation at a time against torch
-on every window of the test horizon, and ``rnnlab-ts forecast BUNDLE`` against ``rnnlab-ts forecast RUN``.
+"""Export and serving against torch: runs trained by ``rnnlab-ts train`` (MLP, GRU and a two-member LSTM
+ensemble on sunspots, a GRU on a two-column CSV), exported by ``rnnlab-ts export``, served by a real
+server on 127.0.0.1 with real onnxruntime. Served forecasts equal torch's forecasts of the same run within
+1e-4 (the parity tolerance): Forecast against forecast.evaluate.forecast_next, ForecastStream one
+observation at a time against torch on every window of the test horizon, and ``rnnlab-ts forecast
+BUNDLE`` against ``rnnlab-ts forecast RUN``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ COMMON = "--max-steps 40 --no-progress --seed 1 --threads 1 --horizon 4"
 RUNS = {
     "mlp": f"--dataset sunspots --model mlp --hidden 10 {COMMON}",
     "gru": f"--dataset sunspots --model gru --hidden 12 {COMMON}",
+    "lstm": f"--dataset sunspots --model lstm --hidden 8 --members 2 {COMMON}",
 }
 
 
@@ -61,8 +63,7 @@ def test_the_bundle_records_the_run(exported):
     assert spec["window"] == 22 and spec["horizon"] == 4 and spec["columns"] == ["SUNACTIVITY"]
     assert spec["scaler"] == {"mean": loaded.prepared.scaler.mean, "std": loaded.prepared.scaler.std}
     assert manifest.data["parity"]["max_abs_mean"] <= TOLERANCE and manifest.data["parity"]["cases"] >= 13
-    evaluation = json.loads(json.dumps(manifest.evaluation))["rolling_origin"]
-    assert {"mae", "rmse", "mase", "coverage"} <= set(evaluation)
+    assert {"mae", "rmse", "mase", "coverage"} <= set(manifest.evaluation["rolling_origin"])
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -143,3 +144,12 @@ def _series(loaded, values: np.ndarray):
 
     s = loaded.prepared.series
     return Series(values, np.ones_like(values, dtype=bool), s.times[-len(values) :], s.columns, s.name)
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_it_and_nothing_is_written(exported, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(exported["mlp"][0], run)
+    (run / "best.pt").write_bytes(b"not a checkpoint")
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 2
+    assert "best.pt" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
