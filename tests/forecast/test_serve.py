@@ -1,9 +1,10 @@
-"""Export and serving against torch: runs trained by ``rnnlab-ts train`` (MLP, GRU and a two-member LSTM
-ensemble on sunspots, a GRU on a two-column CSV), exported by ``rnnlab-ts export``, served by a real
-server on 127.0.0.1 with real onnxruntime. Served forecasts equal torch's forecasts of the same run within
-1e-4 (the parity tolerance): Forecast against forecast.evaluate.forecast_next, ForecastStream one
-observation at a time against torch on every window of the test horizon, and ``rnnlab-ts forecast
-BUNDLE`` against ``rnnlab-ts forecast RUN``.
+"""Export and serving against torch: runs trained by ``rnnlab-ts train`` on sunspots (MLP, GRU, a
+two-member LSTM ensemble, a two-layer RNN without the AR skip, read in absolute terms) and a GRU on a
+two-column CSV, exported by ``rnnlab-ts export``, served by a real server on 127.0.0.1 with real
+onnxruntime. Served forecasts equal torch's forecasts of the same run within 1e-4 (the parity
+tolerance): Forecast against forecast.evaluate.forecast_next, ForecastStream one observation at a time
+against torch on every window of the test horizon, and ``rnnlab-ts forecast BUNDLE`` against
+``rnnlab-ts forecast RUN``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ RUNS = {
     "mlp": f"--dataset sunspots --model mlp --hidden 10 {COMMON}",
     "gru": f"--dataset sunspots --model gru --hidden 12 {COMMON}",
     "lstm": f"--dataset sunspots --model lstm --hidden 8 --members 2 {COMMON}",
+    "rnn": f"--dataset sunspots --model rnn --hidden 8 --layers 2 --no-relative --ar 0 {COMMON}",
 }
 
 
