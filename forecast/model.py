@@ -135,7 +135,8 @@ def gaussian_nll(mean: Tensor, log_sigma: Tensor, target: Tensor) -> Tensor:
 
 
 def calibrated_scale(mean: Tensor, log_sigma: Tensor, target: Tensor, coverage: float = 0.9) -> float:
-    """The factor on sigma that puts ``coverage`` of the targets inside mean +- Z90 sigma: the
-    ``coverage`` quantile of |target - mean| / sigma over Z90 (all shapes (B, H, D), uncalibrated sigma)."""
+    """The smallest factor on sigma that puts at least ``coverage`` of the targets inside mean +- Z90
+    sigma: the ``coverage`` quantile (the next sample up) of |target - mean| / sigma over Z90; all shapes
+    (B, H, D), sigma uncalibrated."""
     ratio = ((target - mean).abs() * torch.exp(-log_sigma)).flatten()
-    return float(torch.quantile(ratio, coverage)) / Z90
+    return float(torch.quantile(ratio, coverage, interpolation="higher")) / Z90

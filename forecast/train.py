@@ -215,19 +215,23 @@ class Forecasting:
         order, size = self._order(epoch), self.prepared.preset.batch_size
         return [order[i : i + size] for i in range(start * size, len(order), size)]
 
-    def loss(self, means: Tensor, log_sigmas: Tensor, target: Tensor) -> Tensor:
-        """means, log_sigmas: (K, B, H, D) of the K members, target (B, H, D) -> the loss (--loss), each
-        member on its own: the mean over members of each member's loss."""
+    def loss(self, means: Tensor, log_sigmas: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """means, log_sigmas: (K, B, H, D) of the K members, target (B, H, D) -> (objective, reported):
+        each member on its own (the mean over members of each one's loss). nll: both are the Gaussian NLL;
+        mse: the objective adds the NLL of the detached means (sigma's only teacher), the loss reported
+        and monitored is the MSE alone, the notes' loss."""
+        nll = gaussian_nll(means.detach() if self.config.optim.loss == "mse" else means, log_sigmas, target)
         if self.config.optim.loss == "mse":
-            return ((means - target) ** 2).mean() + gaussian_nll(means.detach(), log_sigmas, target)
-        return gaussian_nll(means, log_sigmas, target)
+            mse = ((means - target) ** 2).mean()
+            return mse + nll, mse.detach()
+        return nll, nll.detach()
 
     def step_loss(self, batch: np.ndarray) -> StepLoss:
         """batch: (B,) int64 window indices -> the loss of their targets."""
         assert self.model is not None
         index = torch.from_numpy(batch)
-        loss = self.loss(*self.model.member_outputs(self.x[index]), self.y[index])
-        return StepLoss(loss, loss.detach(), len(batch))
+        objective, reported = self.loss(*self.model.member_outputs(self.x[index]), self.y[index])
+        return StepLoss(objective, reported, len(batch))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -241,7 +245,7 @@ class Forecasting:
         fixed = self.config.data.interval_scale
         model.interval_scale.fill_(fixed or calibrated_scale(mean, log_sigma, self.vy))
         result = {
-            "loss": float(self.loss(*model.member_outputs(self.vx), self.vy)),
+            "loss": float(self.loss(*model.member_outputs(self.vx), self.vy)[1]),
             "mse": float(torch.mean((mean - self.vy) ** 2)),
             "interval_scale": float(model.interval_scale),
         }
