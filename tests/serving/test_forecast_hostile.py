@@ -177,6 +177,11 @@ def test_bad_starts_are_refused(client):
     snapshot.state = [np.zeros((2, 1, 8), np.float32)]  # a language model's state shape, signed
     error = _first(client, state_token=state_token.encode(snapshot, KEY))
     assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
+    good = state_token.decode(token, KEY)
+    for extra in ({"time": "5"}, {"time": NAN}, {"other": 1.0}, {f"k{i}": 1.0 for i in range(9)}):
+        good.extra = extra  # signed with the right key, but not a forecast stream's header
+        error = _first(client, state_token=state_token.encode(good, KEY))
+        assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
     assert_still_serving(client)
 
 
