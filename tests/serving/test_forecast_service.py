@@ -263,3 +263,25 @@ def test_the_client_cli_forecasts_streams_exports_and_resumes(server, tmp_path, 
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{SERIES[12][0]}\n"))  # one more row, from stdin
     assert client_main([*target, "forecast", MODEL, "--stream", "--resume", token["state_token"]]) == 0
     assert json.loads(capsys.readouterr().out)["observations"] == 13
+
+
+def test_live_streams_are_bounded_by_the_session_store(models):
+    """Two live streams fill a store of two sessions: a third is RESOURCE_EXHAUSTED; once one ends, a
+    new stream goes through."""
+    with ServerThread(config(models, max_sessions=2)) as small, Client(f"127.0.0.1:{small.port}") as c:
+        release = threading.Event()
+
+        def held():
+            yield fpb.ForecastStreamRequest(model=MODEL, observations=observations(SERIES[:1]))
+            release.wait(30)
+
+        calls = [c.forecast_stream(held()) for _ in range(2)]
+        assert [next(iter(call)).observations for call in calls] == [1, 1]
+        with pytest.raises(grpc.RpcError) as caught:
+            stream(c, SERIES[:1])
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_details(caught.value).reason == "SESSIONS_EXHAUSTED"
+        release.set()
+        for call in calls:
+            assert list(call) == []
+        assert stream(c, SERIES[:1])[0].observations == 1
