@@ -79,10 +79,11 @@ def metric(metrics_port: int, name: str) -> float:
 class Streams:
     """``count`` open ForecastStream calls; ``open`` reads each one's history, ``load`` runs the loop."""
 
-    def __init__(self, target: str, model: str, series: list[np.ndarray], window: int) -> None:
+    def __init__(self, target: str, runtime: ForecastRuntime, series: list[np.ndarray]) -> None:
         self.channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
         self.stubs = [fpb_grpc.ForecastingStub(c) for c in self.channels]
-        self.model, self.series, self.window = model, series, window
+        self.model, self.series = runtime.manifest.name, series
+        self.window, self.horizon = runtime.window, runtime.horizon
         self.calls: list = []
         self.latencies: list[float] = []
 
@@ -92,7 +93,7 @@ class Streams:
             history = observations(self.series[k][: self.window].tolist())
             await call.write(fpb.ForecastStreamRequest(model=self.model, observations=history))
             reply = await call.read()
-            assert reply.observations == self.window and len(reply.steps) == 8, reply
+            assert reply.observations == self.window and len(reply.steps) == self.horizon, reply
             return call
 
         self.calls = await asyncio.gather(*(one(k) for k in range(len(self.series))))
@@ -107,7 +108,7 @@ class Streams:
                 await call.write(fpb.ForecastStreamRequest(observations=observations([value.tolist()])))
                 reply = await call.read()
                 self.latencies.append(time.perf_counter() - sent)
-                assert len(reply.steps) == 8
+                assert len(reply.steps) == self.horizon
 
         start = time.perf_counter()
         await asyncio.gather(*(one(k) for k in range(len(self.calls))))
@@ -135,43 +136,48 @@ def settle_rss(server: ServerProcess, seconds: float = 1.0) -> int:
 
 
 async def run_server(bundle: Path, series: list[np.ndarray], messages: int, *flags: str) -> dict:
+    """One server process: idle, live and load phases (see the module doc) -> its figures."""
     runtime = ForecastRuntime.load(bundle)
     metrics_port = free_port()
     server = ServerProcess(
         bundle.parent, "--metrics-port", str(metrics_port), "--max-sessions", "100000", *flags
     )
+    rss: dict[str, int] = {}
     try:
         async with grpc.aio.insecure_channel(server.target) as channel:
             history = observations(series[0][: runtime.window].tolist())
             await fpb_grpc.ForecastingStub(channel).Forecast(
-                fpb.ForecastRequest(model="co2-gru", history=history)
+                fpb.ForecastRequest(model=runtime.manifest.name, history=history)
             )
-        idle = settle_rss(server)
-        streams = Streams(server.target, "co2-gru", series, runtime.window)
+        rss["idle"] = settle_rss(server)
+        streams = Streams(server.target, runtime, series)
         start = time.perf_counter()
         await streams.open()
         opened_s = time.perf_counter() - start
-        live = settle_rss(server)
-        calls0 = metric(metrics_port, "rnnlab_forecast_batch_streams_count")
-        cpu0 = cpu_seconds(server)
+        rss["live"] = settle_rss(server)
+        calls0, cpu0 = metric(metrics_port, "rnnlab_forecast_batch_streams_count"), cpu_seconds(server)
         seconds = await streams.load(messages)
         cpu = cpu_seconds(server) - cpu0
         calls = metric(metrics_port, "rnnlab_forecast_batch_streams_count") - calls0
-        after_load = settle_rss(server)
+        rss["after_load"] = settle_rss(server)
         await streams.close()
-        closed = settle_rss(server)
+        rss["after_close"] = settle_rss(server)
     finally:
         server.stop()
-    answered = len(series) * messages
-    lat = np.array(streams.latencies) * 1000
+    load = {"seconds": seconds, "cpu": cpu, "calls": calls, "latencies": streams.latencies}
+    return {"flags": list(flags), **_figures(rss, len(series), messages, opened_s, load)}
+
+
+def _figures(rss: dict[str, int], streams: int, messages: int, opened_s: float, load: dict) -> dict:
+    answered, seconds, calls = streams * messages, load["seconds"], load["calls"]
+    lat = np.array(load["latencies"]) * 1000
     return {
-        "flags": list(flags),
-        "idle_rss_mb": round(idle / 2**20, 1),
-        "live_rss_mb": round(live / 2**20, 1),
-        "live_over_idle_mb": round((live - idle) / 2**20, 1),
-        "bytes_per_stream": round((live - idle) / len(series)),
-        "rss_after_load_mb": round(after_load / 2**20, 1),
-        "rss_after_close_mb": round(closed / 2**20, 1),
+        "idle_rss_mb": round(rss["idle"] / 2**20, 1),
+        "live_rss_mb": round(rss["live"] / 2**20, 1),
+        "live_over_idle_mb": round((rss["live"] - rss["idle"]) / 2**20, 1),
+        "bytes_per_stream": round((rss["live"] - rss["idle"]) / streams),
+        "rss_after_load_mb": round(rss["after_load"] / 2**20, 1),
+        "rss_after_close_mb": round(rss["after_close"] / 2**20, 1),
         "open_seconds": round(opened_s, 2),
         "observations": answered,
         "seconds": round(seconds, 2),
@@ -180,7 +186,7 @@ async def run_server(bundle: Path, series: list[np.ndarray], messages: int, *fla
             "p50": round(float(np.percentile(lat, 50)), 2),
             "p99": round(float(np.percentile(lat, 99)), 2),
         },
-        "server_cpu_us_per_observation": round(cpu / answered * 1e6, 1),
+        "server_cpu_us_per_observation": round(load["cpu"] / answered * 1e6, 1),
         "ort_calls": int(calls),
         "streams_per_ort_call": round(answered / calls, 1) if calls else None,
     }
@@ -190,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=40, help="one-observation messages per stream")
-    parser.add_argument("--bundle", type=Path, help="a forecast bundle (default: train and export co2)")
+    parser.add_argument(
+        "--bundle", type=Path, help="a one-column forecast bundle, fed co2 (default: train and export co2)"
+    )
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
