@@ -16,6 +16,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -33,6 +34,15 @@ from serving.sessions import Session, SessionNotFound, SessionStore, StoreLimits
 from serving.status import Code, Refusal, invalid
 
 SERVICE_NAME = "rnnlab.v1.Forecasting"
+
+
+class ServerHooks(Protocol):
+    """What the service leaves with the server (serving.server.Parts): closers and periodic sweeps."""
+
+    on_stop: list[Callable[[], None]]
+    on_sweep: list[Callable[[], object]]
+
+
 TIME = "time"  # Session.extra key of the last time stamp
 
 
@@ -118,6 +128,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         self.sessions = SessionStore(limits)
         self.streams = 0
         metrics.streams.set_function(lambda: self.streams)
+        metrics.sessions.set_function(lambda: len(self.sessions))
 
     def _forecaster(self, name: str) -> Forecaster:
         if name not in self.forecasters:
@@ -251,10 +262,10 @@ def add_to_server(
     config: ServerConfig,
     key: bytes,
     metrics: ForecastMetrics,
-    on_stop: list[Callable[[], None]],
+    parts: ServerHooks,
 ) -> bool:
     """Registers the Forecasting service over the forecast bundles -> whether there were any; the
-    batchers' closing goes into ``on_stop``."""
+    batchers' closing goes into ``parts.on_stop``, the session store's expiry into ``parts.on_sweep``."""
     forecasters = {
         name: Forecaster(
             name,
@@ -266,8 +277,8 @@ def add_to_server(
         for name, bundle in bundles.items()
     }
     if forecasters:
-        fpb_grpc.add_ForecastingServicer_to_server(
-            ForecastingService(forecasters, config, key, metrics), server
-        )
-    on_stop += [forecaster.batcher.close for forecaster in forecasters.values()]
+        service = ForecastingService(forecasters, config, key, metrics)
+        fpb_grpc.add_ForecastingServicer_to_server(service, server)
+        parts.on_sweep.append(service.sessions.expire)
+    parts.on_stop += [forecaster.batcher.close for forecaster in forecasters.values()]
     return bool(forecasters)

@@ -141,3 +141,8 @@ class ForecastMetrics:
             "rnnlab_forecast_observations", "Observations read into forecast states", ["model"], registry=r
         )
         self.streams = Gauge("rnnlab_forecast_streams", "ForecastStream calls in progress", registry=r)
+        self.sessions = Gauge(
+            "rnnlab_forecast_sessions",
+            "Forecast stream sessions (live streams and kept sessions)",
+            registry=r,
+        )

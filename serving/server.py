@@ -43,13 +43,16 @@ log = logging.getLogger("rnnlab.serve")
 @dataclass
 class Parts:
     """What a service's ``add`` gets: the loaded bundles by kind, the shared App, config and metrics, and
-    ``on_stop``, where it leaves what must run when the server has stopped (closing its threads)."""
+    ``on_stop``, where it leaves what must run when the server has stopped (closing its threads), and
+    ``on_sweep``, what the periodic sweep runs besides expiring the LM sessions (its own session store's
+    ``expire``)."""
 
     config: ServerConfig
     bundles: dict[str, dict[str, LoadedBundle]]
     app: App
     metrics: ServerMetrics
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    on_sweep: list[Callable[[], object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def _add_translation(server: grpc.aio.Server, parts: Parts) -> bool:
 def _add_forecasting(server: grpc.aio.Server, parts: Parts) -> bool:
     metrics = ForecastMetrics(parts.metrics.registry)
     return forecasting_service.add_to_server(
-        server, parts.bundles["forecast"], parts.config, parts.app.state_key, metrics, parts.on_stop
+        server, parts.bundles["forecast"], parts.config, parts.app.state_key, metrics, parts
     )
 
 
@@ -164,6 +167,8 @@ class RnnlabServer:
         while True:
             await asyncio.sleep(period)
             self.app.sessions.expire()
+            for sweep in self._parts.on_sweep:
+                sweep()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health NOT_SERVING (watches end), new calls UNAVAILABLE, calls in flight get ``grace``

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -285,3 +286,18 @@ def test_live_streams_are_bounded_by_the_session_store(models):
         for call in calls:
             assert list(call) == []
         assert stream(c, SERIES[:1])[0].observations == 1
+
+
+def test_kept_sessions_expire_by_the_periodic_sweep(models):
+    """With no call touching the store, the server's sweep closes a kept session once its TTL is over."""
+    with ServerThread(config(models, session_ttl_s=0.5)) as short, Client(f"127.0.0.1:{short.port}") as c:
+        registry = short.server.metrics.registry
+        [reply] = stream(c, SERIES[:1], {"model": MODEL, "keep_open": True})
+        assert registry.get_sample_value("rnnlab_forecast_sessions") == 1
+        deadline = time.monotonic() + 10
+        while registry.get_sample_value("rnnlab_forecast_sessions") != 0:
+            assert time.monotonic() < deadline, "the kept session was not swept"
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as caught:
+            stream(c, SERIES[1:2], {"session_id": reply.session_id})
+        assert error_details(caught.value).reason == "SESSION_NOT_FOUND"
