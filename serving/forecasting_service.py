@@ -31,7 +31,7 @@ from serving.forecast_runtime import ForecastRuntime
 from serving.metrics import ForecastMetrics
 from serving.registry import LoadedBundle
 from serving.sessions import Session, SessionNotFound, SessionStore, StoreLimits
-from serving.status import Code, Refusal, invalid
+from serving.status import Code, Refusal, invalid, require_token_version
 
 SERVICE_NAME = "rnnlab.v1.Forecasting"
 
@@ -208,12 +208,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
     def _resume(self, token: bytes) -> tuple[Forecaster, list[np.ndarray], int, dict[str, float]]:
         snapshot = state_token.decode(token, self.key)
         forecaster = self._forecaster(snapshot.model)
-        if snapshot.bundle_digest != forecaster.digest:
-            raise Refusal(
-                Code.FAILED_PRECONDITION,
-                f"state token is for another version of model {forecaster.name!r} (bundle digest differs)",
-                "TOKEN_OTHER_VERSION",
-            )
+        require_token_version(snapshot.bundle_digest, forecaster.name, forecaster.digest)
         want = [forecaster.runtime.init_state(1).shape]
         shapes = [a.shape for a in snapshot.state]
         if shapes != want or snapshot.logits is not None or set(snapshot.extra) - {TIME}:
