@@ -153,7 +153,7 @@ def plot_run(run: LoadedRun, out_dir: str | Path) -> list[Path]:
     """PNGs beside the run: forecast.png (the test horizon's one-step forecasts against the truth with
     the 90% interval; MAE by step ahead, direct vs recursive), error_growth.png (recursive k-step MAE,
     note 002) and, for recurrent models, hidden_pca.png (the hidden state's first two principal
-    components over the whole series, note 003)."""
+    components over the whole series, coloured by the position in the season, note 003)."""
     from forecast import plots
 
     p, mc, out = run.prepared, run.model.config, Path(out_dir)
@@ -187,9 +187,11 @@ def plot_run(run: LoadedRun, out_dir: str | Path) -> list[Path]:
     ]
     if mc.model != "mlp":
         states, times = hidden_states(run)
+        season = p.preset.season
+        colour, label = (
+            (times % season, f"time mod {season} (season)") if season > 1 else (times, "time index")
+        )
         paths.append(
-            plots.hidden_pca_figure(
-                out / "hidden_pca.png", f"{title}: hidden state", states, times, "time index"
-            )
+            plots.hidden_pca_figure(out / "hidden_pca.png", f"{title}: hidden state", states, colour, label)
         )
     return paths

@@ -50,7 +50,11 @@ def forecast_figure(
     a.plot(np.arange(len(history)), history, color="k", lw=0.8, label="truth")
     a.plot(t, pred, label="one-step forecast")
     a.fill_between(t, lo, hi, alpha=0.3, label="90% interval")
-    a.set_xlim(max(start - context, 0), len(history))
+    first = max(start - context, 0)
+    a.set_xlim(first, len(history))
+    shown = np.concatenate([history[first:], lo, hi])  # the y range of what is shown, not the whole series
+    margin = 0.05 * (shown.max() - shown.min() + 1e-12)
+    a.set_ylim(shown.min() - margin, shown.max() + margin)
     a.set_xlabel("time index")
     a.legend()
     for label, values in steps.items():
