@@ -1,4 +1,4 @@
-"""``rnnlab-ts``: numeric-series forecasting (data list|fetch, train, eval, forecast).
+"""``rnnlab-ts``: numeric-series forecasting (data list|fetch, train, eval, forecast, export).
 
 Errors are one line on stderr ("error: ..."); exit codes follow serving.errors.ExitCode: 0 ok, 2 usage or
 user error, 3 training interrupted (resume with --resume), 70 internal error.
@@ -47,28 +47,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
+    from serving.bundle import is_bundle
+
+    forecast = _forecast_bundle(args) if is_bundle(args.run) else _forecast_run(args)
+    print(json.dumps({"horizon": args.horizon, **forecast}))
+    return 0
+
+
+def _read_history(path: str, time_column: str, columns: list[str], window: int):
     from forecast.data import read_csv
+
+    series = read_csv(path, time_column, columns)
+    if len(series.values) < window:
+        raise ForecastInputError(f"{path}: {len(series.values)} rows; the model reads {window}")
+    return series
+
+
+def _forecast_run(args: argparse.Namespace) -> dict:
+    """The run's torch model (evaluate.forecast_next)."""
     from forecast.evaluate import forecast_next, load_run
 
     run = load_run(args.run, args.which)
+    columns = run.prepared.series.columns
     series = None
     if args.csv:
-        data = run.config.data
-        columns = run.prepared.series.columns
-        series = read_csv(args.csv, args.time_column or data.series_time_column(), columns)
-        if len(series.values) < run.model.config.window:
-            raise ForecastInputError(
-                f"{args.csv}: {len(series.values)} rows; the model reads {run.model.config.window}"
-            )
-    print(
-        json.dumps(
-            {
-                "horizon": args.horizon,
-                "columns": run.prepared.series.columns,
-                "forecast": forecast_next(run, args.horizon, series),
-            }
-        )
-    )
+        time_column = args.time_column or run.config.data.series_time_column()
+        series = _read_history(args.csv, time_column, columns, run.model.config.window)
+    return {"columns": columns, "forecast": forecast_next(run, args.horizon, series)}
+
+
+def _forecast_bundle(args: argparse.Namespace) -> dict:
+    """An exported bundle through the torch-free runtime (serving.forecast_runtime), as the server runs it."""
+    from serving.forecast_runtime import ForecastRuntime
+
+    runtime = ForecastRuntime.load(args.run)
+    history = None
+    if args.csv:
+        time_column = args.time_column or runtime.time_column
+        history = _read_history(args.csv, time_column, runtime.columns, runtime.window).values
+    if args.horizon < 1:
+        raise ForecastInputError(f"--horizon must be at least 1, not {args.horizon}")
+    return {"columns": runtime.columns, "forecast": runtime.forecast_history(history, args.horizon).rows()}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from forecast.export import export_run
+
+    out = export_run(args.run, args.out, args.which)
+    print(f"exported {args.run} ({args.which}.pt) to {out}", file=sys.stderr)
     return 0
 
 
@@ -90,13 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     for name, func, text in (
         ("eval", cmd_eval, "rolling-origin scores on the test horizon"),
-        ("forecast", cmd_forecast, "the next values with 90%% intervals"),
+        ("forecast", cmd_forecast, "the next values with 90%% intervals (from a run or a bundle)"),
+        ("export", cmd_export, "export a run's model as an ONNX bundle that rnnlab-serve serves"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("run", help="run directory")
+        p.add_argument("run", help="run directory (forecast: or a bundle directory)")
         add_checkpoint_option(p)
         p.set_defaults(func=func)
     sub.choices["eval"].add_argument("--json", action="store_true", help="one JSON object on stdout")
+    sub.choices["export"].add_argument("--out", required=True, help="bundle directory to write")
     fc = sub.choices["forecast"]
     fc.add_argument("--horizon", type=int, default=8, help="values to forecast (default 8)")
     fc.add_argument("--csv", help="history CSV (the run's value columns); default: the run's own series")

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +28,7 @@ from lm.exporter import (
     ParityReport,
     Signature,
     created_by,
+    declare_state_outputs,
     export_graph,
     max_abs_diff,
     quantize_int8,
@@ -110,19 +110,7 @@ def export_onnx(model: RNNLM, path: Path, one_token: bool = False) -> None:
     export_graph(
         (TokenStepGraph if one_token else StepGraph)(model), example, path, sig.input_specs, sig.output_specs
     )
-    _declare_state_outputs(path, sig)
-
-
-def _declare_state_outputs(path: Path, sig: Signature) -> None:
-    """Gives each state output its input's declared shape: the exporter cannot infer the static size of a
-    slice of a window whose length depends on T (mamba's convolution state)."""
-    graph = onnx.load(str(path))
-    shapes = {v.name: v.type.tensor_type.shape for v in graph.graph.input}
-    outputs = {spec.output: spec.name for spec in sig.state}
-    for value in graph.graph.output:
-        if value.name in outputs:
-            value.type.tensor_type.shape.CopyFrom(shapes[outputs[value.name]])
-    onnx.save(graph, str(path))
+    declare_state_outputs(path, sig)
 
 
 def _parity_inputs(

@@ -156,6 +156,37 @@ def export_graph(
     onnx.checker.check_model(str(path))
 
 
+def declare_state_outputs(path: Path, sig: Signature) -> None:
+    """Gives each state output its input's declared shape: the exporter cannot infer the static size of a
+    slice of a window whose length depends on T (mamba's convolution state, a forecaster's window)."""
+    graph = onnx.load(str(path))
+    shapes = {v.name: v.type.tensor_type.shape for v in graph.graph.input}
+    outputs = {spec.output: spec.name for spec in sig.state}
+    for value in graph.graph.output:
+        if value.name in outputs:
+            value.type.tensor_type.shape.CopyFrom(shapes[outputs[value.name]])
+    onnx.save(graph, str(path))
+
+
+def declare_outputs(path: Path, specs: Sequence[TensorSpec]) -> None:
+    """Writes the signature's shapes onto the graph's outputs (ints fixed, names symbolic): the exporter
+    leaves a size it cannot infer as a made-up symbol (a forecaster ensemble's mean over its members gave
+    ``ReduceMeanmean_dim_1`` for the horizon), which the runtimes' checks against the manifest refuse."""
+    graph = onnx.load(str(path))
+    shapes = {spec.name: spec.shape for spec in specs}
+    for value in graph.graph.output:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value.name]:
+                dim = dims.add()
+                if isinstance(size, str):
+                    dim.dim_param = size
+                else:
+                    dim.dim_value = size
+    onnx.save(graph, str(path))
+
+
 def created_by(tool: str) -> dict:
     """The manifest's ``created_by``: the exporting tool and the versions that made the graphs."""
     return {

@@ -27,7 +27,7 @@ from serving.registry import LoadedBundle
 from serving.runtime import LMRuntime
 from serving.sampling import SamplingParams
 from serving.sessions import Session, SessionNotFound, SessionStore, StoreLimits
-from serving.status import Code, Refusal, invalid
+from serving.status import Code, Refusal, invalid, require_token_version
 
 log = logging.getLogger("rnnlab.serve")
 
@@ -346,12 +346,7 @@ class App:
         """A new session from a state token, created only once every field fits the model."""
         snapshot = state_token.decode(token, self.state_key)
         model = self.model(snapshot.model)
-        if snapshot.bundle_digest != model.digest:
-            raise Refusal(
-                Code.FAILED_PRECONDITION,
-                f"state token is for another version of model {model.name!r} (bundle digest differs)",
-                "TOKEN_OTHER_VERSION",
-            )
+        require_token_version(snapshot.bundle_digest, model.name, model.digest)
         vocab = model.runtime.vocab_size
         want = [a.shape for a in model.runtime.init_state(1)]
         if [a.shape for a in snapshot.state] != want or (

@@ -6,14 +6,15 @@ server reads them through ``load_manifest``/``discover_bundles``.
 
 manifest.json (format_version 1)::
 
-    {"format": "rnnlab-bundle", "format_version": 1, "kind": "lm" | "seq2seq", "name": str,
+    {"format": "rnnlab-bundle", "format_version": 1, "kind": "lm" | "seq2seq" | "forecast", "name": str,
      "architecture": {...}, "graphs": {role: relpath},          # lm: {"step": "model.onnx"}
      "inputs": [tensor], "outputs": [tensor], "state": [tensor],  # tensor: {"name", "shape", "dtype"}
-     "special_ids": {token: id}, "tokenizer": relpath | {role: relpath},
+     "special_ids": {token: id}, "tokenizer": relpath | {role: relpath},  # null for "forecast"
      "files": {relpath: sha256}, "file_sizes": {relpath: bytes},
      "evaluation": {...} | null, "training_config": {...} | null, "created_by": {...}}
 
-Shapes list concrete ints except the symbolic axes ("batch", "time").
+Shapes list concrete ints except the symbolic axes ("batch", "time"). A "forecast" bundle has no tokenizer;
+its ``forecast`` object (columns, scaler, window, horizon, interval) is read by serving.forecast_runtime.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from serving.files import sha256_file
 BUNDLE_FORMAT = "rnnlab-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("lm", "seq2seq")
+KINDS = ("lm", "seq2seq", "forecast")
+TOKENIZER_FREE_KINDS = ("forecast",)  # numeric series: no tokenizer
 DTYPES = ("float32", "int64", "int32", "bool")
 
 
@@ -95,7 +97,7 @@ class Manifest:
     outputs: tuple[TensorSpec, ...]
     state: tuple[TensorSpec, ...]
     special_ids: dict[str, int]
-    tokenizer: str | dict[str, str]
+    tokenizer: str | dict[str, str] | None
     files: dict[str, str]
     evaluation: dict | None = None
     training_config: dict | None = None
@@ -228,7 +230,10 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     if not isinstance(graphs, dict) or not graphs:
         raise BundleError(f"{where}: 'graphs' must map roles to .onnx files")
     tokenizer = data.get("tokenizer")
-    named = list(graphs.values()) + (list(tokenizer.values()) if isinstance(tokenizer, dict) else [tokenizer])
+    if tokenizer is None and kind not in TOKENIZER_FREE_KINDS:
+        raise BundleError(f"{where}: a {kind!r} bundle needs a 'tokenizer'")
+    tokenizers = list(tokenizer.values()) if isinstance(tokenizer, dict) else [tokenizer]
+    named = [*graphs.values(), *(t for t in tokenizers if t is not None)]
     for relpath in named:
         if _safe_relpath(relpath, where) not in files:
             raise BundleError(f"{where}: {relpath!r} is used but has no checksum in 'files'")

@@ -23,6 +23,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
+from serving.api.rnnlab.v1 import forecasting_pb2_grpc as fpb_grpc
 from serving.api.rnnlab.v1 import generation_pb2 as pb
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.api.rnnlab.v1 import translation_pb2 as tpb
@@ -279,6 +281,44 @@ class Client:
     ) -> Iterator[tpb.TranslateStreamResponse]:
         """Long jobs: results come back as they are ready, each with the id of its request."""
         return self.translation.TranslateStream(iter(requests), **self._kw(timeout))
+
+    # --- forecasting (serving/forecasting_service.py) ---
+    @property
+    def forecasting(self) -> fpb_grpc.ForecastingStub:
+        return fpb_grpc.ForecastingStub(self.channel)
+
+    def forecasters(self, timeout: float | None = None) -> list[fpb.ForecasterInfo]:
+        reply = self.forecasting.ListForecasters(fpb.ListForecastersRequest(), **self._kw(timeout))
+        return list(reply.models)
+
+    def forecast(
+        self,
+        model: str,
+        history: Iterable[Sequence[float]],
+        horizon: int = 0,
+        times: Iterable[float] | None = None,
+        timeout: float | None = None,
+    ) -> list[fpb.ForecastStep]:
+        """The next ``horizon`` steps (0: the model's) after ``history``, rows of one value per column."""
+        request = fpb.ForecastRequest(model=model, history=observations(history, times), horizon=horizon)
+        return list(self.forecasting.Forecast(request, **self._kw(timeout)).steps)
+
+    def forecast_stream(
+        self,
+        requests: Iterable[fpb.ForecastStreamRequest],
+        timeout: float | None = None,
+    ) -> Iterator[fpb.ForecastStreamResponse]:
+        """Live series: one answer (the next horizon) per request message, in order."""
+        return self.forecasting.ForecastStream(iter(requests), **self._kw(timeout))
+
+
+def observations(
+    rows: Iterable[Sequence[float]], times: Iterable[float] | None = None
+) -> list[fpb.Observation]:
+    """Rows of values (one per column), with optional time stamps, as Observation messages."""
+    if times is None:
+        return [fpb.Observation(values=row) for row in rows]
+    return [fpb.Observation(values=row, time=t) for row, t in zip(rows, times, strict=True)]
 
 
 class ClientSession:

@@ -5,12 +5,16 @@ rnnlab-client session tiny --prompt "The Time"     # each stdin line: appended, 
 rnnlab-client models [NAME]
 rnnlab-client health [--wait 30]
 rnnlab-client --target 10.0.0.11:50151,10.0.0.12:50151 generate tiny "The Time"   # round_robin
+rnnlab-client forecast co2 --csv co2.csv --time-column date --horizon 8        # Forecast on the history
+rnnlab-client forecast co2 --csv new.csv --stream --export    # ForecastStream: one answer per row
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import csv
+import datetime
 import json
 import os
 import sys
@@ -19,8 +23,9 @@ import time
 import grpc
 from google.protobuf import json_format
 
+from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
 from serving.api.rnnlab.v1 import generation_pb2 as pb
-from serving.client import Client, error_details, sampling_options
+from serving.client import Client, error_details, observations, sampling_options
 from serving.errors import ExitCode, UsageError, fail, run_command
 from serving.sampling import DEFAULT_SAMPLING
 from serving.search import DEFAULT_SEARCH
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="print the server's health status")
     health.add_argument("--wait", type=float, default=0.0, help="retry until SERVING for this many seconds")
     _translate_args(commands)
+    _forecast_args(commands)
     return parser
 
 
@@ -182,6 +188,105 @@ def _translate(client: Client, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _forecast_args(commands: argparse._SubParsersAction) -> None:
+    forecast = commands.add_parser(
+        "forecast", help="forecast a series (CSV or stdin rows of comma-separated values); --stream: live"
+    )
+    forecast.add_argument("model", nargs="?", help="forecaster name (omit with --list)")
+    forecast.add_argument("--list", action="store_true", help="list the server's forecasters")
+    forecast.add_argument("--csv", help="CSV with a header; default: stdin, one row of values per line")
+    forecast.add_argument("--columns", help="--csv value columns, comma-separated (default: the model's)")
+    forecast.add_argument("--time-column", help="--csv time column (numbers, or ISO dates sent as Unix s)")
+    forecast.add_argument("--horizon", type=int, default=0, help="steps to forecast (0: the model's)")
+    forecast.add_argument("--stream", action="store_true", help="ForecastStream: one message per row")
+    forecast.add_argument("--resume", help="--stream from a base64 state token (from --export)")
+    forecast.add_argument("--session", help="--stream attached to a kept session")
+    forecast.add_argument("--keep-open", action="store_true", help="--stream: keep the session at the end")
+    forecast.add_argument("--export", action="store_true", help="--stream: print a state token at the end")
+
+
+def _time(text: str, line: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        stamp = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"line {line}: time {text[:40]!r} is neither a number nor an ISO date") from None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=datetime.UTC)).timestamp()
+
+
+def _rows(args: argparse.Namespace, columns: list[str]) -> tuple[list[list[float]], list[float] | None]:
+    """The series to send: rows of floats (one per column) and their time stamps (None without)."""
+    if not args.csv:
+        lines = [(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+        try:
+            return [[float(v) for v in line.split(",")] for _, line in lines], None
+        except ValueError as exc:
+            raise ValueError(f"stdin: {exc}") from None
+    with open(args.csv, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows, times = [], []
+        for record in reader:
+            try:
+                rows.append([float(record[c]) for c in columns])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{args.csv}:{reader.line_num}: {exc}") from None
+            if args.time_column:
+                times.append(_time(record.get(args.time_column) or "", reader.line_num))
+    return rows, times if args.time_column else None
+
+
+def _forecast(client: Client, args: argparse.Namespace) -> int:
+    infos = {info.name: info for info in client.forecasters()}
+    if args.list or not args.model:
+        for info in infos.values():
+            print(
+                f"{info.name}\t{info.model}\t{','.join(info.columns)}\twindow {info.window}\t"
+                f"horizon {info.horizon}\t{info.bundle_digest[:12]}"
+            )
+        return 0
+    info = infos.get(args.model)
+    columns = args.columns.split(",") if args.columns else list(info.columns if info else [])
+    rows, times = _rows(args, columns)
+    if not args.stream:
+        for step in client.forecast(args.model, rows, args.horizon, times):
+            print(json.dumps(json_format.MessageToDict(step)))
+        return 0
+    for reply in client.forecast_stream(_stream_requests(args, rows, times)):
+        if reply.state_token:
+            print(json.dumps({"state_token": base64.b64encode(reply.state_token).decode("ascii")}))
+            continue
+        steps = [json_format.MessageToDict(step) for step in reply.steps]
+        print(
+            json.dumps({"observations": reply.observations, "session_id": reply.session_id, "steps": steps})
+        )
+    return 0
+
+
+def _stream_requests(
+    args: argparse.Namespace, rows: list[list[float]], times: list[float] | None
+) -> list[fpb.ForecastStreamRequest]:
+    """One message per row (the first says where the stream starts); --export: a last, empty message."""
+    if args.resume:
+        first = fpb.ForecastStreamRequest(state_token=base64.b64decode(args.resume), keep_open=args.keep_open)
+    elif args.session:
+        first = fpb.ForecastStreamRequest(session_id=args.session)
+    else:
+        first = fpb.ForecastStreamRequest(model=args.model, keep_open=args.keep_open)
+    requests = [first] + [fpb.ForecastStreamRequest() for _ in rows[1:]]
+    stamps = times if times is not None else [None] * len(rows)
+    for request, row, stamp in zip(requests, rows, stamps, strict=False):
+        request.observations.append(observations([row], None if stamp is None else [stamp])[0])
+        request.horizon = args.horizon
+    if args.export:
+        if rows:
+            requests.append(fpb.ForecastStreamRequest(horizon=args.horizon))
+        requests[-1].export = True
+    return requests
+
+
 def _health(client: Client, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
@@ -219,6 +324,7 @@ def _run(args: argparse.Namespace) -> int:
                 "models": _models,
                 "health": _health,
                 "translate": _translate,
+                "forecast": _forecast,
             }[args.command](client, args)
     except grpc.RpcError as exc:
         details = error_details(exc)

@@ -59,6 +59,9 @@ class ServerConfig:
     translate_max_length_ratio: float = 10.0
     translate_max_length_penalty: float = 5.0
     translate_gather_ms: float = 3.0  # a batcher waits this long after the oldest sentence for company
+    # forecasting (rnnlab.v1.Forecasting): steps one call may ask for (beyond a model's own horizon each
+    # step is one more batched ORT call)
+    forecast_max_horizon: int = 256
     grace_s: float = 10.0  # SIGTERM: seconds in-flight calls may take to finish
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -93,6 +96,7 @@ class ServerConfig:
             "translate_max_sentences",
             "translate_max_beam",
             "translate_max_length",
+            "forecast_max_horizon",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")

@@ -123,3 +123,26 @@ class TranslationMetrics:
             ["model"],
             registry=r,
         )
+
+
+class ForecastMetrics:
+    """Prometheus metrics of the forecasting service, in the server's registry when given one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry or CollectorRegistry()
+        self.batch = Histogram(
+            "rnnlab_forecast_batch_streams",
+            "Streams (and Forecast calls) per batched ORT call of a forecaster",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.observations = Counter(
+            "rnnlab_forecast_observations", "Observations read into forecast states", ["model"], registry=r
+        )
+        self.streams = Gauge("rnnlab_forecast_streams", "ForecastStream calls in progress", registry=r)
+        self.sessions = Gauge(
+            "rnnlab_forecast_sessions",
+            "Forecast stream sessions (live streams and kept sessions)",
+            registry=r,
+        )

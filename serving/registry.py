@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.bundle import BundleError, bundle_digest, discover_bundles, is_bundle, load_manifest
+from serving.forecast_runtime import ForecastRuntime
 from serving.runtime import LMRuntime
 from serving.translator import Seq2SeqRuntime
 
@@ -23,6 +24,7 @@ Loader = Callable[[Path, int], object]  # (bundle dir, onnxruntime threads) -> r
 LOADERS: dict[str, Loader] = {
     "lm": lambda path, threads: LMRuntime.load(path, threads=threads),
     "seq2seq": lambda path, threads: Seq2SeqRuntime.load(path, threads=threads),
+    "forecast": lambda path, threads: ForecastRuntime.load(path, threads=threads),
 }
 
 

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import translation_service
+from serving import forecasting_service, translation_service
 from serving.api.rnnlab.v1 import generation_pb2_grpc as pb_grpc
 from serving.app import App
 from serving.auth import BearerAuth
@@ -33,7 +33,7 @@ from serving.errors import run_command
 from serving.generation_service import GenerationService
 from serving.health import DrainingHealth
 from serving.interceptor import CallInterceptor
-from serving.metrics import ServerMetrics, TranslationMetrics
+from serving.metrics import ForecastMetrics, ServerMetrics, TranslationMetrics
 from serving.registry import LoadedBundle, load_bundles
 from serving.session_service import SessionService
 
@@ -43,13 +43,16 @@ log = logging.getLogger("rnnlab.serve")
 @dataclass
 class Parts:
     """What a service's ``add`` gets: the loaded bundles by kind, the shared App, config and metrics, and
-    ``on_stop``, where it leaves what must run when the server has stopped (closing its threads)."""
+    ``on_stop``, where it leaves what must run when the server has stopped (closing its threads), and
+    ``on_sweep``, what the periodic sweep runs besides expiring the LM sessions (its own session store's
+    ``expire``)."""
 
     config: ServerConfig
     bundles: dict[str, dict[str, LoadedBundle]]
     app: App
     metrics: ServerMetrics
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    on_sweep: list[Callable[[], object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,18 @@ def _add_translation(server: grpc.aio.Server, parts: Parts) -> bool:
     )
 
 
+def _add_forecasting(server: grpc.aio.Server, parts: Parts) -> bool:
+    metrics = ForecastMetrics(parts.metrics.registry)
+    return forecasting_service.add_to_server(
+        server, parts.bundles["forecast"], parts.config, parts.app.state_key, metrics, parts
+    )
+
+
 SERVICES: tuple[Service, ...] = (
     Service("rnnlab.v1.Generation", "GenerationService", _add_generation),
     Service("rnnlab.v1.Sessions", "SessionService", _add_sessions),
     Service(translation_service.SERVICE_NAME, "TranslationService", _add_translation),
+    Service(forecasting_service.SERVICE_NAME, "ForecastingService", _add_forecasting),
 )
 
 
@@ -156,6 +167,8 @@ class RnnlabServer:
         while True:
             await asyncio.sleep(period)
             self.app.sessions.expire()
+            for sweep in self._parts.on_sweep:
+                sweep()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health NOT_SERVING (watches end), new calls UNAVAILABLE, calls in flight get ``grace``

@@ -49,6 +49,7 @@ class Session:
     last_used: float = 0.0
     busy: bool = False
     nbytes: int = field(default=0)
+    extra: dict[str, float] = field(default_factory=dict)  # exact numbers beside the state (state_token)
 
     def measure(self) -> int:
         arrays = sum(a.nbytes for a in self.state) + (0 if self.logits is None else self.logits.nbytes)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,7 +46,9 @@ class SessionState:
     """What a session needs to continue exactly.
 
     state: arrays (L, 1, ...) float32; logits: (V,) float32 next-token logits, or None when ``pending``
-    holds the last generated token, which the model has not read yet; tokens: tokens so far.
+    holds the last generated token, which the model has not read yet; tokens: tokens (a forecast stream:
+    observations) so far; extra: named numbers a family keeps exactly beside its float32 arrays (a forecast
+    stream's last time stamp); left out of the header when empty.
     """
 
     model: str
@@ -55,6 +57,7 @@ class SessionState:
     logits: np.ndarray | None
     pending: int | None
     tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def read_key_file(path: str | os.PathLike) -> bytes:
@@ -96,6 +99,8 @@ def encode(snapshot: SessionState, key: bytes) -> bytes:
         "pending": snapshot.pending,
         "tokens": snapshot.tokens,
     }
+    if snapshot.extra:
+        header["extra"] = snapshot.extra
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body = MAGIC + bytes([VERSION]) + len(head).to_bytes(4, "big") + head
     body += zlib.compress(b"".join(a.tobytes() for a in arrays), 1)
@@ -103,6 +108,7 @@ def encode(snapshot: SessionState, key: bytes) -> bytes:
 
 
 MAX_TOKENS = 2**53  # a session's token count; JSON-exact, far inside the response's int64
+MAX_EXTRA = 8  # named numbers in ``extra``, names of at most 32 characters
 MAX_STATE_VALUES = 1 << 24  # float32 values (64 MB): the decompressed size is bounded before inflating
 
 
@@ -132,7 +138,13 @@ def decode(token: bytes, key: bytes, max_values: int = MAX_STATE_VALUES) -> Sess
             raise ValueError("arrays hold NaN or infinity")
         logits = arrays.pop() if header["has_logits"] else None
         return SessionState(
-            header["model"], header["bundle_digest"], arrays, logits, header["pending"], header["tokens"]
+            header["model"],
+            header["bundle_digest"],
+            arrays,
+            logits,
+            header["pending"],
+            header["tokens"],
+            dict(header.get("extra", {})),
         )
     except (ValueError, KeyError, TypeError, zlib.error) as exc:
         raise TokenError("malformed", f"state token is malformed ({str(exc)[:120]})") from exc
@@ -167,6 +179,20 @@ def _header(header: object, max_values: int) -> dict:
         raise ValueError("pending must be null or a token id in [0, 2**31)")
     if not (_is_int(header.get("tokens")) and 0 <= header["tokens"] <= MAX_TOKENS):
         raise ValueError(f"tokens must be an integer in [0, {MAX_TOKENS}]")
+    extra = header.get("extra", {})
+    if not (
+        isinstance(extra, dict)
+        and len(extra) <= MAX_EXTRA
+        and all(
+            isinstance(k, str)
+            and len(k) <= 32
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            for k, v in extra.items()
+        )
+    ):
+        raise ValueError(f"extra must map at most {MAX_EXTRA} short names to finite numbers")
     return header
 
 

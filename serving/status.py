@@ -91,6 +91,17 @@ def invalid(field: str, message: str) -> Refusal:
     return Refusal(Code.INVALID_ARGUMENT, message, fields=[(field, message)])
 
 
+def require_token_version(token_digest: str, model: str, digest: str) -> None:
+    """FAILED_PRECONDITION (TOKEN_OTHER_VERSION) unless a state token was made by this very bundle of
+    ``model`` (``digest``: serving.bundle.bundle_digest)."""
+    if token_digest != digest:
+        raise Refusal(
+            Code.FAILED_PRECONDITION,
+            f"state token is for another version of model {model!r} (bundle digest differs)",
+            "TOKEN_OTHER_VERSION",
+        )
+
+
 # The exception types the services let through: (type, code, reason, seconds after which a retry may work)
 _TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], ...] = (
     (SessionNotFound, Code.NOT_FOUND, "SESSION_NOT_FOUND", None),

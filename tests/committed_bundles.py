@@ -5,6 +5,8 @@
     tests/bundles/tiny-mt     GRU translator with attention, en->fr, joint sentencepiece, 1x32,
                               900 steps
                               (tests/tiny_translators.py with TRANSLATOR_CONFIG)
+    tests/bundles/tiny-ts     GRU forecaster, hidden 8, sine-rnn (window 5), horizon 3, 60 steps
+                              (tests/tiny_forecasters.py)
 
 Reading them needs no torch (the serving tests, also in the serve-only environment of ``make test-serve``);
 making and comparing them does.
@@ -19,14 +21,25 @@ from pathlib import Path
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 LM_BUNDLES: dict[str, dict] = {"tiny": {"cell": "gru"}, "tiny-lstm": {"cell": "lstm", "layers": 2}}
 TRANSLATOR = "tiny-mt"
+FORECASTER = "tiny-ts"
 # One joint sentencepiece model, which the bundle stores once: a model file is ~320 KB, mostly
 # sentencepiece's normalisation table. 900 steps, not the suite's 300: after 300 the joint model said "."
 # to every test sentence (mean output 1 character on 40 sentences; 13 after 900), too short a search for
 # the tests that need the translation workers to overlap. (Dimensions 16 instead of 32 saved 200 KB
 # more, but that model translated every test sentence to nothing.)
 TRANSLATOR_CONFIG = {"joint_spm": True, "max_steps": 900}
-# Manifest fields that hold measurements or tool versions rather than what the bundle is.
-MEASURED = ("files", "file_sizes", "created_by", "parity", "decode_parity", "quantization", "search_check")
+# Manifest fields that hold measurements or tool versions rather than what the bundle is (a forecaster's
+# evaluation is its rolling-origin scores, which move with the weights' float rounding).
+MEASURED = (
+    "files",
+    "file_sizes",
+    "created_by",
+    "parity",
+    "decode_parity",
+    "quantization",
+    "search_check",
+    "evaluation",
+)
 WEIGHT_TOLERANCE = 1e-3
 
 
@@ -48,6 +61,7 @@ def make_test_bundles(out: Path) -> None:
     import torch
 
     from tests.tiny_bundles import make_tiny_bundle
+    from tests.tiny_forecasters import make_tiny_forecaster
     from tests.tiny_translators import make_tiny_translator
 
     torch.set_num_threads(1)  # reductions round differently on other thread counts
@@ -57,6 +71,12 @@ def make_test_bundles(out: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     try:
         make_tiny_translator(work, out / TRANSLATOR, **TRANSLATOR_CONFIG)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    work = out / f".{FORECASTER}-run"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        make_tiny_forecaster(work, out / FORECASTER)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,15 +6,16 @@ That they are what scripts/make_test_bundles.py makes is tests/test_committed_bu
 import pytest
 
 from serving.bundle import bundle_digest, discover_bundles, load_manifest
+from serving.forecast_runtime import ForecastRuntime
 from serving.runtime import LMRuntime
 from serving.sampling import SamplingParams
 from serving.translator import Seq2SeqRuntime
-from tests.committed_bundles import BUNDLES_DIR, LM_BUNDLES, TRANSLATOR, committed
+from tests.committed_bundles import BUNDLES_DIR, FORECASTER, LM_BUNDLES, TRANSLATOR, committed
 
 
 def test_every_committed_bundle_verifies():
     found = dict(discover_bundles(BUNDLES_DIR))
-    assert sorted(found) == sorted([*LM_BUNDLES, TRANSLATOR])
+    assert sorted(found) == sorted([*LM_BUNDLES, TRANSLATOR, FORECASTER])
     assert all(path == committed(name) for name, path in found.items()), found
 
 
@@ -33,3 +34,10 @@ def test_committed_translator_loads_and_translates():
     assert manifest.kind == "seq2seq" and manifest.data["search_check"]["beam_identical"] == 24
     [result] = Seq2SeqRuntime.load(committed(TRANSLATOR)).translate(["Where is the station?"])
     assert result.error is None and result.text
+
+
+def test_committed_forecaster_loads_and_forecasts():
+    runtime = ForecastRuntime.load(committed(FORECASTER))
+    assert runtime.manifest.kind == "forecast" and runtime.manifest.data["parity"]["max_abs_mean"] < 1e-5
+    forecast = runtime.forecast_history(None, 5)
+    assert forecast.mean.shape == (1, 5, 1) and (forecast.lower < forecast.upper).all()
