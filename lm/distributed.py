@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,7 +214,8 @@ def _collective(what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) 
 
 def lost_rank(what: str, exc: BaseException) -> DistributedError:
     group = current()
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    reason = re.sub(r"^\[[^\]]*\] ", "", reason).split(". This is typically")[0][:200]  # gloo's source path
     return DistributedError(
         f"rank {group.rank} of {group.world}: {what} failed, another rank was lost or timed out "
         f"({reason}); torchrun names the rank that failed. The run resumes from its last checkpoint "
@@ -260,6 +262,9 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Group]:
     torch.set_num_threads(default_threads(local_world))  # --threads overrides it (lm.loop)
     try:
         yield _GROUP
+        # leave together: a rank tearing its group down while rank 0 still writes the plot aborted
+        # ("terminate called without an active exception") in about one run of six
+        _collective("final barrier", dist.barrier)
     except (dist.DistError, RuntimeError) as exc:
         # DDP's all-reduce runs inside backward(): a lost rank surfaces there
         if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
