@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 key = "2 processes x 1 thread" if nproc == 2 else "1 process x 2 threads"
                 rates[key] += run_lm(Path(tmp) / f"run{repeat}-{nproc}", args.steps, nproc)
     medians = {k: statistics.median(v) for k, v in rates.items()}
+    two, one = medians["2 processes x 1 thread"], medians["1 process x 2 threads"]
     config = TrainConfig()
     tokens_per_step = config.data.batch_size * config.data.bptt
     size = gradient_bytes()
     allreduce_s = loopback_allreduce_s(size)
-    step_two = tokens_per_step / medians["2 processes x 1 thread"]  # per-rank step of 16 streams
+    step_two = tokens_per_step / two  # per-rank step of 16 streams
     compute_s = max(step_two - allreduce_s, 1e-9)
     model = config.model
     write_result(
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "tokens_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
             "median_tokens_per_s": {k: round(v) for k, v in medians.items()},
-            "ratio_2x1_over_1x2": round(medians["2 processes x 1 thread"] / medians["1 process x 2 threads"], 3),
+            "ratio_2x1_over_1x2": round(two / one, 3),
             "gradient_bytes": size,
             "loopback_gloo_allreduce_ms": round(allreduce_s * 1e3, 3),
             "step_ms_2x1": round(step_two * 1e3, 2),

@@ -26,11 +26,14 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -41,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lm.config import flag
 from lm.rng import capture_rng_state, restore_rng_state, seed_everything
-from serving.errors import Interrupted, UsageError, UserError
+from serving.errors import ExitCode, Interrupted, UsageError, UserError
 from serving.tokenizers import Tokenizer, tokenizer_from_dict
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -216,11 +219,63 @@ def lost_rank(what: str, exc: BaseException) -> DistributedError:
     group = current()
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
     reason = re.sub(r"^\[[^\]]*\] ", "", reason).split(". This is typically")[0][:200]  # gloo's source path
+    with _sigterm_ignored():  # torchrun's agent sends SIGTERM to the survivors now: finish this line
+        gone = _gone_ranks(group)
+    lost = f"rank {', '.join(map(str, gone))} is gone" if gone else "another rank was lost or timed out"
     return DistributedError(
-        f"rank {group.rank} of {group.world}: {what} failed, another rank was lost or timed out "
-        f"({reason}); torchrun names the rank that failed. The run resumes from its last checkpoint "
-        "with --resume"
+        f"rank {group.rank} of {group.world}: {what} failed, {lost} ({reason}); torchrun's summary names "
+        "the rank that failed first. The run resumes from its last checkpoint with --resume"
     )
+
+
+@contextlib.contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread: handlers cannot change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_PID_KEY = "rnnlab/pid/{}"
+
+
+def _announce(group: Group) -> None:
+    """Each rank leaves ``host:pid`` in torchrun's store, so that a rank can name a lost one."""
+    _store().set(_PID_KEY.format(group.rank), f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _gone_ranks(group: Group) -> list[int]:
+    """Ranks on this machine whose process has ended (others cannot be seen from here). A killed
+    process closes its sockets a moment before it ends: look for up to a second."""
+    try:
+        store = _store()
+        store.set_timeout(timedelta(seconds=5))
+        peers = {r: store.get(_PID_KEY.format(r)).decode().rsplit(":", 1) for r in range(group.world)}
+    except Exception:  # the store may be gone too: then say less
+        return []
+    local = [r for r, (host, _) in peers.items() if r != group.rank and host == socket.gethostname()]
+    for _ in range(10):
+        gone = [r for r in local if not _alive(peers[r][1])]
+        if gone:
+            return gone
+        time.sleep(0.1)
+    return []
+
+
+def _alive(pid: str) -> bool:
+    try:  # a killed rank stays a zombie (state Z) until torchrun reaps it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _store() -> Any:
+    return dist.distributed_c10d._get_default_store()
 
 
 _GROUP = Group()
@@ -259,6 +314,7 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Group]:
     dist.init_process_group(backend(), timeout=timedelta(seconds=timeout_s))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     _GROUP = Group(dist.get_rank(), dist.get_world_size(), local_world)
+    _announce(_GROUP)
     torch.set_num_threads(default_threads(local_world))  # --threads overrides it (lm.loop)
     try:
         yield _GROUP
@@ -323,15 +379,23 @@ def relaunch_flags(args: Any) -> list[str]:
 
 def launch(module: str, flags: list[str], nproc: int) -> int:
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m MODULE FLAGS``; returns its
-    exit code. SIGTERM is passed on (the ranks checkpoint and stop); Ctrl-C reaches them from the terminal."""
+    exit code, or ExitCode.INTERRUPTED after a SIGTERM, which is passed on (the ranks checkpoint and stop,
+    and torchrun reports that as a failure); Ctrl-C reaches the ranks from the terminal."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     process = subprocess.Popen([*command, "-m", module, *flags])
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        forwarded.append(signum)
+        process.send_signal(signum)
+
     previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum)),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
     }
     try:
-        return process.wait()
+        code = process.wait()
+        return int(ExitCode.INTERRUPTED) if forwarded and code else code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -81,7 +81,7 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(
     output = log.read_text(errors="replace")
     assert code != 0, output[-3000:]
     # rank 0 names what failed and how to go on; torchrun's summary names the lost rank and its signal
-    assert "error: rank 0 of 2:" in output and "another rank was lost" in output, output[-3000:]
+    assert "error: rank 0 of 2:" in output and "rank 1 is gone" in output, output[-3000:]
     assert "--resume" in output
     assert "rank      : 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
 

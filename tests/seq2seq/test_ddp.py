@@ -16,7 +16,8 @@ TOLERANCE = 1e-5
 def test_two_processes_train_the_weights_of_one_and_resume_with_one(tmp_path: Path, tiny_config) -> None:
     # dropout 0: the ranks draw their own masks; a budget of 24 tokens mixes batches of one pair (the
     # second rank then runs with weight 0) with batches of several pairs split between the ranks
-    config = tiny_config(dropout=0.0, batch_tokens=24, max_steps=20, eval_every=10, progress=False)
+    settings = dict(dropout=0.0, batch_tokens=24, eval_every=10, progress=False)
+    config = tiny_config(max_steps=20, **settings)
     one, two = tmp_path / "one", tmp_path / "two"
     trainer = start_run(config, one)
     sizes = [len(b) for b in trainer.family.batches(0, 0)[:20]]
@@ -36,5 +37,7 @@ def test_two_processes_train_the_weights_of_one_and_resume_with_one(tmp_path: Pa
     shutil.copytree(two, resumed)
     resume_run(resumed, {"max_steps": 30}).fit()
     longer = tmp_path / "one30"
-    start_run(tiny_config(dropout=0.0, batch_tokens=24, max_steps=30, eval_every=10, progress=False), longer).fit()
+    start_run(
+        tiny_config(dropout=0.0, batch_tokens=24, max_steps=30, eval_every=10, progress=False), longer
+    ).fit()
     assert torchrun.max_weight_difference(longer, resumed, "mt") < TOLERANCE
