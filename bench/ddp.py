@@ -112,7 +112,7 @@ def estimate(step_compute_s: float, size: int, tokens_per_worker: int) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"2 processes x 1 thread": [], "1 process x 2 threads": []}

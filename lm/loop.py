@@ -18,6 +18,9 @@ batch, a validation); the loop owns everything else:
 - **validation** at every epoch end and every ``run.eval_every`` steps: ``best.pt`` on improvement of
   the family's ``monitor`` metric, the plateau schedule on the valid loss, early stopping (``run.patience``,
   ``run.min_delta``) on the monitored metric; a last unscheduled validation at a stop;
+- **distributed data-parallel** (lm.distributed, docs/distributed.md): under torchrun each rank trains
+  its share of every global batch through DistributedDataParallel; the ranks agree on stops, rank 0
+  writes the run directory, checkpoints gather what every rank carries, so a run resumes with another N;
 - **logging**: every ``run.log_every`` steps one ``metrics.jsonl`` record ``{split: "train", step, epoch,
   loss, ppl, grad_norm (the global norm before clipping, mean over the window), lr, tokens_per_s,
   elapsed_s}``; valid records carry the family's metrics; a tqdm bar shows loss, tokens/s and the ETA.
@@ -29,10 +32,13 @@ The API a family implements (``F`` = the family object, built before the loop by
     F.title: str                       the plot's title
     F.monitor: str, F.maximize: bool   the valid metric that picks best.pt and drives early stopping
     F.build_model() -> nn.Module       called right after seeding, so the init is a function of the seed
+    F.model                            the module step_loss runs; a distributed run sets it to the DDP
+                                       wrapper of build_model()'s module (other attributes pass through)
     F.epoch_length(epoch) -> int       batches in that epoch
     F.start_epoch(epoch)               before the first batch of an epoch (e.g. reset a carried state)
     F.batches(epoch, start) -> Iterable[batch]   the epoch's batches from ``start`` on
-    F.step_loss(batch) -> StepLoss     forward + loss; the loop does backward, clipping, the step
+    F.step_loss(batch) -> StepLoss     forward + loss; the loop does backward, clipping, the step. In a
+                                       distributed run: this rank's share of the global batch's loss
     F.validate() -> dict[str, float]   at least {"loss": mean NLL}; the loop adds "ppl"
     F.payload() -> dict                plain data stored in every checkpoint (tokenizers, model config, ...)
     F.restore(payload)                 reads back what ``payload`` stored that evolves (a carried state)
@@ -89,11 +95,13 @@ class TrainError(UserError):
 @dataclass
 class StepLoss:
     loss: Tensor
-    """() the loss to minimise (backward runs on it)."""
+    """() the loss to minimise (backward runs on it); in a distributed run this rank's share of the
+    global batch's loss: the shares of all ranks sum to it (lm.distributed)."""
     nll: Tensor
-    """() detached mean NLL per token, the logged figure (equal to ``loss`` unless e.g. label smoothing)."""
+    """() detached mean NLL per token, the logged figure (equal to ``loss`` unless e.g. label smoothing);
+    a share like ``loss`` in a distributed run."""
     tokens: int
-    """Tokens in the batch (for tokens/s)."""
+    """Tokens in the batch, this rank's part in a distributed run (for tokens/s)."""
 
 
 @dataclass
