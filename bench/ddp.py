@@ -116,12 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"2 processes x 1 thread": [], "1 process x 2 threads": []}
+    runs = []  # the machine is shared: each run with the load it started under
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             order = [2, 1] if repeat % 2 == 0 else [1, 2]
             for nproc in order:
                 key = "2 processes x 1 thread" if nproc == 2 else "1 process x 2 threads"
-                rates[key] += run_lm(Path(tmp) / f"run{repeat}-{nproc}", args.steps, nproc)
+                load = round(os.getloadavg()[0], 2)
+                run_rates = run_lm(Path(tmp) / f"run{repeat}-{nproc}", args.steps, nproc)
+                rates[key] += run_rates
+                runs.append(
+                    {"side": key, "load_avg_1m_before": load, "tokens_per_s": [round(r) for r in run_rates]}
+                )
     medians = {k: statistics.median(v) for k, v in rates.items()}
     two, one = medians["2 processes x 1 thread"], medians["1 process x 2 threads"]
     config = TrainConfig()
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "global_batch": [config.data.batch_size, config.data.bptt],
             "steps_per_run": args.steps,
             "repeats": args.repeats,
-            "tokens_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
+            "runs": runs,
             "median_tokens_per_s": {k: round(v) for k, v in medians.items()},
             "ratio_2x1_over_1x2": round(two / one, 3),
             "gradient_bytes": size,
