@@ -379,23 +379,21 @@ def relaunch_flags(args: Any) -> list[str]:
 
 def launch(module: str, flags: list[str], nproc: int) -> int:
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m MODULE FLAGS``; returns its
-    exit code, or ExitCode.INTERRUPTED after a SIGTERM, which is passed on (the ranks checkpoint and stop,
-    and torchrun reports that as a failure); Ctrl-C reaches the ranks from the terminal."""
+    exit code, or ExitCode.INTERRUPTED after a signal: SIGTERM is passed on, Ctrl-C reaches the ranks
+    from the terminal; either way they checkpoint and stop, and torchrun reports that as a failure."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     process = subprocess.Popen([*command, "-m", module, *flags])
-    forwarded: list[int] = []
+    signals: list[int] = []
 
-    def forward(signum: int, frame: Any) -> None:
-        forwarded.append(signum)
-        process.send_signal(signum)
+    def note(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        if signum == signal.SIGTERM:
+            process.send_signal(signum)
 
-    previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    }
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = process.wait()
-        return int(ExitCode.INTERRUPTED) if forwarded and code else code
+        return int(ExitCode.INTERRUPTED) if signals and code else code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -53,8 +53,9 @@ def rank_pid(agent: subprocess.Popen[bytes], rank: int) -> int:
 
 
 def wait_for(path: Path, agent: subprocess.Popen[bytes], timeout_s: float = TIMEOUT_S) -> None:
+    """Until ``path`` exists and holds something (a metrics record: every rank is in the loop)."""
     deadline = time.monotonic() + timeout_s
-    while not path.exists():
+    while not path.exists() or not path.stat().st_size:
         assert agent.poll() is None, f"torchrun exited ({agent.returncode}) before {path} appeared"
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
         time.sleep(0.05)

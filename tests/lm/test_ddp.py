@@ -4,6 +4,8 @@ the weights equal one process's on the same global batches, resume with another 
 from __future__ import annotations
 
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,37 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(
     reference = tmp_path / "reference"
     single(corpus_file, reference, *endless[:4], "--max-steps", str(saved + 15))
     assert torchrun.max_weight_difference(reference, run, "lm") < TOLERANCE
+
+
+def test_sigterm_to_the_nproc_launcher_checkpoints_every_rank_and_exits_3(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    run, log = tmp_path / "run", tmp_path / "launcher.log"
+    argv = [
+        "train",
+        "--corpus",
+        str(corpus_file),
+        "--out",
+        str(run),
+        *FLAGS,
+        "--epochs",
+        "1000",
+        "--nproc",
+        "2",
+    ]
+    launcher = torchrun.start([sys.executable, "-m", "lm.cli", *argv], log)
+    try:
+        torchrun.wait_for(run / "metrics.jsonl", launcher)
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=torchrun.TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    output = log.read_text(errors="replace")
+    assert code == 3, output[-3000:]
+    assert output.count("interrupted; continue with: rnnlab-lm train") == 1  # rank 0 alone speaks
+    saved = torchrun.checkpoint(run, "lm")
+    assert saved["world_size"] == 2 and saved["step"] > 0
 
 
 def test_the_process_count_must_divide_the_batch() -> None:
