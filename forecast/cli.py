@@ -74,7 +74,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from forecast.train import TrainConfig
-    from lm.config import add_config_arguments
+    from lm.config import add_checkpoint_option, add_config_arguments
 
     parser = argparse.ArgumentParser(prog="rnnlab-ts", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     for name, func, text in (
         ("eval", cmd_eval, "rolling-origin scores on the test horizon"),
-        ("forecast", cmd_forecast, "the next values with 90% intervals"),
+        ("forecast", cmd_forecast, "the next values with 90%% intervals"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("run", help="run directory")
-        p.add_argument("--checkpoint", "--which", dest="which", choices=("best", "last"), default="best")
+        add_checkpoint_option(p)
         p.set_defaults(func=func)
     sub.choices["eval"].add_argument("--json", action="store_true", help="one JSON object on stdout")
     fc = sub.choices["forecast"]

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from lm.config import ConfigError, TrainConfig, add_config_arguments, build_config, given_settings
+from lm.config import (
+    ConfigError,
+    TrainConfig,
+    add_checkpoint_option,
+    add_config_arguments,
+    build_config,
+    given_settings,
+)
 from serving.errors import UsageError, run_command
 from serving.sampling import DEFAULT_SAMPLING
 
@@ -49,14 +56,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("eval", help="perplexity and bits/char of a run on a split")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument(
-        "--checkpoint",
-        "--which",
-        dest="checkpoint",
-        choices=("best", "last"),
-        default="best",
-        help="checkpoint of the run (default best)",
-    )
+    add_checkpoint_option(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("generate", help="continue a prompt with a run or an exported bundle")
@@ -73,14 +73,7 @@ def build_parser() -> Parser:
     p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, help="1 = off")
     p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument(
-        "--checkpoint",
-        "--which",
-        dest="checkpoint",
-        choices=("best", "last"),
-        default="best",
-        help="checkpoint of the run (default best)",
-    )
+    add_checkpoint_option(p)
 
     p = sub.add_parser("export", help="export a run to an ONNX bundle")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -147,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lm.run import load_run
     from serving.files import atomic_write_json
 
-    run = load_run(args.run_dir, args.checkpoint)
+    run = load_run(args.run_dir, args.which)
     corpus = run.train_config.get("corpus")
     if not corpus:
         raise ConfigError(f"{run.checkpoint}: the run does not record its corpus")
@@ -189,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from lm.generate import generate
         from lm.run import load_run
 
-        run = load_run(path, args.checkpoint)
+        run = load_run(path, args.which)
         pieces = generate(run.model, run.tokenizer, args.prompt, args.max_tokens, params, args.stop)
         source = f"{run.checkpoint} (torch)"
     chars = 0

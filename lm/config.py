@@ -333,6 +333,18 @@ def resumed_config(stored: Sections, overrides: dict[str, Any]) -> Any:
     return type(stored).from_dict(values)
 
 
+def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint best|last`` (alias ``--which``, an earlier spelling) into ``args.which``."""
+    parser.add_argument(
+        "--checkpoint",
+        "--which",
+        dest="which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of the run (default best)",
+    )
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argument group per section of ``cls``, one flag per field (help and default from the field).
 
@@ -344,7 +356,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         for f in fields(section_cls):
             meta = f.metadata
             names = [flag(f.name), *meta.get("aliases", ())]
-            help_text = f"{meta.get('help', '')} (default: {f.default})"
+            # argparse %-formats help strings: a literal "20%" in a field's help must not break --help.
+            help_text = f"{meta.get('help', '')} (default: {f.default})".replace("%", "%%")
             if isinstance(f.default, bool):
                 group.add_argument(
                     *names,

@@ -57,18 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # --- eval --------------------------------------------------------------------------------------------
-def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        "--which",
-        dest="which",
-        choices=("best", "last"),
-        default="best",
-        help="checkpoint of the run (default best)",
-    )
 
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    from lm.config import add_checkpoint_option  # lazily, as every torch-side import here
     from serving.search import DEFAULT_SEARCH as S
 
     parser.add_argument("--beam", type=int, default=S.beam, help=f"beam size; 1 = greedy (default {S.beam})")
@@ -88,7 +80,7 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
         f"{S.max_len_cap} (default {S.max_len_ratio})",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    _add_checkpoint_option(parser)
+    add_checkpoint_option(parser)
     parser.add_argument(
         "--threads",
         type=int,
@@ -304,6 +296,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
+    from lm.config import add_checkpoint_option
+
     parser = subparsers.add_parser(
         "export",
         help="export a run to an ONNX bundle (encoder + decoder step)",
@@ -313,7 +307,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    _add_checkpoint_option(parser)
+    add_checkpoint_option(parser)
     parser.add_argument("--name", help="model name in the manifest (default: the --out directory's name)")
     parser.add_argument(
         "--sentences",

@@ -43,7 +43,21 @@ class Tokenizer(Protocol):
     def to_dict(self) -> dict: ...
 
 
-class CharTokenizer:
+class _VocabTokenizer:
+    """What the char and word tokenizers share: a :class:`Vocab` whose reserved tokens are the specials."""
+
+    vocab: Vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {t: self.vocab.stoi[t] for t in self.vocab.reserved}
+
+
+class CharTokenizer(_VocabTokenizer):
     """One token per Unicode code point."""
 
     kind = "char"
@@ -55,14 +69,6 @@ class CharTokenizer:
     @classmethod
     def train(cls, text: str, lowercase: bool = False, min_freq: int = 1) -> CharTokenizer:
         return cls(Vocab.build(text.lower() if lowercase else text, min_freq=min_freq), lowercase)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        return {t: self.vocab.stoi[t] for t in self.vocab.reserved}
 
     def encode(self, text: str) -> list[int]:
         return self.vocab.encode(text.lower() if self.lowercase else text)
@@ -86,7 +92,7 @@ _WORDS_AND_PUNCT = re.compile(r"\n|\w+(?:'\w+)?|[^\w\s]")
 _WORDS_ONLY = re.compile(r"\n|\w+(?:'\w+)?")
 
 
-class WordTokenizer:
+class WordTokenizer(_VocabTokenizer):
     """Words (optionally with punctuation marks as tokens of their own) and line breaks.
 
     Decoding joins tokens with single spaces, so ``encode(decode(ids)) == ids`` for in-vocabulary ids,
@@ -116,14 +122,6 @@ class WordTokenizer:
         splitter = cls(Vocab([UNK]), lowercase, keep_punct)
         vocab = Vocab.build(splitter.split(text), min_freq=min_freq, max_size=max_size)
         return cls(vocab, lowercase, keep_punct)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        return {t: self.vocab.stoi[t] for t in self.vocab.reserved}
 
     def encode(self, text: str) -> list[int]:
         return self.vocab.encode(self.split(text))
