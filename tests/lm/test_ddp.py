@@ -3,15 +3,18 @@ the weights equal one process's on the same global batches, resume with another 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from lm.cli import main
 from lm.distributed import Group
+from lm.loop import StopRequest
 from lm.metrics import read_metrics
 from serving.errors import UsageError
 from tests import torchrun
@@ -134,3 +137,16 @@ def test_the_process_count_must_divide_the_batch() -> None:
     group.check_divides(8, "batch_size")
     with pytest.raises(UsageError, match=r"3 processes do not divide --batch-size 32"):
         Group(rank=0, world=3).check_divides(32, "batch_size")
+
+
+def test_a_signal_repeated_within_a_second_is_one_stop_request() -> None:
+    """A terminal's Ctrl-C reaches torchrun's ranks twice (terminal, then the agent): still one request;
+    a signal after that second still interrupts at once."""
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        time.sleep(StopRequest.REPEAT_S + 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
