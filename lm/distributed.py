@@ -2,9 +2,9 @@
 
 ``torchrun --nproc-per-node N -m lm.cli train ...`` (or ``rnnlab-lm train --nproc N``, which runs that
 command itself through :func:`launch`) starts N processes; :func:`session` joins them into one process
-group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...): gloo on CPU, NCCL when
-CUDA is available, with a collective timeout so that a lost or hung rank makes the others fail instead
-of waiting forever. Outside torchrun the process is alone and nothing here costs anything.
+group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...): gloo, plus NCCL for
+CUDA tensors when CUDA is available, with a collective timeout so that a lost or hung rank makes the
+others fail instead of waiting forever. Outside torchrun the process is alone and nothing here costs anything.
 
 Semantics (docs/distributed.md): the global batch is the batch one process would train on. A family
 takes its rank's share of it (:meth:`Group.rows`: the language model's contiguous block of streams, so a
@@ -287,7 +287,9 @@ def current() -> Group:
 
 
 def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """gloo; with CUDA also NCCL for CUDA tensors (the loop itself trains on the CPU, whose tensors
+    NCCL cannot reduce)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def default_threads(local_world: int) -> int:
@@ -309,7 +311,7 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Group]:
         return
     if timeout_s <= 0:
         raise UsageError(f"--dist-timeout must be > 0 seconds, not {timeout_s}")
-    if backend() == "nccl":
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend(), timeout=timedelta(seconds=timeout_s))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
