@@ -19,7 +19,7 @@ endif
 INSTALLED := .make/installed
 
 .PHONY: FORCE help install protos protos-check data train-lm eval-lm train-mt eval-mt export export-mt serve demo \
-	bench bench-all lint test test-serve test-bundles
+	bench bench-all lint test test-serve test-bundles nginx
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -88,12 +88,21 @@ lint: $(INSTALLED) ## ruff (check; format --check with RUFF_FORMAT=1), the packa
 	@if [ "$(RUFF_FORMAT)" = 1 ]; then echo "$(PYTHON) -m ruff format --check ."; $(PYTHON) -m ruff format --check .; fi
 	lint-imports
 
-test: $(INSTALLED) ## the whole test suite
+test: $(INSTALLED) nginx ## the whole test suite
 	$(PYTHON) -m pytest -q -n 2
+
+# The replica tests run deploy/nginx/nginx.conf in a real nginx (tests/serving/test_nginx.py). It comes
+# from the distribution's packages: installed here when missing (CI runs as root), loudly failing if not.
+nginx: ## install nginx (Debian/Ubuntu package, needs root) when it is missing
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
+	echo "nginx is missing: installing the distribution's package (apt-get install nginx)"; \
+	{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx; } \
+	|| { echo "error: could not install nginx (apt-get, as root); the nginx tests need it:" \
+	     "install it with 'apt-get install nginx' (or your system's package) and rerun" >&2; exit 1; }
 
 # No $(INSTALLED): this target makes its own environment. Installing '.[serve,test]' from PyPI into a fresh
 # venv took 16 s on the 2-core machine (wheels only, nothing compiled); the tests ~20 s.
-test-serve: ## the serving tests in a fresh venv holding rnnlab[serve] alone (no torch), on tests/bundles
+test-serve: nginx ## the serving tests in a fresh venv holding rnnlab[serve] alone (no torch), on tests/bundles
 	rm -rf $(SERVE_VENV)
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install -q '.[serve,test]'

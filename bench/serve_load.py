@@ -64,6 +64,15 @@ def random_bundle(out_dir: Path) -> Path:
     return export_lm(model, tokenizer, out_dir / "bench-gru", name="bench-gru")
 
 
+def choose_bundle(given: str | None, tmp: Path) -> tuple[Path, str]:
+    """``given``, else the default pipeline's bundle, else ``random_bundle`` made in ``tmp``; with how the
+    result file names it."""
+    if given or DEFAULT_BUNDLE.is_dir():
+        bundle = Path(given or DEFAULT_BUNDLE)
+        return bundle, repo_path(bundle)
+    return random_bundle(tmp), "random 2-layer GRU hidden 256, vocab 80"
+
+
 def ceiling(runtime: LMRuntime, batch: int, steps: int) -> float:
     """Tokens/s of ORT alone stepping a (batch, 1) input with the state carried."""
     state = runtime.init_state(batch)
@@ -134,8 +143,9 @@ async def one_stream(stub: pb_grpc.GenerationStub, model: str, tokens: int, seed
     return {"start": start, "first": first, "end": time.perf_counter(), "tokens": count, "gaps": gaps}
 
 
-async def load(target: str, model: str, streams: int, tokens: int) -> dict:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def load(target: str, model: str, streams: int, tokens: int, options: tuple = ()) -> dict:
+    """``streams`` concurrent streams over one channel (``options``: its channel arguments)."""
+    async with grpc.aio.insecure_channel(target, options) as channel:
         stub = pb_grpc.GenerationStub(channel)
         await one_stream(stub, model, 4, 0)  # warm-up: connection, first call
         results = await asyncio.gather(*(one_stream(stub, model, tokens, seed) for seed in range(streams)))
@@ -214,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.bundle or DEFAULT_BUNDLE.is_dir():
-            bundle = Path(args.bundle or DEFAULT_BUNDLE)
-            described = repo_path(bundle)
-        else:
-            bundle, described = random_bundle(Path(tmp)), "random 2-layer GRU hidden 256, vocab 80"
+        bundle, described = choose_bundle(args.bundle, Path(tmp))
         runtime = LMRuntime.load(bundle)
         model = runtime.manifest.name
         results: dict = {

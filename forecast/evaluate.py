@@ -4,6 +4,12 @@ Rolling origin: every test point o with o + H <= N is an origin; the model reads
 (true values: the series is observed up to o) and forecasts o .. o+H-1. MAE, RMSE and MASE (MAE over the
 in-sample seasonal-naive MAE of the training part) and 90% interval coverage are taken over all (origin,
 step) pairs whose truth was observed, in the series' own units.
+
+``coverage`` is that of the model's own intervals (sigma times the interval scale calibrated on the
+validation part, what ``forecast`` prints). ``coverage_rolling`` re-calibrates at each origin from the
+test forecasts already resolved before it (forecast.metrics.rolling_interval_scales): a test period
+calmer than the validation part (co2: the 90% quantile of |error| / sigma was 0.79 of the validation
+part's) leaves fixed intervals too wide.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 import torch
 
 from forecast.data import Preset, Scaler, Series
-from forecast.metrics import scores, seasonal_naive_scale
+from forecast.metrics import rolling_interval_scales, scores, seasonal_naive_scale
 from forecast.model import Z90, ForecastConfig, Forecaster
 from forecast.train import CHECKPOINT_KIND, Prepared, TrainConfig, prepare, read_series
 from lm.checkpoint import load_checkpoint
@@ -74,6 +80,10 @@ def rolling_origin(run: LoadedRun) -> dict[str, Any]:
     result = scores(pred, truth, pred - Z90 * sigma * std, pred + Z90 * sigma * std, scale, mask)
     err = np.abs(pred - truth)
     result["per_step_mae"] = [float(np.mean(err[:, h][mask[:, h]])) for h in range(mc.horizon)]
+    prior = float(run.model.interval_scale)
+    rolling = rolling_interval_scales(err / (sigma * std / prior), mask, prior, Z90)[:, None, None]
+    half = Z90 * sigma * std / prior * rolling
+    result["coverage_rolling"] = scores(pred, truth, pred - half, pred + half, scale, mask)["coverage"]
     result.update(origins=len(origins), horizon=mc.horizon, season=p.preset.season)
     return result
 
@@ -112,35 +122,76 @@ def forecast_next(run: LoadedRun, horizon: int, series: Series | None = None) ->
     ]
 
 
-def plot_run(run: LoadedRun, out_dir: str | Path) -> Path:
-    """forecast.png beside the run: the test horizon's one-step forecasts against the truth with the 90%
-    interval (first column), and the MAE by step ahead (direct vs recursive)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def k_step_errors(run: LoadedRun, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
+    """MAE of recursive k-step forecasts (one-step means fed back, note 002) over the test origins o with
+    o + k <= N, for every k that fits the test horizon: {k: MAE in the series' units}."""
     p, mc = run.prepared, run.model.config
+    ks = tuple(k for k in ks if k < p.splits.length - p.splits.test_start)
+    x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, 1)
+    rec = p.scaler.inverse(recursive(run.model, x, max(ks)))
+    out = {}
+    for k in ks:
+        n = len(x) - k + 1  # origins whose k-th target exists
+        truth = p.series.values[p.splits.test_start + k - 1 :][:n]
+        seen = p.series.observed[p.splits.test_start + k - 1 :][:n]
+        out[k] = float(np.mean(np.abs(rec[:n, k - 1] - truth)[seen]))
+    return out
+
+
+@torch.no_grad()
+def hidden_states(run: LoadedRun) -> tuple[np.ndarray, np.ndarray]:
+    """The first member's features (the recurrent state after each window, or the MLP's hidden layer)
+    at every origin of the whole series: states (n, hidden), the time index of each (n,)."""
+    p, mc = run.prepared, run.model.config
+    x, _ = p.windows(0, p.splits.length, mc.window, 1)
+    level = x[:, -1:] if mc.relative else np.zeros_like(x[:, -1:])
+    states = run.model.features(torch.from_numpy(np.ascontiguousarray(x - level, dtype=np.float32)))
+    return states.numpy(), np.arange(mc.window, p.splits.length)
+
+
+def plot_run(run: LoadedRun, out_dir: str | Path) -> list[Path]:
+    """PNGs beside the run: forecast.png (the test horizon's one-step forecasts against the truth with
+    the 90% interval; MAE by step ahead, direct vs recursive), error_growth.png (recursive k-step MAE,
+    note 002) and, for recurrent models, hidden_pca.png (the hidden state's first two principal
+    components over the whole series, coloured by the position in the season, note 003)."""
+    from forecast import plots
+
+    p, mc, out = run.prepared, run.model.config, Path(out_dir)
     x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
     mean, sigma = predict(run.model, x)
     pred, half = p.scaler.inverse(mean)[:, 0, 0], Z90 * sigma[:, 0, 0] * p.scaler.std[0]
-    t = np.arange(p.splits.test_start, p.splits.test_start + len(pred))
+    origins = np.arange(p.splits.test_start, p.splits.test_start + len(pred))
+    truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
     rec = p.scaler.inverse(recursive(run.model, x, mc.horizon))
-    truth = np.stack([p.series.values[o : o + mc.horizon] for o in t])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(np.arange(p.splits.length), p.series.values[:, 0], color="k", lw=0.8, label="truth")
-    a.plot(t, pred, label="one-step forecast")
-    a.fill_between(t, pred - half, pred + half, alpha=0.3, label="90% interval")
-    a.set_xlim(p.splits.test_start - 3 * mc.window, p.splits.length)
-    a.legend()
-    steps = np.arange(1, mc.horizon + 1)
-    b.plot(steps, np.abs(p.scaler.inverse(mean) - truth).mean(axis=(0, 2)), marker="o", label="direct")
-    b.plot(steps, np.abs(rec - truth).mean(axis=(0, 2)), marker="o", label="recursive")
-    b.set_xlabel("steps ahead")
-    b.set_ylabel("MAE")
-    b.legend()
-    fig.suptitle(f"{p.series.name} {mc.model}")
-    path = Path(out_dir) / "forecast.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    steps = {
+        "direct": np.abs(p.scaler.inverse(mean) - truth).mean(axis=(0, 2)),
+        "recursive": np.abs(rec - truth).mean(axis=(0, 2)),
+    }
+    title = f"{p.series.name} {mc.model}"
+    values = p.series.values[:, 0]
+    paths = [
+        plots.forecast_figure(
+            out / "forecast.png",
+            title,
+            values,
+            p.splits.test_start,
+            pred,
+            pred - half,
+            pred + half,
+            steps,
+            context=3 * mc.window,
+        ),
+        plots.error_growth_figure(
+            out / "error_growth.png", f"{title}: recursive k-step MAE", {"test origins": k_step_errors(run)}
+        ),
+    ]
+    if mc.model != "mlp":
+        states, times = hidden_states(run)
+        season = p.preset.season
+        colour, label = (
+            (times % season, f"time mod {season} (season)") if season > 1 else (times, "time index")
+        )
+        paths.append(
+            plots.hidden_pca_figure(out / "hidden_pca.png", f"{title}: hidden state", states, colour, label)
+        )
+    return paths

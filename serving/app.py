@@ -96,10 +96,11 @@ class App:
                 config.evict_idle_sessions,
             )
         )
-        key = state_token.resolve_key(config.state_key)
+        key = state_token.resolve_key(config.state_key, config.state_key_file)
         if key is None:
             log.warning(
-                "no state key configured (state_key / $%s): state tokens are valid on this process only",
+                "no state key configured (--state-key-file / state_key / $%s): state tokens are valid "
+                "on this process only",
                 state_token.KEY_ENV,
             )
             key = secrets.token_bytes(32)

@@ -11,7 +11,10 @@ with Client("127.0.0.1:50151") as client:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import ipaddress
+import json
+import socket
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,22 +68,106 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(reason, retry, tuple(fields))
 
 
+def _split_host_port(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"target {address!r} is not host:port")
+    return host.strip("[]"), port
+
+
+def channel_target(targets: str | Sequence[str]) -> str:
+    """One gRPC target for one or more addresses ("a:1,b:2" or a list).
+
+    One address is passed on as it is (``host:port``, or a resolver URI such as ``dns:///svc:50151``,
+    whose every address round_robin then uses: a headless Kubernetes Service). Several ``host:port``
+    become one ``ipv4:`` (or ``ipv6:``) address list; host names among them are resolved once, here.
+    """
+    items = [t.strip() for t in ([targets] if isinstance(targets, str) else targets) for t in t.split(",")]
+    items = [t for t in items if t]
+    if not items:
+        raise ValueError("no target given")
+    if len(items) == 1:
+        return items[0]
+    if any("://" in t or t.startswith(("dns:", "ipv4:", "ipv6:", "unix:")) for t in items):
+        raise ValueError("a resolver URI (dns:///..., ipv4:..., unix:...) must be the only target")
+    addresses: dict[int, list[str]] = {4: [], 6: []}
+    for host, port in map(_split_host_port, items):
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from None
+            ips = [ipaddress.ip_address(info[4][0]) for info in infos]
+        for ip in dict.fromkeys(ips):
+            addresses[ip.version].append(f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}")
+    version = 4 if addresses[4] else 6  # mixed families: gRPC's address lists hold one; IPv4 it is
+    return f"ipv{version}:" + ",".join(dict.fromkeys(addresses[version]))
+
+
+def balances(target: str) -> bool:
+    """Whether the channel itself balances over several replicas: an address list or a ``dns:`` name.
+    A single host:port is one server or a proxy (nginx), whose health is some replica's, not its own."""
+    return target.startswith(("ipv4:", "ipv6:", "dns:"))
+
+
+# Calls that may be sent again after UNAVAILABLE: those that change no session (or start one afresh).
+# Append, Generate, CloseSession and Close act on a session by id: if a connection broke after the
+# replica had done one, doing it again would do it twice.
+RETRIED = (
+    {"service": "rnnlab.v1.Generation"},
+    {"service": "rnnlab.v1.Translation"},
+    *({"service": "rnnlab.v1.Sessions", "method": m} for m in ("Open", "Export", "Resume", "Interact")),
+)
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.02s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def service_config(health_check: bool = True) -> str:
+    """The channel's service config: ``round_robin`` over every address of the target; gRPC client-side
+    health checking unless ``health_check`` is off, so that a replica whose health turns NOT_SERVING
+    (draining) leaves the rotation while its calls in flight finish; and gRPC retries of UNAVAILABLE
+    for the calls in ``RETRIED``. gRPC retries a call only before any answer came back: a draining
+    replica's refusal (``SERVER_DRAINING``, refused before any work) goes to the next pick, e.g. behind
+    nginx; a stream cut after its first message is not retried."""
+    config: dict = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": list(RETRIED), "retryPolicy": RETRY_POLICY}],
+    }
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
+
+
 class Client:
-    """target "host:port"; ``token`` sends "authorization: Bearer <token>"; ``tls_ca`` (PEM) turns on TLS."""
+    """``target``: "host:port", several ("a:1,b:2" or a list: round_robin over them), or a resolver URI
+    ("dns:///svc:50151"); ``token`` sends "authorization: Bearer <token>"; ``tls_ca`` (PEM) turns on TLS;
+    ``health_check``: watch each replica's health and leave NOT_SERVING ones out (default: when the
+    channel balances itself, see ``balances``; False to ask a draining server its health)."""
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         token: str | None = None,
         tls_ca: str | Path | None = None,
         timeout: float | None = None,
+        health_check: bool | None = None,
     ) -> None:
+        target = channel_target(target)
+        health_check = balances(target) if health_check is None else health_check
+        options = [("grpc.service_config", service_config(health_check))]
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(target, credentials)
+            self.channel = grpc.secure_channel(target, credentials, options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self.generation = pb_grpc.GenerationStub(self.channel)

@@ -4,6 +4,7 @@ rnnlab-client --target 127.0.0.1:50151 generate tiny "The Time" --max-tokens 80 
 rnnlab-client session tiny --prompt "The Time"     # each stdin line: appended, then a continuation
 rnnlab-client models [NAME]
 rnnlab-client health [--wait 30]
+rnnlab-client --target 10.0.0.11:50151,10.0.0.12:50151 generate tiny "The Time"   # round_robin
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnlab-client", description="Talk to an rnnlab-serve server.")
     parser.add_argument(
         "--target",
-        default=os.environ.get("RNNLAB_TARGET", "127.0.0.1:50151"),
-        help="host:port (env RNNLAB_TARGET)",
+        action="append",
+        help="host:port of the server (env RNNLAB_TARGET; default 127.0.0.1:50151); several replicas: "
+        "comma-separated and/or the flag repeated, balanced round_robin with health checking; or a "
+        "resolver name, e.g. dns:///rnnlab-replicas:50151 (a headless Kubernetes Service)",
     )
     parser.add_argument("--token", default=os.environ.get("RNNLAB_AUTH_TOKEN"), help="bearer token")
     parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate")
@@ -201,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        with Client(args.target, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+        targets = args.target or [os.environ.get("RNNLAB_TARGET", "127.0.0.1:50151")]
+        # `health` asks the server itself, so a NOT_SERVING (draining) one must stay reachable
+        with Client(
+            targets,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            timeout=args.timeout,
+            health_check=False if args.command == "health" else None,
+        ) as client:
             return {
                 "generate": _generate,
                 "session": _session,

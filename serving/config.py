@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving import state_token
 from serving.errors import UserError
 
 AUTH_ENV = "RNNLAB_AUTH_TOKEN"
@@ -62,7 +63,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no auth (env adds one)
-    state_key: str | None = None  # HMAC key for state tokens; else $RNNLAB_STATE_KEY, else random
+    state_key: str | None = None  # HMAC key for state tokens; else state_key_file, $RNNLAB_STATE_KEY, random
+    state_key_file: str | None = None  # file holding the key, shared by replicas (--state-key-file)
     log_level: str = "INFO"
 
     def validate(self) -> ServerConfig:
@@ -71,6 +73,10 @@ class ServerConfig:
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"TLS file {path} does not exist")
+        if self.state_key and self.state_key_file:
+            raise ConfigError("state_key and state_key_file (--state-key-file) exclude each other")
+        if self.state_key_file:
+            state_token.read_key_file(self.state_key_file)  # refused at start, before bundles load
         for name in (
             "max_batch",
             "prefill_chunk",

@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="translation batches searched at once per translator (default 2; 1 on one core)",
     )
+    parser.add_argument(
+        "--state-key-file",
+        help="file holding the state-token signing key, shared by replicas (at least 16 bytes; "
+        "default: state_key in --config, else $RNNLAB_STATE_KEY)",
+    )
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--grace", dest="grace_s", type=float, help="SIGTERM drain grace period in seconds")

@@ -18,10 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.errors import UserError
+
 MAGIC = b"RNST"
 VERSION = 1
 _TAG = 32
 KEY_ENV = "RNNLAB_STATE_KEY"
+# A key file shorter than this is refused: a truncated or empty file (a secret not mounted yet) would
+# otherwise sign every replica's tokens with a guessable key. 16 bytes = 128 bits.
+MIN_KEY_FILE_BYTES = 16
+
+
+class StateKeyError(UserError):
+    """A state key file that is missing, unreadable or too short; the message names the file."""
 
 
 class TokenError(Exception):
@@ -48,9 +57,30 @@ class SessionState:
     tokens: int
 
 
-def resolve_key(configured: str | None) -> bytes | None:
-    """The configured key, else $RNNLAB_STATE_KEY, else None (the caller picks a random per-process key)."""
-    key = configured or os.environ.get(KEY_ENV)
+def read_key_file(path: str | os.PathLike) -> bytes:
+    """The key held in ``path``: its bytes without surrounding whitespace (``echo`` and ``openssl rand
+    -hex`` end the file with a newline), at least ``MIN_KEY_FILE_BYTES`` of them; raises StateKeyError."""
+    try:
+        with open(path, "rb") as file:
+            key = file.read(1 << 16).strip()
+    except OSError as exc:
+        raise StateKeyError(f"cannot read state key file {path}: {exc.strerror or exc}") from None
+    if len(key) < MIN_KEY_FILE_BYTES:
+        raise StateKeyError(
+            f"state key file {path} holds {len(key)} bytes; at least {MIN_KEY_FILE_BYTES} are needed "
+            "(e.g. `openssl rand -hex 32 > FILE`)"
+        )
+    return key
+
+
+def resolve_key(configured: str | None, key_file: str | os.PathLike | None = None) -> bytes | None:
+    """The configured key, else the key file's, else $RNNLAB_STATE_KEY, else None (the caller picks a
+    random per-process key). Replicas that resume each other's tokens must resolve the same key."""
+    if configured:
+        return configured.encode("utf-8")
+    if key_file:
+        return read_key_file(key_file)
+    key = os.environ.get(KEY_ENV)
     return key.encode("utf-8") if key else None
 
 

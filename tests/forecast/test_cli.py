@@ -47,10 +47,11 @@ def test_run_directory(run_dir):
 def test_eval_json_keys(run_dir, capsys):
     assert main(["eval", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert {"mae", "rmse", "mase", "coverage"} <= set(result)
+    assert {"mae", "rmse", "mase", "coverage", "coverage_rolling"} <= set(result)
     assert result["origins"] == 30 - 4 + 1 and result["points"] == 27 * 4
     assert 0 <= result["coverage"] <= 1 and result["rmse"] >= result["mae"] > 0
-    assert (run_dir / "forecast.png").exists()
+    for name in ("forecast.png", "error_growth.png", "hidden_pca.png"):  # a GRU: the PCA too
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_forecast_from_csv(run_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forecast.metrics import scores, seasonal_naive_scale
+from forecast.metrics import rolling_interval_scales, scores, seasonal_naive_scale
 
 
 def test_scores_by_hand():
@@ -25,3 +25,14 @@ def test_seasonal_naive_scale_by_hand():
     train = np.array([1.0, 5.0, 2.0, 7.0, 2.0])
     assert seasonal_naive_scale(train, 1) == pytest.approx((4 + 3 + 5 + 5) / 4)
     assert seasonal_naive_scale(train, 2) == pytest.approx((1 + 2 + 0) / 3)
+
+
+def test_rolling_interval_scales_use_only_resolved_forecasts():
+    # 4 origins, horizon 2: origin i may use (j, h) with j + h < i
+    ratio = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    mask = np.ones_like(ratio, dtype=bool)
+    scales = rolling_interval_scales(ratio, mask, prior=9.0, z=2.0, coverage=0.5, min_points=1)
+    # i=0: nothing resolved -> prior; i=1: {1}; i=2: {1, 2, 3}; i=3: {1, 2, 3, 4, 5}
+    assert scales.tolist() == [9.0, 0.5, 1.0, 1.5]
+    mask[0, 0] = False  # an unobserved truth is never used: i=1 has none, i=2 {2, 3}, i=3 {2, 3, 4, 5}
+    assert rolling_interval_scales(ratio, mask, 9.0, 2.0, 0.5, min_points=2).tolist() == [9.0, 9.0, 1.5, 2.0]
