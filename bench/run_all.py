@@ -10,7 +10,16 @@ import argparse
 import subprocess
 import sys
 
-QUICK = ["lm_throughput", "lm_partition", "export_step", "export_int8", "serve_load", "mt_decode", "mt_serve"]
+QUICK = [
+    "lm_throughput",
+    "lm_partition",
+    "ddp",
+    "export_step",
+    "export_int8",
+    "serve_load",
+    "mt_decode",
+    "mt_serve",
+]
 LONG = ["lm_default", "lm_shakespeare", "mt_train"]
 
 

@@ -43,6 +43,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
     )
     add_config_arguments(p, TrainConfig)
+    from lm.distributed import add_arguments
+
+    add_arguments(p)
 
 
 def build_parser() -> Parser:
@@ -86,37 +89,43 @@ def build_parser() -> Parser:
 
 
 # ----- commands ------------------------------------------------------------------------------------
-TRAIN_ONLY = ("out", "resume", "config", "command")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from lm.loop import fit_command
+    from lm.distributed import train_command
+
+    return train_command(args, "lm.cli", lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lm.loop import TRAIN_ONLY, fit_command
     from lm.train import resume_run, start_run
 
     flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
     config_file = getattr(args, "config", None)
     if getattr(args, "resume", False):
         trainer = resume_run(args.out, given_settings(TrainConfig, flags, config_file))
-        print(
-            f"resuming {args.out} at epoch {trainer.position.epoch + 1}, step {trainer.position.step}",
-            file=sys.stderr,
-        )
+        started = f"resuming {args.out} at epoch {trainer.position.epoch + 1}, step {trainer.position.step}"
     else:
         trainer = start_run(build_config(TrainConfig, flags, config_file), args.out)
         c = trainer.config
-        print(
+        started = (
             f"training {c.model.cell} x{c.model.layers} ({trainer.model.num_parameters():,} parameters, "
             f"vocab {trainer.family.model_config.vocab_size}) on {c.data.corpus} -> {args.out} "
-            f"({torch_threads()} threads)",
+            f"({torch_threads()} threads{_ranks(trainer)})"
+        )
+    if trainer.dist.writes:
+        print(started, file=sys.stderr)
+    result, code = fit_command(trainer, f"rnnlab-lm train --out {args.out} --resume")
+    if trainer.dist.writes:
+        print(
+            f"{result.reason}: epoch {result.epoch}, step {result.step}, {result.elapsed_s / 60:.1f} min; "
+            f"best valid loss {result.best_valid_loss:.4f} ppl {result.best_valid_ppl:.3f}",
             file=sys.stderr,
         )
-    result, code = fit_command(trainer, f"rnnlab-lm train --out {args.out} --resume")
-    print(
-        f"{result.reason}: epoch {result.epoch}, step {result.step}, {result.elapsed_s / 60:.1f} min; "
-        f"best valid loss {result.best_valid_loss:.4f} ppl {result.best_valid_ppl:.3f}",
-        file=sys.stderr,
-    )
     return code
+
+
+def _ranks(trainer) -> str:
+    return f" x {trainer.dist.world} processes" if trainer.dist.active else ""
 
 
 def torch_threads() -> int:

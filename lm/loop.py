@@ -18,6 +18,9 @@ batch, a validation); the loop owns everything else:
 - **validation** at every epoch end and every ``run.eval_every`` steps: ``best.pt`` on improvement of
   the family's ``monitor`` metric, the plateau schedule on the valid loss, early stopping (``run.patience``,
   ``run.min_delta``) on the monitored metric; a last unscheduled validation at a stop;
+- **distributed data-parallel** (lm.distributed, docs/distributed.md): under torchrun each rank trains
+  its share of every global batch through DistributedDataParallel; the ranks agree on stops, rank 0
+  writes the run directory, checkpoints gather what every rank carries, so a run resumes with another N;
 - **logging**: every ``run.log_every`` steps one ``metrics.jsonl`` record ``{split: "train", step, epoch,
   loss, ppl, grad_norm (the global norm before clipping, mean over the window), lr, tokens_per_s,
   elapsed_s}``; valid records carry the family's metrics; a tqdm bar shows loss, tokens/s and the ETA.
@@ -29,10 +32,13 @@ The API a family implements (``F`` = the family object, built before the loop by
     F.title: str                       the plot's title
     F.monitor: str, F.maximize: bool   the valid metric that picks best.pt and drives early stopping
     F.build_model() -> nn.Module       called right after seeding, so the init is a function of the seed
+    F.model                            the module step_loss runs; a distributed run sets it to the DDP
+                                       wrapper of build_model()'s module (other attributes pass through)
     F.epoch_length(epoch) -> int       batches in that epoch
     F.start_epoch(epoch)               before the first batch of an epoch (e.g. reset a carried state)
     F.batches(epoch, start) -> Iterable[batch]   the epoch's batches from ``start`` on
-    F.step_loss(batch) -> StepLoss     forward + loss; the loop does backward, clipping, the step
+    F.step_loss(batch) -> StepLoss     forward + loss; the loop does backward, clipping, the step. In a
+                                       distributed run: this rank's share of the global batch's loss
     F.validate() -> dict[str, float]   at least {"loss": mean NLL}; the loop adds "ppl"
     F.payload() -> dict                plain data stored in every checkpoint (tokenizers, model config, ...)
     F.restore(payload)                 reads back what ``payload`` stored that evolves (a carried state)
@@ -68,11 +74,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lm import distributed
 from lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lm.config import OptimConfig, Sections, build_config, given_settings, resumed_config
 from lm.metrics import MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, perplexity
-from lm.rng import capture_rng_state, restore_rng_state, seed_everything
+from lm.rng import seed_everything
 from lm.schedule import EarlyStopping, LRSchedule, TimeBudget, make_lr_scheduler
 from serving.errors import ExitCode, UserError
 from serving.files import atomic_write_bytes, atomic_write_json
@@ -88,11 +95,13 @@ class TrainError(UserError):
 @dataclass
 class StepLoss:
     loss: Tensor
-    """() the loss to minimise (backward runs on it)."""
+    """() the loss to minimise (backward runs on it); in a distributed run this rank's share of the
+    global batch's loss: the shares of all ranks sum to it (lm.distributed)."""
     nll: Tensor
-    """() detached mean NLL per token, the logged figure (equal to ``loss`` unless e.g. label smoothing)."""
+    """() detached mean NLL per token, the logged figure (equal to ``loss`` unless e.g. label smoothing);
+    a share like ``loss`` in a distributed run."""
     tokens: int
-    """Tokens in the batch (for tokens/s)."""
+    """Tokens in the batch, this rank's part in a distributed run (for tokens/s)."""
 
 
 @dataclass
@@ -152,18 +161,24 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag read between steps; a second signal interrupts at once.
 
-    On exit the handlers that were installed before are restored, whatever they were (a process started
+    A repeat within ``REPEAT_S`` of the first counts as the same request: a terminal's Ctrl-C reaches
+    torchrun's ranks twice, from the terminal and forwarded by torchrun's agent. On exit the handlers
+    that were installed before are restored, whatever they were (a process started
     with SIGINT ignored keeps it ignored afterwards).
     """
 
+    REPEAT_S = 1.0
+
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and time.monotonic() - self._first > self.REPEAT_S:
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
 
     def __enter__(self) -> StopRequest:
         with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
@@ -197,6 +212,10 @@ class Trainer:
             torch.set_num_threads(run.threads)
         seed_everything(optim.seed)
         self.model = family.build_model()
+        self.dist = distributed.current()
+        if self.dist.active:  # the family's forward runs through DDP; each rank its own dropout stream
+            family.model = self.dist.replicate(self.model)  # type: ignore[attr-defined]
+            self.dist.seed_rank(optim.seed, 0)
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.model, optim)
         self.steps_per_epoch = family.epoch_length(0)
@@ -237,7 +256,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "early_stopping": self.early.state_dict() if self.early else None,
-            "rng": capture_rng_state(),
+            **self.dist.rng_payload(),
             "epoch": p.epoch,
             "step": p.step,
             "position": {"epoch": p.epoch, "batch": p.batch},
@@ -246,9 +265,10 @@ class Trainer:
         }
 
     def save(self, *names: str) -> None:
-        payload = self.payload()
+        payload = self.payload()  # on every rank: it gathers the ranks' carried states and RNGs
         for name in names:
-            save_checkpoint(self.out / f"{name}.pt", payload)
+            if self.dist.writes:
+                save_checkpoint(self.out / f"{name}.pt", payload)
         self.saved_step = self.position.step
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -264,7 +284,7 @@ class Trainer:
             self.best = float(payload["best"][f"valid_{self.family.monitor}"])
             self.elapsed_before = float(payload.get("elapsed_s", 0.0))
             self.family.restore(payload)
-            restore_rng_state(payload["rng"])
+            self.dist.restore_rng(payload, self.config.optim.seed, self.position.step)  # type: ignore[attr-defined]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"{self.out / 'last.pt'}: does not fit this run ({reason})") from None
@@ -277,8 +297,8 @@ class Trainer:
     # ----- the loop ----------------------------------------------------------------------------
     def fit(self) -> FitResult:
         """Trains until the epochs are done, early stopping, a budget or a stop request; checkpoints."""
-        self._metrics = MetricsLog(self.out / "metrics.jsonl")
-        if self.run.tensorboard:
+        self._metrics = MetricsLog(self.out / "metrics.jsonl") if self.dist.writes else None
+        if self.run.tensorboard and self.dist.writes:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a resumed run is about to log again are dropped from the view
@@ -287,10 +307,12 @@ class Trainer:
             with self.stop:
                 reason = self._fit_epochs()
         finally:
-            self._metrics.close()
+            if self._metrics:
+                self._metrics.close()
             if self._board:
                 self._board.close()
-        plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png", title=self.family.title)
+        if self.dist.writes:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png", title=self.family.title)
         return FitResult(
             reason,
             self.position.epoch,
@@ -314,15 +336,20 @@ class Trainer:
             self.save("last")
             if stop_early:
                 return "early_stopping"
-            if self._stop_reason():
-                return self._stop_reason()
+            reason = self._stop_reason()
+            if reason:
+                return reason
         return "completed"
 
     def _stop_reason(self) -> str:
-        if self.stop.requested:
+        # Stop early enough for the last validation to fit into the budget too. The ranks of a
+        # distributed run agree: a signal or the budget seen by one stops all at the same step.
+        requested, out_of_time = self.dist.any_of(
+            self.stop.requested, self._budget.remaining_s <= self.validation_s
+        )
+        if requested:
             return "interrupted"
-        # Stop early enough for the last validation to fit into the budget too.
-        if self._budget.remaining_s <= self.validation_s:
+        if out_of_time:
             return "time_budget"
         if self.run.max_steps and self.position.step >= self.run.max_steps:
             return "max_steps"
@@ -344,7 +371,7 @@ class Trainer:
             length,
             desc=f"epoch {pos.epoch + 1}/{run.epochs}",
             initial=pos.batch,
-            disable=None if run.progress else True,
+            disable=None if run.progress and self.dist.writes else True,
         )
         try:
             for batch in batches:
@@ -371,7 +398,7 @@ class Trainer:
     def _step(self, batch: Any, window: _Window) -> None:
         out = self.family.step_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        self.dist.scale_loss(out.loss).backward()
         clip = self.config.optim.clip  # type: ignore[attr-defined]
         if clip:
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip)  # returns the norm before clipping
@@ -388,15 +415,16 @@ class Trainer:
         window.tokens += out.tokens
 
     def _log_window(self, window: _Window, bar: Progress) -> None:
-        rate = window.tokens / (time.perf_counter() - window.start)
-        mean = float(window.loss) / window.steps
+        loss, tokens = self.dist.totals(window.loss, window.tokens)  # the ranks' shares add up
+        rate = tokens / (time.perf_counter() - window.start)
+        mean = loss / window.steps
         self._log(
             split="train",
             loss=mean,
             grad_norm=float(window.grad_norm) / window.steps,
             tokens_per_s=round(rate, 1),
         )
-        bar.update(window.steps, loss=mean, tokens=window.tokens)
+        bar.update(window.steps, loss=mean, tokens=int(tokens))
 
     def validate(self, scheduled: bool) -> bool:
         """Validates; saves best.pt on improvement of the monitored metric.
@@ -406,7 +434,8 @@ class Trainer:
         Returns True when early stopping says stop.
         """
         start = time.perf_counter()
-        result = self.family.validate()
+        # every rank validates (no rank waits on another); rank 0's figures decide for all
+        result = self.dist.from_rank0(self.family.validate())
         self.validation_s = time.perf_counter() - start
         self.steps_since_validation = 0
         self._log(split="valid", **result)
@@ -433,7 +462,7 @@ class Trainer:
             for key, value in record.items():
                 if key not in ("split", "step", "epoch") and isinstance(value, int | float):
                     self._board.add_scalar(f"{record['split']}/{key}", value, pos.step)
-        if record["split"] == "valid":
+        if record["split"] == "valid" and self.dist.writes:
             shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "ppl")
             tqdm.write(
                 f"step {pos.step} epoch {record['epoch']:.2f}: valid {shown} ppl {record['ppl']:.3f}",
@@ -443,10 +472,17 @@ class Trainer:
 
 # ----- run directories ---------------------------------------------------------------------------
 def check_new_run_dir(out: Path) -> None:
-    if (out / "last.pt").exists() or (out / "config.json").exists():
-        raise TrainError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"{out} exists and is not a directory")
+    """Refuses an ``out`` that holds a run (rank 0 looks, before any rank writes; all ranks raise)."""
+
+    def check() -> None:
+        if (out / "last.pt").exists() or (out / "config.json").exists():
+            raise TrainError(
+                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+            )
+        if out.exists() and not out.is_dir():
+            raise TrainError(f"{out} exists and is not a directory")
+
+    distributed.current().on_rank0(check)
 
 
 def start_run(family: Family, config: Sections, out: str | Path, **trainer_options: Any) -> Trainer:
@@ -454,8 +490,9 @@ def start_run(family: Family, config: Sections, out: str | Path, **trainer_optio
     data); the directory is created only now, and removed again if the trainer cannot be built."""
     out = Path(out)
     check_new_run_dir(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = distributed.current().writes and not out.exists()
+    if distributed.current().writes:
+        out.mkdir(parents=True, exist_ok=True)
     try:
         trainer = Trainer(family, config, out, **trainer_options)
         write_run_files(out, family)
@@ -486,7 +523,8 @@ def resume_run(
     settings the user gave) may change the ``[run]`` section only (lm.config.resumed_config).
     """
     out = Path(out)
-    payload = open_checkpoint(out, kind)
+    # rank 0 reads last.pt for every rank: the other nodes need no shared disk
+    payload = distributed.current().on_rank0(lambda: open_checkpoint(out, kind))
     try:
         stored = config_cls.from_dict(payload["train_config"], source=str(out / "last.pt"))
     except (KeyError, TypeError, ValueError) as exc:
@@ -501,13 +539,15 @@ def resume_run(
 
 
 def write_run_files(out: Path, family: Family) -> None:
+    if not distributed.current().writes:
+        return
     for name, document in family.run_files().items():
         atomic_write_json(out / name, document)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drops records logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not path.exists():
+    if not distributed.current().writes or not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8"))
@@ -515,6 +555,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def remove_run_files(out: Path, remove_dir: bool, family: Family | None = None) -> None:
     """Undoes a run that failed before it began: its files, and its directory if the run created it."""
+    if not distributed.current().writes:
+        return
     if remove_dir:
         shutil.rmtree(out, ignore_errors=True)
         return
@@ -531,13 +573,13 @@ def fit_command(trainer: Trainer, resume_hint: str) -> tuple[FitResult, int]:
         if trainer.saved_step is None:  # nothing resumable yet: leave nothing behind
             remove_run_files(trainer.out, trainer.created_dir, trainer.family)
         raise
-    if result.reason == "interrupted":
+    if result.reason == "interrupted" and trainer.dist.writes:
         print(f"interrupted; continue with: {resume_hint}", file=sys.stderr)
         return result, ExitCode.INTERRUPTED
     return result, ExitCode.OK
 
 
-TRAIN_ONLY = ("out", "resume", "config", "command", "func")
+TRAIN_ONLY = ("out", "resume", "config", "command", "func", *distributed.CLI_ONLY)
 """argparse destinations of a family's ``train`` command that are not config settings."""
 
 
@@ -558,5 +600,6 @@ def train_command(
     else:
         trainer = start_run(build_config(config_cls, flags, config_file), args.out)
     result, code = fit_command(trainer, f"{program} train --out {args.out} --resume")
-    print(json.dumps(summary(trainer, result.reason)))
+    if trainer.dist.writes:
+        print(json.dumps(summary(trainer, result.reason)))
     return code

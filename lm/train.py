@@ -3,7 +3,10 @@
 ``LanguageModelling`` is the language model's lm.loop.Family: its batches of an epoch are a pure
 function of (seed, epoch) (the offset of the sequential cut, or the generator of the random partition)
 and it carries the hidden state across sequential batches (saved in every checkpoint), so resume is
-exact. Everything else (checkpoints, signals, budgets, early stopping, metrics, the plot) is the loop's.
+exact. In a distributed run (lm.distributed) rank r trains the contiguous block r of the B streams of
+every batch and carries their state; checkpoints gather the whole (L, B, H) state, so a run resumes with
+any number of processes that divides B. Everything else (checkpoints, signals, budgets, early stopping,
+metrics, the plot) is the loop's.
 
 Run directory: config.json, tokenizer.json, last.pt, best.pt, metrics.jsonl, metrics.png (tensorboard/).
 """
@@ -20,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lm import loop
+from lm import distributed, loop
 from lm.checkpoint import CheckpointError
 from lm.config import TrainConfig
 from lm.corpus import load_splits
@@ -88,7 +91,8 @@ def prepare_corpus(config: TrainConfig, tokenizer: Tokenizer | None = None) -> C
     """Reads and splits the corpus, trains the tokenizer on the train split (unless given), encodes."""
     data = config.data
     splits = load_splits(data.corpus)
-    tokenizer = tokenizer or build_tokenizer(config, splits["train"])
+    if tokenizer is None:
+        (tokenizer,) = distributed.current().tokenizers(lambda: [build_tokenizer(config, splits["train"])])
     train = torch.tensor(tokenizer.encode(splits["train"]), dtype=torch.long)
     valid = torch.tensor(tokenizer.encode(splits["valid"]), dtype=torch.long)
     # The sequential cut may start up to bptt-1 tokens in; one full batch must remain after it.
@@ -139,6 +143,8 @@ class LanguageModelling:
         self.sequential = config.data.partition == "sequential"
         self.state: State | None = None
         self.model: RNNLM | None = None
+        self.group = distributed.current()
+        self.group.check_divides(config.data.batch_size, "batch_size")
 
     def build_model(self) -> RNNLM:
         self.model = RNNLM(self.model_config)
@@ -149,17 +155,20 @@ class LanguageModelling:
 
     def start_epoch(self, epoch: int) -> None:
         assert self.model is not None
-        self.state = self.model.init_state(self.config.data.batch_size) if self.sequential else None
+        streams = self.config.data.batch_size // self.group.world
+        self.state = self.model.init_state(streams) if self.sequential else None
 
     def batches(self, epoch: int, start: int) -> Batches:
         return epoch_batches(self.corpus.train, self.config, epoch, start)
 
     def step_loss(self, batch: Batch) -> StepLoss:
-        """x, y: (B, T) int64; the state of a sequential batch is carried (detached) to the next one."""
+        """x, y: (B, T) int64; this rank's rows (B/N, T), whose state is carried (detached) to the next
+        sequential batch. Every rank has as many tokens: its share of the mean is its mean / N."""
         assert self.model is not None
-        x, y = batch
+        rows = self.group.rows(batch[0].shape[0])
+        x, y = batch[0][rows], batch[1][rows]
         logits, state = self.model(x, self.state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) / self.group.world
         self.state = detach_state(state) if self.sequential else None
         return StepLoss(loss, loss.detach(), x.numel())
 
@@ -173,7 +182,7 @@ class LanguageModelling:
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.corpus.tokenizer.to_dict(),
             "data": {"sha256": self.corpus.digest},
-            "carried_state": list(self.state) if self.state is not None else None,
+            "carried_state": list(self.group.gather_rows(self.state)) if self.state is not None else None,
         }
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -181,7 +190,8 @@ class LanguageModelling:
             raise TrainError(f"corpus {self.config.data.corpus!r} is not the one the run was trained on")
         # (runs trained before the shared loop kept the state under "position")
         state = payload["carried_state"] if "carried_state" in payload else payload["position"]["state"]
-        self.state = tuple(state) if state is not None else None
+        rows = self.group.rows(self.config.data.batch_size)  # (L, B, ...) -> this rank's streams
+        self.state = tuple(s[:, rows].clone() for s in state) if state is not None else None
 
     def run_files(self) -> dict[str, Any]:
         return {

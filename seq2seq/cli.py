@@ -39,14 +39,21 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
     )
     add_config_arguments(parser, TrainConfig)
+    from lm.distributed import add_arguments
+
+    add_arguments(parser)
     parser.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lm import distributed
     from lm.loop import train_command
     from seq2seq.train import TrainConfig, resume_run, start_run, summary
 
-    return train_command(args, TrainConfig, start_run, resume_run, summary, "rnnlab-mt")
+    def train() -> int:
+        return train_command(args, TrainConfig, start_run, resume_run, summary, "rnnlab-mt")
+
+    return distributed.train_command(args, "seq2seq.cli", train)
 
 
 # --- eval --------------------------------------------------------------------------------------------

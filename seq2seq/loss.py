@@ -8,9 +8,11 @@ from torch import Tensor
 
 
 def masked_cross_entropy(
-    logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float = 0.0
+    logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float = 0.0, per: int | None = None
 ) -> tuple[Tensor, int]:
-    """logits (B,T,V), targets (B,T) int64 -> (mean loss per non-pad token, number of non-pad tokens)."""
+    """logits (B,T,V), targets (B,T) int64 -> (loss summed over non-pad tokens / ``per`` (default: their
+    number, i.e. the mean), number of non-pad tokens). A rank of a distributed run divides its part of a
+    global batch by the global batch's tokens: its share of the global mean."""
     tokens = int((targets != pad_id).sum())
     total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
@@ -19,7 +21,7 @@ def masked_cross_entropy(
         label_smoothing=label_smoothing,
         reduction="sum",
     )
-    return total / max(tokens, 1), tokens
+    return total / max(tokens if per is None else per, 1), tokens
 
 
 def token_nll(logits: Tensor, targets: Tensor, pad_id: int) -> tuple[float, int]:

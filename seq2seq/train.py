@@ -6,6 +6,11 @@ position) a run interrupted anywhere (Ctrl-C, SIGTERM, a budget) and resumed tra
 batches with the same dropout masks as an uninterrupted one. best.pt holds the highest valid BLEU
 (greedy, on the first ``valid_bleu_sentences`` valid sources); early stopping watches it too.
 
+In a distributed run (lm.distributed) every global batch (the one a single process trains on) is split
+by rank: rank r takes the r-th contiguous slice of its length-sorted sentences and divides its loss by
+the tokens of the whole batch, so the all-reduced gradient is the single process's; a run resumes with
+any number of processes.
+
 The config's sections: data (seq2seq.data.DataConfig plus sentencepiece and batching), model
 (seq2seq.model.Seq2SeqConfig without the vocabulary sizes), optim and run (lm.config, with the
 translator's recipe as defaults).
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from lm import loop
+from lm import distributed, loop
 from lm.config import OptimConfig, RunConfig, Sections, check_fields, section_of, setting, with_defaults
 from lm.loop import StepLoss, Trainer, TrainError
 from lm.progress import perplexity
@@ -247,6 +252,8 @@ class Translation:
         self.title = f"{config.data.src}→{config.data.tgt} {config.model.attention}"
         self._epoch: tuple[int, list[np.ndarray]] | None = None
         self.model: Seq2Seq | None = None
+        self.group = distributed.current()
+        self.target_tokens = np.array([len(t) - 1 for t in self.corpus.tgt])  # tgt_out of each pair
 
     def build_model(self) -> Seq2Seq:
         self.model = Seq2Seq(self.model_config)
@@ -273,16 +280,23 @@ class Translation:
         return self._epoch_batches(epoch)[start:]
 
     def step_loss(self, batch: np.ndarray) -> StepLoss:
-        """batch: (B,) int64 pair indices -> the smoothed loss, and the plain NLL that is logged."""
+        """batch: (B,) int64 pair indices of the global batch -> this rank's share of the smoothed loss
+        and of the plain NLL that is logged (the sums over its pairs / the global batch's tokens)."""
         assert self.model is not None
         pad = self.model_config.pad_id
-        src, src_len, tgt_in, tgt_out = _batch_tensors(self.corpus.src, self.corpus.tgt, batch, pad)
+        mine, weight = self.group.share(batch), 1.0
+        if len(mine) == 0:  # fewer pairs than ranks: DDP needs this rank's backward too, with no weight
+            mine, weight = batch[:1], 0.0
+        src, src_len, tgt_in, tgt_out = _batch_tensors(self.corpus.src, self.corpus.tgt, mine, pad)
         logits = self.model(src, src_len, tgt_in)
-        loss, tokens = masked_cross_entropy(logits, tgt_out, pad, self.config.optim.label_smoothing)
+        per = int(self.target_tokens[batch].sum())
+        loss, tokens = masked_cross_entropy(logits, tgt_out, pad, self.config.optim.label_smoothing, per)
         with torch.no_grad():  # comparable with the valid loss (the smoothed loss is higher)
             nll = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad, reduction="sum"
-            ) / max(tokens, 1)
+            ) / max(per, 1)
+        if weight == 0.0:
+            return StepLoss(loss * 0.0, nll * 0.0, 0)
         return StepLoss(loss, nll, tokens)
 
     def validate(self) -> dict[str, float]:
@@ -315,7 +329,9 @@ def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> T
     """A trainer for a new run in ``out``; data and tokenizers are ready before the directory is made."""
     loop.check_new_run_dir(Path(out))
     splits = load_splits(config.data)
-    src_tok, tgt_tok = train_tokenizers(config.data, splits["train"])
+    src_tok, tgt_tok = distributed.current().tokenizers(
+        lambda: list(train_tokenizers(config.data, splits["train"]))
+    )
     return loop.start_run(Translation(config, src_tok, tgt_tok, splits), config, out, **trainer_options)
 
 
