@@ -28,10 +28,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from forecast.train import TrainConfig, resume_run, start_run, summary
+    from forecast.train import TrainConfig, resume_run, start_run
     from lm.loop import train_command
 
-    return train_command(args, TrainConfig, start_run, resume_run, summary, "rnnlab-ts")
+    return train_command(args, TrainConfig, start_run, resume_run, "rnnlab-ts")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

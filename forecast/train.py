@@ -318,13 +318,3 @@ def _family_for(config: TrainConfig, payload: dict[str, Any]) -> Forecasting:
 def resume_run(out: str | Path, overrides: dict[str, Any], **trainer_options: Any) -> Trainer:
     """Continues the run in ``out`` exactly where it stopped; only [run] settings may change."""
     return loop.resume_run(_family_for, TrainConfig, CHECKPOINT_KIND, out, overrides, **trainer_options)
-
-
-def summary(trainer: Trainer, reason: str) -> dict[str, Any]:
-    return {
-        "steps": trainer.position.step,
-        "epochs": trainer.position.epoch,
-        "best_valid_loss": trainer.best,
-        "stopped_by": reason,
-        "seconds": round(trainer.elapsed_s, 1),
-    }

@@ -294,6 +294,16 @@ class Trainer:
     def elapsed_s(self) -> float:
         return self.elapsed_before + self._budget.elapsed_s
 
+    def summary(self, reason: str) -> dict[str, Any]:
+        """What ``PROGRAM train`` prints: steps, epochs, best monitored figure, why it stopped, seconds."""
+        return {
+            "steps": self.position.step,
+            "epochs": self.position.epoch,
+            f"best_valid_{self.family.monitor}": self.best,
+            "stopped_by": reason,
+            "seconds": round(self.elapsed_s, 1),
+        }
+
     # ----- the loop ----------------------------------------------------------------------------
     def fit(self) -> FitResult:
         """Trains until the epochs are done, early stopping, a budget or a stop request; checkpoints."""
@@ -588,11 +598,10 @@ def train_command(
     config_cls: type,
     start_run: Callable[[Any, str], Trainer],
     resume_run: Callable[[str, dict[str, Any]], Trainer],
-    summary: Callable[[Trainer, str], dict[str, Any]],
     program: str,
 ) -> int:
     """A family's ``PROGRAM train``: a new run (or ``--resume``) from the flags and ``--config FILE.toml``,
-    fit, the family's summary as one JSON line on stdout; returns the exit code (ExitCode table)."""
+    fit, the trainer's summary as one JSON line on stdout; returns the exit code (ExitCode table)."""
     flags = {k: v for k, v in vars(args).items() if k not in TRAIN_ONLY}
     config_file = getattr(args, "config", None)
     if getattr(args, "resume", False):
@@ -601,5 +610,5 @@ def train_command(
         trainer = start_run(build_config(config_cls, flags, config_file), args.out)
     result, code = fit_command(trainer, f"{program} train --out {args.out} --resume")
     if trainer.dist.writes:
-        print(json.dumps(summary(trainer, result.reason)))
+        print(json.dumps(trainer.summary(result.reason)))
     return code

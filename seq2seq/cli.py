@@ -48,10 +48,10 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lm import distributed
     from lm.loop import train_command
-    from seq2seq.train import TrainConfig, resume_run, start_run, summary
+    from seq2seq.train import TrainConfig, resume_run, start_run
 
     def train() -> int:
-        return train_command(args, TrainConfig, start_run, resume_run, summary, "rnnlab-mt")
+        return train_command(args, TrainConfig, start_run, resume_run, "rnnlab-mt")
 
     return distributed.train_command(args, "seq2seq.cli", train)
 

@@ -346,25 +346,14 @@ def resume_run(out: str | Path, overrides: dict[str, Any], **trainer_options: An
     return loop.resume_run(_family_for, TrainConfig, CHECKPOINT_KIND, out, overrides, **trainer_options)
 
 
-def summary(trainer: Trainer, reason: str) -> dict[str, Any]:
-    """What ``rnnlab-mt train`` prints: steps, epochs, best valid BLEU, why it stopped, seconds."""
-    return {
-        "steps": trainer.position.step,
-        "epochs": trainer.position.epoch,
-        "best_valid_bleu": trainer.best,
-        "stopped_by": reason,
-        "seconds": round(trainer.elapsed_s, 1),
-    }
-
-
 def train(
     config: TrainConfig, out_dir: str | Path, resume: bool = False, show_progress: bool | None = None
 ) -> dict[str, Any]:
-    """Trains a new run (or resumes one: then ``config``'s [run] settings apply); returns :func:`summary`."""
+    """Trains a new run (or resumes one: then ``config``'s [run] settings apply); returns its summary."""
     if show_progress is not None:
         config = TrainConfig.from_dict({**config.to_dict(), "progress": show_progress})
     if resume:
         trainer = resume_run(out_dir, {k: v for k, v in config.to_sections()["run"].items()})
     else:
         trainer = start_run(config, out_dir)
-    return summary(trainer, trainer.fit().reason)
+    return trainer.summary(trainer.fit().reason)
