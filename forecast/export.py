@@ -102,6 +102,7 @@ def _forecast_section(run: LoadedRun) -> dict:
     return {
         "columns": list(p.series.columns),
         "scaler": {"mean": list(p.scaler.mean), "std": list(p.scaler.std)},
+        "transform": p.transform.to_dict(),
         "window": c.window,
         "horizon": c.horizon,
         "interval": {"level": 0.9, "z": Z90},

@@ -19,6 +19,7 @@ import numpy as np
 
 from serving.bundle import BundleError, Manifest, load_manifest
 from serving.runtime import _check_session_tensor, _raw_run, open_session
+from serving.transforms import Transform, TransformError
 
 KIND = "forecast"
 
@@ -69,6 +70,12 @@ def _section(manifest: Manifest) -> dict:
     z = (spec.get("interval") or {}).get("z")
     if not isinstance(z, int | float) or not 0 < z < 10:
         raise BundleError(f"{where}: forecast.interval.z missing or invalid")
+    try:
+        transform = Transform.from_dict(spec.get("transform"))
+    except TransformError as e:
+        raise BundleError(f"{where}: forecast.transform: {e}") from None
+    if transform.lam and len(transform.lam) != len(columns):
+        raise BundleError(f"{where}: forecast.transform.lambda must hold one number per column")
     return spec
 
 
@@ -88,6 +95,7 @@ class ForecastRuntime:
         self.z = float(spec["interval"]["z"])
         self.mean = np.asarray(spec["scaler"]["mean"], dtype=np.float64)
         self.std = np.asarray(spec["scaler"]["std"], dtype=np.float64)
+        self.transform = Transform.from_dict(spec.get("transform"))  # bundles from before: none
         self.history = spec.get("history") or {}
         self.time_column = str(spec.get("time_column", "time"))
         self.model = str(manifest.architecture.get("model", ""))
@@ -122,8 +130,16 @@ class ForecastRuntime:
     # -- units ---------------------------------------------------------------------------------------
 
     def standardise(self, values: np.ndarray) -> np.ndarray:
-        """values: (..., D) in the series' units -> float32 standardised (float64 arithmetic)."""
-        return ((np.asarray(values, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+        """values: (N, D) in the series' units -> float32 transformed and standardised (float64
+        arithmetic); a value outside the transform's domain raises TransformError naming its row."""
+        values = np.asarray(values, dtype=np.float64)
+        self.transform.check(values, self.columns)
+        return ((self.transform.forward(values) - self.mean) / self.std).astype(np.float32)
+
+    def to_units(self, standardised: np.ndarray) -> np.ndarray:
+        """(..., D) standardised (transformed) values -> the series' units (monotone: interval endpoints
+        map to interval endpoints)."""
+        return self.transform.inverse(standardised.astype(np.float64) * self.std + self.mean)
 
     def init_state(self, batch: int) -> np.ndarray:
         """An empty window (B, W, D): a stream forecasts once it has read W observations."""
@@ -162,10 +178,12 @@ class ForecastRuntime:
         return updated, np.concatenate([mean, tail], axis=1), np.concatenate([sigma, extra], axis=1)
 
     def in_units(self, mean: np.ndarray, sigma: np.ndarray) -> Forecast:
-        """Standardised mean, sigma (B, h, D) -> the forecast in the series' units with its interval."""
-        centre = mean.astype(np.float64) * self.std + self.mean
-        scale = sigma.astype(np.float64) * self.std
-        return Forecast(centre, centre - self.z * scale, centre + self.z * scale, scale)
+        """Standardised mean, sigma (B, h, D) -> the forecast in the series' units with its interval: the
+        endpoints mean -+ z sigma mapped back; ``sigma`` of the result is the interval's half-width over z
+        (sigma times the scaler's std without a transform)."""
+        mean, half = mean.astype(np.float64), self.z * sigma.astype(np.float64)
+        lower, upper = self.to_units(mean - half), self.to_units(mean + half)
+        return Forecast(self.to_units(mean), lower, upper, (upper - lower) / (2 * self.z))
 
     # -- single-series convenience ---------------------------------------------------------------------
 
