@@ -74,9 +74,10 @@ class Transform:
         row, col = bad
         value = np.asarray(values, dtype=np.float64).reshape(len(values), -1)[row, col]
         at = f" (time {times[row]})" if times is not None else ""
+        prefix = f"{source}: " if source else ""
         raise TransformError(
-            f"{source + ': ' if source else ''}column {columns[col]!r}, row {row + first_row}{at}: {value:g} is not "
-            f"{self.domain}; the {self.name} transform needs {self.domain} values"
+            f"{prefix}column {columns[col]!r}, row {row + first_row}{at}: {value:g} is not {self.domain}; "
+            f"the {self.name} transform needs {self.domain} values"
         )
 
     def forward(self, values: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ def test_interval_endpoints_map_to_endpoints_with_the_same_coverage(transform):
     mean, half = z + RNG.normal(0.0, 0.3, z.shape), 0.5
     lower, upper = transform.inverse(mean - half), transform.inverse(mean + half)
     inside_there = (z >= mean - half) & (z <= mean + half)
-    inside_here = (POSITIVE >= lower) & (POSITIVE <= upper)
+    inside_here = (lower <= POSITIVE) & (upper >= POSITIVE)
     assert inside_there.any() and not inside_there.all()
     np.testing.assert_array_equal(inside_here, inside_there)
     centre, fits = transform.inverse(mean), upper < 1e20  # Box-Cox, lambda < 0: beyond the image, a cap
