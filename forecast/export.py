@@ -98,11 +98,14 @@ def check_parity(model: Forecaster, graph: Path, scaled: np.ndarray) -> ParityRe
 
 
 def _forecast_section(run: LoadedRun) -> dict:
+    """The manifest's forecast object; ``transform`` only when there is one (absent = none, as in the
+    bundles from before the transform, which load unchanged)."""
     p, c = run.prepared, run.model.config
+    transform = {} if p.transform.name == "none" else {"transform": p.transform.to_dict()}
     return {
+        **transform,
         "columns": list(p.series.columns),
         "scaler": {"mean": list(p.scaler.mean), "std": list(p.scaler.std)},
-        "transform": p.transform.to_dict(),
         "window": c.window,
         "horizon": c.horizon,
         "interval": {"level": 0.9, "z": Z90},

@@ -197,6 +197,8 @@ class ForecastRuntime:
             raise ValueError(f"the history has {len(history)} points; the model reads {self.window}")
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, not {horizon}")
-        values = self.standardise(history[-self.window :])[None]
+        start = len(history) - self.window  # only the last W are read; rows are named in the history
+        self.transform.check(history[start:], self.columns, first_row=start + 1)
+        values = self.standardise(history[start:])[None]
         _, mean, sigma = self.forecast(values, self.init_state(1), horizon)
         return self.in_units(mean, sigma)

@@ -48,7 +48,8 @@ class Transform:
 
     def first_outside(self, values: np.ndarray) -> tuple[int, int] | None:
         """values: (N, D) -> (row, column) of the first value outside the domain, or None."""
-        values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+        values = np.asarray(values, dtype=np.float64)
+        values = values[:, None] if values.ndim == 1 else values
         if self.domain == "positive":
             bad = ~(values > 0)
         elif self.domain == "non-negative":
@@ -72,7 +73,7 @@ class Transform:
         if bad is None:
             return
         row, col = bad
-        value = np.asarray(values, dtype=np.float64).reshape(len(values), -1)[row, col]
+        value = np.asarray(values, dtype=np.float64).reshape(len(values), -1)[row, col]  # N >= 1 here
         at = f" (time {times[row]})" if times is not None else ""
         prefix = f"{source}: " if source else ""
         raise TransformError(
