@@ -3,7 +3,9 @@
 Rolling origin: every test point o with o + H <= N is an origin; the model reads the W values before o
 (true values: the series is observed up to o) and forecasts o .. o+H-1. MAE, RMSE and MASE (MAE over the
 in-sample seasonal-naive MAE of the training part) and 90% interval coverage are taken over all (origin,
-step) pairs whose truth was observed, in the series' own units.
+step) pairs whose truth was observed, in the series' own units. With a transform (``--transform``), the
+model's mean and interval ends on the transformed scale are mapped back (the point forecast is then the
+median).
 
 ``coverage`` is that of the model's own intervals (sigma times the interval scale calibrated on the
 validation part, what ``forecast`` prints). ``coverage_rolling`` re-calibrates at each origin from the

@@ -7,7 +7,9 @@ stream's length. ``step`` is the batched primitive the server's batcher calls; `
 forecasts beyond the model's H steps, made recursively as forecast.evaluate does (the one-step mean fed
 back as the next observation; sigma beyond H repeats the H-th), and ``forecast_history`` is the
 single-series convenience behind ``rnnlab-ts forecast BUNDLE``. Values come in and go out in the series'
-own units; standardisation is float64 numpy with the scaler stored in the manifest, as in training.
+own units; standardisation is float64 numpy with the scaler stored in the manifest, as in training, after
+the manifest's ``transform`` (serving.transforms; absent in bundles from before it: none). Forecasts and
+both interval ends are mapped back through the transform's inverse, as forecast.evaluate does.
 """
 
 from __future__ import annotations
