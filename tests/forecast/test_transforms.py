@@ -4,11 +4,15 @@ column, row and time."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from forecast.cli import main
 from forecast.data import Preset, Series, fit_transform, load_series
+from forecast.evaluate import load_run, predict
+from forecast.model import Z90
 from forecast.train import prepare
 from serving.transforms import Transform, TransformError, boxcox_lambda
 
@@ -94,3 +98,28 @@ def test_stored_transforms_are_checked():
     for bad in ({"name": "cube"}, {"name": "boxcox", "lambda": []}, {"name": "log", "lambda": "x"}, 3):
         with pytest.raises(TransformError):
             Transform.from_dict(bad)
+
+
+def test_eval_of_a_sqrt_run_scores_in_the_series_units_with_the_mapped_intervals(tmp_path, capsys):
+    """The mapped interval holds a truth exactly when the transformed interval holds the transformed
+    truth, so eval's coverage equals the coverage counted on the model's scale; MAE is in sunspot numbers
+    (the mean mapped back, the median), and the run stores the transform."""
+    run = tmp_path / "run"
+    flags = "--dataset sunspots --model mlp --hidden 8 --horizon 4 --transform sqrt --max-steps 30"
+    assert (
+        main(["train", *flags.split(), "--seed", "0", "--threads", "1", "--no-progress", "--out", str(run)])
+        == 0
+    )
+    assert json.loads((run / "config.json").read_text())["transform"] == {"name": "sqrt", "lambda": []}
+    capsys.readouterr()  # train's summary line
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    loaded = load_run(run)
+    p, mc = loaded.prepared, loaded.model.config
+    x, y = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
+    mean, sigma = predict(loaded.model, x)
+    assert result["coverage"] == pytest.approx(float(np.mean(np.abs(y - mean) <= Z90 * sigma)), abs=1e-9)
+    origins = p.splits.test_start + np.arange(len(y))
+    truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
+    assert result["mae"] == pytest.approx(float(np.mean(np.abs(p.to_units(mean) - truth))))
+    assert np.abs(p.to_units(mean) - (mean * p.scaler.std[0] + p.scaler.mean[0]) ** 2).max() < 1e-9
