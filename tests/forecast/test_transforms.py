@@ -123,3 +123,9 @@ def test_eval_of_a_sqrt_run_scores_in_the_series_units_with_the_mapped_intervals
     truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
     assert result["mae"] == pytest.approx(float(np.mean(np.abs(p.to_units(mean) - truth))))
     assert np.abs(p.to_units(mean) - (mean * p.scaler.std[0] + p.scaler.mean[0]) ** 2).max() < 1e-9
+    csv = tmp_path / "history.csv"
+    rows = [f"{2000 + i},{-3.0 if i == 27 else 50.0 + i}" for i in range(30)]
+    csv.write_text("YEAR,SUNACTIVITY\n" + "\n".join(rows) + "\n")
+    assert main(["forecast", str(run), "--csv", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert "column 'SUNACTIVITY', row 28 (time 2027): -3 is not non-negative; the sqrt transform" in err
