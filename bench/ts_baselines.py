@@ -233,7 +233,7 @@ def bench_series(name: str, minutes: float, work: Path) -> dict[str, Any]:
         "target_mase_met": all(m["difference"] < 0 for m in margins(rnnlab[best]["mase"], scored).values()),
         "target_coverage_met": {
             "fixed_intervals": in_target(rnnlab[best]["coverage"]),
-            "rolling_calibration": in_target(rnnlab[best]["coverage_rolling"]),
+            "adaptive_intervals": in_target(rnnlab[best]["coverage_adaptive"]),
         },
         "best_covered_rnnlab": best_covered,
         "best_covered_mase_vs_baselines": (
@@ -272,10 +272,11 @@ def main() -> None:
         n: {
             "best": r["best_rnnlab"],
             "coverage": r["rnnlab"][r["best_rnnlab"]]["coverage"],
-            "coverage_rolling": r["rnnlab"][r["best_rnnlab"]]["coverage_rolling"],
+            "coverage_adaptive": r["rnnlab"][r["best_rnnlab"]]["coverage_adaptive"],
             "vs": r["best_mase_vs_baselines"],
             "models": {
-                m: {k: v[k] for k in ("mase", "coverage", "coverage_rolling")} for m, v in r["rnnlab"].items()
+                m: {k: v[k] for k in ("mase", "coverage", "coverage_adaptive", "coverage_adaptive_by_gamma")}
+                for m, v in r["rnnlab"].items()
             },
             "best_covered": r.get("best_covered_rnnlab"),
         }

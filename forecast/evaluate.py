@@ -8,10 +8,13 @@ model's mean and interval ends on the transformed scale are mapped back (the poi
 median).
 
 ``coverage`` is that of the model's own intervals (sigma times the interval scale calibrated on the
-validation part, what ``forecast`` prints). ``coverage_rolling`` re-calibrates at each origin from the
-test forecasts already resolved before it (forecast.metrics.rolling_interval_scales): a test period
-calmer than the validation part (co2: the 90% quantile of |error| / sigma was 0.79 of the validation
-part's) leaves fixed intervals too wide.
+validation part, what ``forecast`` prints). ``coverage_adaptive`` is that of the intervals a live stream
+adapts online (adaptive conformal inference, serving.conformal, at its fixed gamma), replayed over the
+consecutive test origins: each origin's interval uses only the forecasts whose targets were observed
+before it. ``coverage_adaptive_by_gamma`` reports it for each gamma of ``GAMMAS`` (the sensitivity; the
+served gamma was fixed before any of them was measured). A test period calmer than the validation part
+(co2: the 90% quantile of |error| / sigma was 0.79 of the validation part's) leaves fixed intervals too
+wide.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import numpy as np
 import torch
 
 from forecast.data import Preset, Scaler, Series
-from forecast.metrics import rolling_interval_scales, scores, seasonal_naive_scale
+from forecast.metrics import scores, seasonal_naive_scale
 from forecast.model import Z90, ForecastConfig, Forecaster
 from forecast.train import CHECKPOINT_KIND, Prepared, TrainConfig, prepare, read_series
 from lm.checkpoint import load_checkpoint
+from serving.conformal import GAMMA, AdaptiveIntervals
 from serving.transforms import Transform
+
+GAMMAS = (0.005, 0.01, 0.02, 0.05)
 
 
 @dataclass
@@ -73,9 +79,9 @@ def recursive(model: Forecaster, windows: np.ndarray, steps: int) -> np.ndarray:
 def rolling_origin(run: LoadedRun) -> dict[str, Any]:
     """Scores of the direct forecasts over every test origin (see the module doc), plus per-step MAE.
     Intervals are built on the model's (transformed, standardised) scale and their endpoints mapped to
-    the series' units; the rolling calibration works on that scale too."""
+    the series' units."""
     p, mc = run.prepared, run.model.config
-    x, y = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
+    x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
     origins = np.arange(p.splits.test_start, p.splits.length - mc.horizon + 1)
     mean, sigma = predict(run.model, x)
     pred = p.to_units(mean)
@@ -83,17 +89,33 @@ def rolling_origin(run: LoadedRun) -> dict[str, Any]:
     mask = np.stack([p.series.observed[o : o + mc.horizon] for o in origins])
     scale = seasonal_naive_scale(p.series.values[: p.splits.valid_start], p.preset.season)
 
-    def scored(half: np.ndarray) -> dict[str, float]:
-        return scores(pred, truth, p.to_units(mean - half), p.to_units(mean + half), scale, mask)
-
-    result = scored(Z90 * sigma)
+    half = Z90 * sigma
+    result = scores(pred, truth, p.to_units(mean - half), p.to_units(mean + half), scale, mask)
     err = np.abs(pred - truth)
     result["per_step_mae"] = [float(np.mean(err[:, h][mask[:, h]])) for h in range(mc.horizon)]
-    prior = float(run.model.interval_scale)
-    rolling = rolling_interval_scales(np.abs(y - mean) / (sigma / prior), mask, prior, Z90)[:, None, None]
-    result["coverage_rolling"] = scored(Z90 * sigma / prior * rolling)["coverage"]
+    adaptive = {g: adaptive_intervals(p, origins, mean, half, g) for g in GAMMAS}
+    adaptive = {g: scores(pred, truth, lo, hi, scale, mask) for g, (lo, hi) in adaptive.items()}
+    result["coverage_adaptive"] = adaptive[GAMMA]["coverage"]
+    result["coverage_adaptive_by_gamma"] = {str(g): a["coverage"] for g, a in adaptive.items()}
     result.update(origins=len(origins), horizon=mc.horizon, season=p.preset.season)
     return result
+
+
+def adaptive_intervals(
+    p: Prepared, origins: np.ndarray, mean: np.ndarray, half: np.ndarray, gamma: float = GAMMA
+) -> tuple[np.ndarray, np.ndarray]:
+    """The intervals a live stream serves at consecutive origins under the adaptive rule: mean, half
+    (n, H, D) standardised (the calibrated 90% half-width) -> lo, hi (n, H, D) in the series' units.
+    Before origin o the stream observes the value at o - 1, which resolves the forecasts that targeted it.
+    """
+    rule, lo, hi = AdaptiveIntervals(gamma=gamma), np.empty_like(mean), np.empty_like(mean)
+    for i, o in enumerate(origins):
+        if i:
+            rule.observe(p.series.values[o - 1], p.series.observed[o - 1])
+        wide = rule.factor * half[i]
+        lo[i], hi[i] = p.to_units(mean[i] - wide), p.to_units(mean[i] + wide)
+        rule.serve(lo[i], hi[i])
+    return lo, hi
 
 
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:

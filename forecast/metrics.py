@@ -34,24 +34,3 @@ def scores(
         "points": int(keep.sum()),
     }
 
-
-def rolling_interval_scales(
-    ratio: np.ndarray, mask: np.ndarray, prior: float, z: float, coverage: float = 0.9, min_points: int = 64
-) -> np.ndarray:
-    """Interval scales that use only what is known at each origin (online split-conformal calibration).
-
-    ratio, mask: (n, H, ...) |truth - mean| / sigma (sigma uncalibrated) of consecutive origins and
-    whether that truth was observed. Origin i may use the forecasts (j, h) whose target j + h < i was
-    seen before it: once ``min_points`` of them exist, its scale is their ``coverage`` quantile (the next
-    sample up) over ``z``; before that it is ``prior`` (the scale calibrated on the validation part).
-    Returns (n,) scales.
-    """
-    n, horizon = ratio.shape[:2]
-    flat_ratio, flat_mask = ratio.reshape(n, horizon, -1), mask.reshape(n, horizon, -1)
-    target_time = np.arange(n)[:, None] + np.arange(horizon)[None, :]  # (n, H): j + h
-    scales = np.full(n, prior, dtype=np.float64)
-    for i in range(n):
-        seen = flat_ratio[target_time < i][flat_mask[target_time < i]]
-        if len(seen) >= min_points:
-            scales[i] = float(np.quantile(seen, coverage, method="higher")) / z
-    return scales
