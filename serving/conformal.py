@@ -50,17 +50,24 @@ def factor(alpha_t: float, alpha: float = ALPHA) -> float:
 
 
 @dataclass
-class AdaptiveIntervals:
-    """One stream's ACI state: the level and the served intervals whose targets are not observed yet.
+class Served:
+    """An interval served and not fully resolved: lo, hi (steps, D), step 0 targeting the observation
+    after it was served; ``seen``: the observations since (its step ``seen`` targets the next one)."""
 
-    ``pending[k]``: (lo, hi), each (steps, D), served k + 1 observations ago (newest first); its step k
-    targets the next observation. Forecasts are dropped once their last step has resolved.
-    """
+    lo: np.ndarray
+    hi: np.ndarray
+    seen: int = 0
+
+
+@dataclass
+class AdaptiveIntervals:
+    """One stream's ACI state: the level and the served intervals whose targets are not all observed yet
+    (dropped once their last step has resolved)."""
 
     gamma: float = GAMMA
     alpha: float = ALPHA
     alpha_t: float = ALPHA
-    pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    pending: list[Served] = field(default_factory=list)
 
     @property
     def factor(self) -> float:
@@ -68,28 +75,32 @@ class AdaptiveIntervals:
 
     def observe(self, value: np.ndarray, observed: np.ndarray | None = None) -> None:
         """value: (D,) the next observation; observed: (D,) bool, False for a missing value (it resolves
-        nothing). Scores every pending forecast that targeted it and updates the level."""
+        nothing). Scores every pending interval that targeted it and updates the level."""
         value = np.asarray(value, dtype=np.float64).reshape(-1)
         seen = np.ones(value.shape, bool) if observed is None else np.asarray(observed, bool).reshape(-1)
-        for k, (lo, hi) in enumerate(self.pending):
-            if k < len(lo):
-                miss = ~((value >= lo[k]) & (value <= hi[k]))
-                self.alpha_t += self.gamma * float(np.sum(self.alpha - miss[seen]))
-        self.pending = [(lo, hi) for k, (lo, hi) in enumerate(self.pending) if k + 1 < len(lo)]
+        for served in self.pending:
+            k = served.seen
+            miss = ~((value >= served.lo[k]) & (value <= served.hi[k]))
+            self.alpha_t += self.gamma * float(np.sum(self.alpha - miss[seen]))
+            served.seen += 1
+        self.pending = [s for s in self.pending if s.seen < len(s.lo)]
 
     def serve(self, lo: np.ndarray, hi: np.ndarray) -> None:
         """Remembers the interval just served: lo, hi (steps, D), step 0 targets the next observation."""
-        self.pending.insert(0, (np.asarray(lo, np.float64), np.asarray(hi, np.float64)))
+        self.pending.append(Served(np.array(lo, np.float64), np.array(hi, np.float64)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "gamma": self.gamma,
             "alpha": self.alpha,
             "alpha_t": self.alpha_t,
-            "pending": [[lo.tolist(), hi.tolist()] for lo, hi in self.pending],
+            "pending": [[s.lo.tolist(), s.hi.tolist(), s.seen] for s in self.pending],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdaptiveIntervals:
-        pending = [(np.asarray(lo, np.float64), np.asarray(hi, np.float64)) for lo, hi in data["pending"]]
+        pending = [
+            Served(np.asarray(lo, np.float64), np.asarray(hi, np.float64), int(k))
+            for lo, hi, k in data["pending"]
+        ]
         return cls(float(data["gamma"]), float(data["alpha"]), float(data["alpha_t"]), pending)

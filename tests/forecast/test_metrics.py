@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forecast.metrics import rolling_interval_scales, scores, seasonal_naive_scale
+from forecast.data import Preset, Series
+from forecast.evaluate import adaptive_intervals
+from forecast.metrics import scores, seasonal_naive_scale
+from forecast.train import prepare
 
 
 def test_scores_by_hand():
@@ -27,12 +30,17 @@ def test_seasonal_naive_scale_by_hand():
     assert seasonal_naive_scale(train, 2) == pytest.approx((1 + 2 + 0) / 3)
 
 
-def test_rolling_interval_scales_use_only_resolved_forecasts():
-    # 4 origins, horizon 2: origin i may use (j, h) with j + h < i
-    ratio = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
-    mask = np.ones_like(ratio, dtype=bool)
-    scales = rolling_interval_scales(ratio, mask, prior=9.0, z=2.0, coverage=0.5, min_points=1)
-    # i=0: nothing resolved -> prior; i=1: {1}; i=2: {1, 2, 3}; i=3: {1, 2, 3, 4, 5}
-    assert scales.tolist() == [9.0, 0.5, 1.0, 1.5]
-    mask[0, 0] = False  # an unobserved truth is never used: i=1 has none, i=2 {2, 3}, i=3 {2, 3, 4, 5}
-    assert rolling_interval_scales(ratio, mask, 9.0, 2.0, 0.5, min_points=2).tolist() == [9.0, 9.0, 1.5, 2.0]
+def test_adaptive_intervals_use_only_observations_before_each_origin():
+    n = 200
+    values = np.sin(np.arange(n) / 3.0)[:, None] + np.random.default_rng(0).normal(0, 0.3, (n, 1))
+    series = Series(values, np.ones((n, 1), bool), [str(t) for t in range(n)], ["y"], "s")
+    p = prepare(series, Preset(test=40, season=1, window=4, batch_size=1))
+    origins = np.arange(p.splits.test_start, n - 3 + 1)
+    mean = np.stack([p.scaled[o : o + 3] for o in origins]).astype(np.float64)  # exact: all covered
+    half = np.full(mean.shape, 0.5)
+    lo, hi = adaptive_intervals(p, origins, mean, half, gamma=0.05)
+    t = origins[6]
+    p.series.values[t:] += 100.0  # from time t on, every truth falls outside
+    lo2, hi2 = adaptive_intervals(p, origins, mean, half, gamma=0.05)
+    assert np.array_equal(lo[:7], lo2[:7]) and np.array_equal(hi[:7], hi2[:7])  # origins <= t: the same
+    assert np.all(hi2[7] - lo2[7] > hi[7] - lo[7])  # origin t + 1 has seen the misses at t: wider
