@@ -7,15 +7,14 @@ step) pairs whose truth was observed, in the series' own units. With a transform
 model's mean and interval ends on the transformed scale are mapped back (the point forecast is then the
 median).
 
-``coverage`` is that of the model's own intervals (sigma times the interval scale calibrated on the
-validation part, what ``forecast`` prints). ``coverage_adaptive`` is that of the intervals a live stream
-adapts online (adaptive conformal inference, serving.conformal, at its fixed gamma), replayed over the
-consecutive test origins: each origin's interval uses only the forecasts whose targets were observed
-before it. ``coverage_adaptive_by_gamma`` reports it for each gamma of ``GAMMAS`` (the sensitivity; the
-served gamma was fixed before any of them was measured). A test period calmer than the validation part
-(co2: the 90% quantile of |error| / sigma was 0.79 of the validation part's) leaves fixed intervals too
-wide.
-"""
+``coverage`` is that of the intervals a live stream serves (``ForecastStream``): adaptive conformal
+inference (serving.conformal, at its fixed gamma) replayed over the consecutive test origins, each
+origin's interval using only the forecasts whose targets were observed before it. ``coverage_by_gamma``
+reports it for each gamma of ``GAMMAS`` (the sensitivity; the served gamma was fixed before any of them
+was measured). ``coverage_fixed`` is that of the model's calibrated intervals (sigma times the interval
+scale calibrated on the validation part: what ``forecast`` and the one-shot ``Forecast`` call serve). A
+test period calmer than the validation part (co2: the 90% quantile of |error| / sigma was 0.79 of the
+validation part's) leaves fixed intervals too wide."""
 
 from __future__ import annotations
 
@@ -95,8 +94,8 @@ def rolling_origin(run: LoadedRun) -> dict[str, Any]:
     result["per_step_mae"] = [float(np.mean(err[:, h][mask[:, h]])) for h in range(mc.horizon)]
     adaptive = {g: adaptive_intervals(p, origins, mean, half, g) for g in GAMMAS}
     adaptive = {g: scores(pred, truth, lo, hi, scale, mask) for g, (lo, hi) in adaptive.items()}
-    result["coverage_adaptive"] = adaptive[GAMMA]["coverage"]
-    result["coverage_adaptive_by_gamma"] = {str(g): a["coverage"] for g, a in adaptive.items()}
+    result["coverage_fixed"], result["coverage"] = result["coverage"], adaptive[GAMMA]["coverage"]
+    result["coverage_by_gamma"] = {str(g): a["coverage"] for g, a in adaptive.items()}
     result.update(origins=len(origins), horizon=mc.horizon, season=p.preset.season)
     return result
 
@@ -106,16 +105,16 @@ def adaptive_intervals(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The intervals a live stream serves at consecutive origins under the adaptive rule: mean, half
     (n, H, D) standardised (the calibrated 90% half-width) -> lo, hi (n, H, D) in the series' units.
-    Before origin o the stream observes the value at o - 1, which resolves the forecasts that targeted it.
+    Before origin o the stream observes the value at o - 1, which resolves the forecasts that targeted it;
+    the rule compares on the model's scale (the standardised transformed values), as the service does.
     """
     rule, lo, hi = AdaptiveIntervals(gamma=gamma), np.empty_like(mean), np.empty_like(mean)
     for i, o in enumerate(origins):
         if i:
-            rule.observe(p.series.values[o - 1], p.series.observed[o - 1])
-        wide = rule.factor * half[i]
-        lo[i], hi[i] = p.to_units(mean[i] - wide), p.to_units(mean[i] + wide)
-        rule.serve(lo[i], hi[i])
-    return lo, hi
+            rule.observe(p.scaled[o - 1], p.series.observed[o - 1])
+        lo[i], hi[i] = mean[i] - rule.factor * half[i], mean[i] + rule.factor * half[i]
+        rule.serve(lo[i].astype(np.float32), hi[i].astype(np.float32))  # as the service keeps them
+    return p.to_units(lo), p.to_units(hi)
 
 
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:

@@ -33,4 +33,3 @@ def scores(
         "coverage": float(np.mean(inside)),
         "points": int(keep.sum()),
     }
-

@@ -30,9 +30,9 @@ co2 (0.024 at 0.05; 0.18 at 0.005); for sunspots no value in the range does (0.1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any
 
 import numpy as np
 
@@ -49,25 +49,23 @@ def factor(alpha_t: float, alpha: float = ALPHA) -> float:
     return NormalDist().inv_cdf(1 - level / 2) / NormalDist().inv_cdf(1 - alpha / 2)
 
 
-@dataclass
-class Served:
-    """An interval served and not fully resolved: lo, hi (steps, D), step 0 targeting the observation
-    after it was served; ``seen``: the observations since (its step ``seen`` targets the next one)."""
-
-    lo: np.ndarray
-    hi: np.ndarray
-    seen: int = 0
+class StateError(ValueError):
+    """Arrays that do not hold an adaptive interval state (a state token's, say)."""
 
 
 @dataclass
 class AdaptiveIntervals:
-    """One stream's ACI state: the level and the served intervals whose targets are not all observed yet
-    (dropped once their last step has resolved)."""
+    """One stream's ACI state: the level and, oldest first, the served intervals whose targets are not all
+    observed yet: ``pending[i]`` = (lo, hi), each (steps left, D), row 0 targeting the next observation.
+
+    The rule compares an observation with the bounds on whatever scale the caller serves them on (the
+    service and eval: the model's standardised scale, float32, so a state token holds them exactly).
+    """
 
     gamma: float = GAMMA
     alpha: float = ALPHA
     alpha_t: float = ALPHA
-    pending: list[Served] = field(default_factory=list)
+    pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def factor(self) -> float:
@@ -75,32 +73,42 @@ class AdaptiveIntervals:
 
     def observe(self, value: np.ndarray, observed: np.ndarray | None = None) -> None:
         """value: (D,) the next observation; observed: (D,) bool, False for a missing value (it resolves
-        nothing). Scores every pending interval that targeted it and updates the level."""
-        value = np.asarray(value, dtype=np.float64).reshape(-1)
+        nothing). Scores every pending interval's row 0 against it and updates the level."""
+        value = np.asarray(value).reshape(-1)
         seen = np.ones(value.shape, bool) if observed is None else np.asarray(observed, bool).reshape(-1)
-        for served in self.pending:
-            k = served.seen
-            miss = ~((value >= served.lo[k]) & (value <= served.hi[k]))
+        for lo, hi in self.pending:
+            miss = ~((value >= lo[0]) & (value <= hi[0]))
             self.alpha_t += self.gamma * float(np.sum(self.alpha - miss[seen]))
-            served.seen += 1
-        self.pending = [s for s in self.pending if s.seen < len(s.lo)]
+        self.pending = [(lo[1:], hi[1:]) for lo, hi in self.pending if len(lo) > 1]
 
     def serve(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        """Remembers the interval just served: lo, hi (steps, D), step 0 targets the next observation."""
-        self.pending.append(Served(np.array(lo, np.float64), np.array(hi, np.float64)))
+        """Remembers the interval just served: lo, hi (steps, D), row 0 targets the next observation."""
+        self.pending.append((np.asarray(lo), np.asarray(hi)))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "gamma": self.gamma,
-            "alpha": self.alpha,
-            "alpha_t": self.alpha_t,
-            "pending": [[s.lo.tolist(), s.hi.tolist(), s.seen] for s in self.pending],
-        }
+    def arrays(self, width: int) -> list[np.ndarray]:
+        """The pending intervals as [steps left (P,), lo (sum, D), hi (sum, D)] float32 (a state token's)."""
+        steps = np.array([len(lo) for lo, _ in self.pending], np.float32)
+        lo = np.concatenate([lo for lo, _ in self.pending]) if self.pending else np.zeros((0, width))
+        hi = np.concatenate([hi for _, hi in self.pending]) if self.pending else np.zeros((0, width))
+        return [steps, lo.astype(np.float32), hi.astype(np.float32)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdaptiveIntervals:
-        pending = [
-            Served(np.asarray(lo, np.float64), np.asarray(hi, np.float64), int(k))
-            for lo, hi, k in data["pending"]
-        ]
-        return cls(float(data["gamma"]), float(data["alpha"]), float(data["alpha_t"]), pending)
+    def from_arrays(
+        cls, alpha_t: float, arrays: list[np.ndarray], width: int, max_steps: int, gamma: float = GAMMA
+    ) -> AdaptiveIntervals:
+        """The inverse of ``arrays``; StateError unless they are consistent with (max_steps, width)."""
+        steps, lo, hi = arrays
+        counts = steps.astype(np.int64) if steps.ndim == 1 else np.zeros(0, np.int64)
+        total = int(counts.sum())
+        if not (
+            steps.ndim == 1
+            and np.array_equal(counts, steps)
+            and np.all((counts >= 1) & (counts <= max_steps))
+            and lo.shape == hi.shape == (total, width)
+            and np.all(lo <= hi)
+            and math.isfinite(alpha_t)
+        ):
+            raise StateError(f"pending intervals {[a.shape for a in arrays]} do not fit {max_steps} steps")
+        cuts = np.cumsum(counts)[:-1]
+        pending = list(zip(np.split(lo, cuts), np.split(hi, cuts), strict=True)) if total else []
+        return cls(gamma, ALPHA, alpha_t, pending)

@@ -2,12 +2,17 @@
 
 Thin servicer methods over each forecaster's ``ForecastBatcher`` (serving.forecast_batcher). A stream's
 state lives in a session of the service's own ``SessionStore`` (bounded by count and bytes like the
-language models' sessions; a separate store, so that a forecast session id can never reach an LM
-session call): the window (1, W, D) float32, the observation count, and the last time stamp (exact, in
-``Session.extra``). ``export`` signs it into a state token (serving.state_token) that any server with
-the same key resumes. Every message is checked in full before anything is queued: a bad observation,
-width, time stamp or horizon raises INVALID_ARGUMENT naming the field and its index through the
-server's one interceptor and status table, and leaves the session as the previous message left it.
+language models' sessions; a separate store, so that a forecast session id can never reach an LM session
+call): the window (1, W, D) float32, the observation count, the last time stamp (exact, in
+``Session.extra``) and the stream's adaptive interval rule (serving.conformal): its level ``alpha_t``
+(exact, in ``Session.extra``) and the intervals it served whose targets are not all observed yet (three
+float32 arrays after the window). Each message's observations first resolve those intervals, then the
+stream answers with the calibrated interval times the rule's factor; a one-shot ``Forecast`` serves the
+calibrated interval (docs/forecast.md says why). ``export`` signs it into a state token
+(serving.state_token) that any server with the same key resumes. Every message is checked in full before
+anything is queued: a bad observation, width, time stamp or horizon raises INVALID_ARGUMENT naming the
+field and its index through the server's one interceptor and status table, and leaves the session as the
+previous message left it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from serving import state_token
 from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
 from serving.api.rnnlab.v1 import forecasting_pb2_grpc as fpb_grpc
 from serving.config import ServerConfig
+from serving.conformal import ALPHA, AdaptiveIntervals, StateError
 from serving.errors import quote
 from serving.forecast_batcher import ForecastBatcher, Steps
 from serving.forecast_runtime import ForecastRuntime
@@ -44,6 +50,7 @@ class ServerHooks(Protocol):
 
 
 TIME = "time"  # Session.extra key of the last time stamp
+ALPHA_T = "alpha_t"  # Session.extra key of the adaptive interval rule's level
 
 
 @dataclass
@@ -112,6 +119,16 @@ def read_observations(
     return values, last_time
 
 
+def stream_rule(
+    runtime: ForecastRuntime, state: list[np.ndarray], extra: dict[str, float]
+) -> AdaptiveIntervals:
+    """A stream's adaptive interval rule from its session state (window, steps, lo, hi) and ``extra``;
+    StateError or KeyError when they do not hold one of this model."""
+    if len(state) != 4:
+        raise StateError(f"{len(state)} arrays; a stream holds 4")
+    return AdaptiveIntervals.from_arrays(extra[ALPHA_T], state[1:], runtime.width, runtime.horizon)
+
+
 def add_steps(into, forecast: Steps) -> None:
     """Appends a batcher's forecast (mean, lower, upper, scale: [h][D] lists) to the repeated ForecastStep
     field ``into`` (``add`` in place: 28 µs a message of 8 steps, against 38 µs building and copying)."""
@@ -165,7 +182,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
                 "history", f"history has {len(values)} observations; the model reads {runtime.window}"
             )
         window = runtime.standardise(values[-runtime.window :])
-        _, forecast = await forecaster.batcher.submit(window, runtime.init_state(1), horizon)
+        _, forecast, _ = await forecaster.batcher.submit(window, runtime.init_state(1), horizon)
         response = fpb.ForecastResponse(model=forecaster.name, interval_level=runtime.level)
         add_steps(response.steps, forecast)
         return response
@@ -198,7 +215,9 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
             return session, lambda: self.sessions.release(session)
         if start == "model":
             forecaster = self._forecaster(request.model)
-            state, count, extra = [forecaster.runtime.init_state(1)], 0, {}
+            runtime = forecaster.runtime
+            state, count = [runtime.init_state(1), *AdaptiveIntervals().arrays(runtime.width)], 0
+            extra = {ALPHA_T: ALPHA}
         elif start == "state_token":
             forecaster, state, count, extra = self._resume(request.state_token)
         else:
@@ -217,16 +236,22 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         snapshot = state_token.decode(token, self.key)
         forecaster = self._forecaster(snapshot.model)
         require_token_version(snapshot.bundle_digest, forecaster.name, forecaster.digest)
-        want = [forecaster.runtime.init_state(1).shape]
-        shapes = [a.shape for a in snapshot.state]
-        if shapes != want or snapshot.logits is not None or set(snapshot.extra) - {TIME}:
+        runtime, state, extra = forecaster.runtime, snapshot.state, snapshot.extra
+        want, shapes = runtime.init_state(1).shape, [a.shape for a in state]
+        try:
+            if not shapes or shapes[0] != want or snapshot.logits is not None or set(extra) - {TIME, ALPHA_T}:
+                raise StateError(f"arrays {shapes}, the model's window {want}")
+            if len(state) == 1:  # a token from before the adaptive rule: the rule starts afresh
+                state, extra = [*state, *AdaptiveIntervals().arrays(runtime.width)], {**extra, ALPHA_T: ALPHA}
+            stream_rule(runtime, state, extra)
+        except (StateError, KeyError) as exc:
             raise Refusal(
                 Code.INVALID_ARGUMENT,
                 "state token does not hold a forecast stream of this model",
                 "TOKEN_MALFORMED",
-                fields=[("state_token", f"arrays {shapes}, the model's {want}")],
-            )
-        return forecaster, snapshot.state, snapshot.tokens, snapshot.extra
+                fields=[("state_token", str(exc))],
+            ) from None
+        return forecaster, state, snapshot.tokens, extra
 
     async def _step(
         self, forecaster: Forecaster, session: Session, request: fpb.ForecastStreamRequest
@@ -237,16 +262,26 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         values, last_time = read_observations(
             runtime, request.observations, "observations", session.extra.get(TIME)
         )
+        rule = stream_rule(runtime, session.state, session.extra)  # a copy: the session is not touched yet
+        for value in runtime.standardise(values):
+            rule.observe(value)
         fresh = runtime.standardise(values[-runtime.window :])
-        window, forecast = await forecaster.batcher.submit(fresh, session.state[0], horizon)
-        session.state = [window]  # nothing above changed the session: a refused message leaves it as it was
+        window, forecast, bounds = await forecaster.batcher.submit(
+            fresh, session.state[0], horizon, rule.factor
+        )
+        answered = session.tokens + len(values) >= runtime.window
+        if answered and len(values):  # a message without observations repeats the last answer
+            rule.serve(*bounds)
+        # nothing above changed the session: a refused message leaves it as it was
+        session.state = [window, *rule.arrays(runtime.width)]
+        session.extra[ALPHA_T] = rule.alpha_t
         session.tokens += len(values)
         if last_time is not None:
             session.extra[TIME] = last_time
         response = fpb.ForecastStreamResponse(
             observations=session.tokens, session_id=session.id, interval_level=runtime.level
         )
-        if session.tokens >= runtime.window:
+        if answered:
             add_steps(response.steps, forecast)
         if request.export:
             snapshot = state_token.SessionState(

@@ -47,8 +47,7 @@ def test_run_directory(run_dir):
 def test_eval_json_keys(run_dir, capsys):
     assert main(["eval", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    keys = {"mae", "rmse", "mase", "coverage", "coverage_adaptive", "coverage_adaptive_by_gamma"}
-    assert keys <= set(result)
+    assert {"mae", "rmse", "mase", "coverage", "coverage_fixed", "coverage_by_gamma"} <= set(result)
     assert result["origins"] == 30 - 4 + 1 and result["points"] == 27 * 4
     assert 0 <= result["coverage"] <= 1 and result["rmse"] >= result["mae"] > 0
     for name in ("forecast.png", "error_growth.png", "hidden_pca.png"):  # a GRU: the PCA too

@@ -40,7 +40,7 @@ def test_adaptive_intervals_use_only_observations_before_each_origin():
     half = np.full(mean.shape, 0.5)
     lo, hi = adaptive_intervals(p, origins, mean, half, gamma=0.05)
     t = origins[6]
-    p.series.values[t:] += 100.0  # from time t on, every truth falls outside
+    p.scaled[t:] += 100.0  # from time t on, every truth falls outside (the rule reads the model scale)
     lo2, hi2 = adaptive_intervals(p, origins, mean, half, gamma=0.05)
     assert np.array_equal(lo[:7], lo2[:7]) and np.array_equal(hi[:7], hi2[:7])  # origins <= t: the same
     assert np.all(hi2[7] - lo2[7] > hi[7] - lo[7])  # origin t + 1 has seen the misses at t: wider

@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 
 from forecast.cli import main
-from forecast.evaluate import forecast_next, load_run, predict
+from forecast.evaluate import adaptive_intervals, forecast_next, load_run, predict
 from forecast.model import Z90
+from serving import state_token
 from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
 from serving.bundle import load_manifest
 from serving.client import Client, observations
+from serving.conformal import ALPHA
 from serving.harness import ServerThread
-from tests.serving.serve_helpers import config
+from tests.serving.serve_helpers import STATE_KEY, config
 
 TOLERANCE = 1e-4
 COMMON = "--max-steps 40 --no-progress --seed 1 --threads 1 --horizon 4"
@@ -100,12 +102,41 @@ def test_a_served_stream_equals_torch_on_every_window(exported, server, name):
     got = np.array([[s.mean for s in r.steps] for r in answers])
     assert got.shape == want.shape == (len(rows) - window + 1, 4, 1)
     assert np.abs(got - want).max() <= TOLERANCE
-    for key, sign in (("lower", -1), ("upper", 1)):
-        ends = np.array([[getattr(s, key) for s in r.steps] for r in answers])
-        assert np.abs(ends - p.to_units(mean + sign * Z90 * sigma)).max() <= TOLERANCE
+    origins = np.arange(start + window, len(rows) + start + 1)
+    adaptive = adaptive_intervals(p, origins, mean, Z90 * sigma)  # eval's replay of the same rule
+    for key, sign, ends in (("lower", -1, adaptive[0]), ("upper", 1, adaptive[1])):
+        served = np.array([[getattr(s, key) for s in r.steps] for r in answers])
+        assert np.abs(served - ends).max() <= TOLERANCE
+        assert np.abs(served - p.to_units(mean + sign * Z90 * sigma)).max() > 100 * TOLERANCE  # it adapted
     scale = np.array([[s.scale for s in r.steps] for r in answers])
     if p.transform.name == "none":
-        assert np.abs(scale - sigma * np.array(p.scaler.std)).max() <= TOLERANCE
+        half = (adaptive[1] - adaptive[0]) / (2 * Z90)
+        assert np.abs(scale - half).max() <= TOLERANCE
+
+
+def test_a_resumed_stream_continues_the_adaptive_intervals(exported, server):
+    """A stream exported half way and resumed from its state token answers as the uninterrupted one."""
+    run = load_run(exported["gru"][0])
+    p, window = run.prepared, run.model.config.window
+    rows = p.series.values[p.splits.test_start - window :].tolist()
+
+    def stream(rows, first):
+        requests = [fpb.ForecastStreamRequest(observations=observations([row])) for row in rows]
+        for key, value in first.items():
+            setattr(requests[0], key, value)
+        requests[-1].export = True
+        return list(server.forecast_stream(requests))
+
+    whole = stream(rows, {"model": "sun-gru"})
+    half = len(rows) // 2
+    head = stream(rows[:half], {"model": "sun-gru"})
+    assert (
+        state_token.decode(head[-1].state_token, STATE_KEY.encode()).extra["alpha_t"] != ALPHA
+    )  # it has moved
+    tail = stream(rows[half:], {"state_token": head[-1].state_token})
+    for got, want in zip(head + tail, whole, strict=True):
+        for a, b in zip(got.steps, want.steps, strict=True):
+            assert abs(a.lower[0] - b.lower[0]) <= 1e-9 and abs(a.upper[0] - b.upper[0]) <= 1e-9
 
 
 def test_a_transformed_model_serves_skewed_intervals(exported, server):

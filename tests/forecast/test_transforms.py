@@ -118,7 +118,9 @@ def test_eval_of_a_sqrt_run_scores_in_the_series_units_with_the_mapped_intervals
     p, mc = loaded.prepared, loaded.model.config
     x, y = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
     mean, sigma = predict(loaded.model, x)
-    assert result["coverage"] == pytest.approx(float(np.mean(np.abs(y - mean) <= Z90 * sigma)), abs=1e-9)
+    assert result["coverage_fixed"] == pytest.approx(
+        float(np.mean(np.abs(y - mean) <= Z90 * sigma)), abs=1e-9
+    )
     origins = p.splits.test_start + np.arange(len(y))
     truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
     assert result["mae"] == pytest.approx(float(np.mean(np.abs(p.to_units(mean) - truth))))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.conformal import ALPHA, AdaptiveIntervals, factor
+from serving.conformal import ALPHA, AdaptiveIntervals, StateError, factor
 
 
 def test_factor_serves_the_calibrated_interval_at_alpha():
@@ -25,10 +25,10 @@ def test_only_resolved_forecasts_move_the_level():
     rule.serve(np.array([[0.0], [0.0], [0.0]]), np.array([[9.0], [9.0], [9.0]]))
     rule.observe(np.array([5.0]))  # t=2: outside the first forecast's step 2, inside the second's step 1
     assert rule.alpha_t == pytest.approx(0.11 + 0.1 * (0.1 - 1) + 0.1 * 0.1)
-    assert [s.seen for s in rule.pending] == [2, 1]  # both still wait: for their step 3 / step 2
+    assert [len(lo) for lo, _ in rule.pending] == [1, 2]  # both still wait: for their step 3 / steps 2-3
     rule.observe(np.array([5.0]), observed=np.array([False]))  # a missing value resolves nothing
     assert rule.alpha_t == pytest.approx(0.11 - 0.09 + 0.01)
-    assert [s.seen for s in rule.pending] == [2]  # the first forecast's last step has passed
+    assert [len(lo) for lo, _ in rule.pending] == [1]  # the first forecast's last step has passed
 
 
 def stream_misses(scales: np.ndarray, gamma: float, horizon: int, seed: int = 0) -> np.ndarray:
@@ -55,13 +55,26 @@ def test_converges_to_the_target_coverage_after_a_shift(shift):
     assert abs(adaptive - ALPHA) < 0.015  # ... the adaptive one comes back to 90%
 
 
-def test_state_round_trip_keeps_the_level_and_the_pending_forecasts():
-    rule = AdaptiveIntervals(gamma=0.02)
+def test_state_arrays_round_trip_keeps_the_level_and_the_pending_intervals():
+    rule = AdaptiveIntervals(gamma=0.05)
     for t in range(5):
-        rule.observe(np.array([float(t % 3), 1.0]))
-        rule.serve(np.zeros((3, 2)), np.ones((3, 2)))
-    again = AdaptiveIntervals.from_dict(rule.to_dict())
-    assert again.alpha_t == rule.alpha_t != ALPHA and len(again.pending) == len(rule.pending) == 3
+        rule.observe(np.array([float(t % 3), 1.0], np.float32))
+        rule.serve(np.zeros((3, 2), np.float32), np.ones((3, 2), np.float32))
+    rule.observe(np.array([2.0, 0.5], np.float32))  # two observations between forecasts
+    again = AdaptiveIntervals.from_arrays(rule.alpha_t, rule.arrays(2), width=2, max_steps=3, gamma=0.05)
+    assert again.alpha_t == rule.alpha_t != ALPHA
+    assert [len(lo) for lo, _ in again.pending] == [len(lo) for lo, _ in rule.pending] == [1, 2]
     for rules in (rule, again):
-        rules.observe(np.array([2.0, 0.5]))
-    assert again.alpha_t == rule.alpha_t
+        rules.observe(np.array([2.0, 0.5], np.float32))
+    assert again.alpha_t == rule.alpha_t and len(again.pending) == 1
+    empty = AdaptiveIntervals.from_arrays(0.1, AdaptiveIntervals().arrays(2), 2, 3)
+    assert empty.pending == [] and empty.arrays(2)[1].shape == (0, 2)
+    steps, lo, hi = rule.arrays(2)
+    for bad in (
+        [steps + 0.5, lo, hi],
+        [steps * 9, lo, hi],
+        [steps, lo[:, :1], hi[:, :1]],
+        [steps, hi + 1, hi],
+    ):
+        with pytest.raises(StateError):
+            AdaptiveIntervals.from_arrays(0.1, bad, width=2, max_steps=3)
