@@ -49,6 +49,12 @@ def factor(alpha_t: float, alpha: float = ALPHA) -> float:
     return NormalDist().inv_cdf(1 - level / 2) / NormalDist().inv_cdf(1 - alpha / 2)
 
 
+def max_state_bytes(horizon: int, width: int) -> int:
+    """The most a stream's pending intervals take as float32 arrays: a forecast is remembered only after
+    an observation, so at most H are pending, with distinct step counts 1..H."""
+    return 4 * (horizon + horizon * (horizon + 1) * width)
+
+
 class StateError(ValueError):
     """Arrays that do not hold an adaptive interval state (a state token's, say)."""
 

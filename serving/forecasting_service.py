@@ -30,7 +30,7 @@ from serving import state_token
 from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
 from serving.api.rnnlab.v1 import forecasting_pb2_grpc as fpb_grpc
 from serving.config import ServerConfig
-from serving.conformal import ALPHA, AdaptiveIntervals, StateError
+from serving.conformal import ALPHA, AdaptiveIntervals, StateError, max_state_bytes
 from serving.errors import quote
 from serving.forecast_batcher import ForecastBatcher, Steps
 from serving.forecast_runtime import ForecastRuntime
@@ -74,7 +74,7 @@ def forecaster_info(bundle: LoadedBundle, max_horizon: int) -> fpb.ForecasterInf
         interval_level=runtime.level,
         evaluation=runtime.manifest.evaluation_numbers(),
         bundle_digest=bundle.digest,
-        state_bytes=runtime.state_bytes,
+        state_bytes=runtime.state_bytes + max_state_bytes(runtime.horizon, runtime.width),
     )
 
 

@@ -184,6 +184,19 @@ def test_bad_starts_are_refused(client):
         good.extra = extra  # signed with the right key, but not a forecast stream's header
         error = _first(client, state_token=state_token.encode(good, KEY))
         assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
+    good = state_token.decode(token, KEY)
+    window, steps, lo, hi = good.state
+    assert steps.tolist() == [3.0] and good.extra["alpha_t"] == 0.1  # one forecast of 3 steps pending
+    for state in ([window, steps + 1, lo, hi], [window, steps, hi + 1, hi], [window, steps, lo, hi[:2]]):
+        good.state = state  # the adaptive rule's intervals do not fit the model (H = 3)
+        error = _first(client, state_token=state_token.encode(good, KEY))
+        assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
+    good.state, good.extra = [window], {"time": 5.0}  # a token from before the rule: it starts afresh
+    old = fpb.ForecastStreamRequest(
+        state_token=state_token.encode(good, KEY), observations=[obs(1.0, time=6)]
+    )
+    [reply] = client.forecast_stream([old])
+    assert reply.observations == 7 and len(reply.steps) == 3
     assert_still_serving(client)
 
 

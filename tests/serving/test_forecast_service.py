@@ -140,7 +140,10 @@ def test_list_forecasters(client):
         5,
         3,
     )
-    assert info.max_horizon == 256 and info.state_bytes == 20 and len(info.bundle_digest) == 64
+    # the window (5 x 1 float32) and at most 3 pending intervals of 3, 2 and 1 steps (counts, lo, hi)
+    assert (
+        info.max_horizon == 256 and info.state_bytes == 4 * (5 + 3 + 2 * 6) and len(info.bundle_digest) == 64
+    )
     assert "rolling_origin.mase" in info.evaluation
 
 
