@@ -24,8 +24,19 @@ from forecast.data import PRESETS, Preset, Scaler, Series, Splits, chronological
 from forecast.model import ForecastConfig, Forecaster, calibrated_scale, gaussian_nll
 from lm import loop
 from lm.loop import StepLoss, Trainer
+from lm.metrics import Figures
 
 CHECKPOINT_KIND = "ts"
+# What the loop logs and plots (metrics.jsonl, metrics.png, the bar, the valid lines), by --loss: the
+# loss reported (Forecasting.loss) on the standardised scale, the valid MSE of the (ensemble) mean beside
+# it, no perplexity; the bar counts windows.
+_PANEL = ("mse", "valid MSE of the mean (standardised)")
+FIGURES = {
+    "nll": Figures(
+        "Gaussian NLL", "nats/value, standardised", perplexity=False, panel=_PANEL, rate="windows/s"
+    ),
+    "mse": Figures("MSE", "standardised units²", perplexity=False, panel=_PANEL, rate="windows/s"),
+}
 
 
 def resolved_preset(data: TSDataConfig, length: int) -> Preset:
@@ -101,6 +112,7 @@ class Forecasting:
         self.x, self.y = (torch.from_numpy(a) for a in prepared.windows(0, train_end, w, h))
         self.vx, self.vy = (torch.from_numpy(a) for a in prepared.windows(s.valid_start, s.test_start, w, h))
         self.title = f"{prepared.series.name} {config.model.model} h={config.data.horizon}"
+        self.figures = FIGURES[config.optim.loss]
         self.model: Forecaster | None = None
 
     def build_model(self) -> Forecaster:

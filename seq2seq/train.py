@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from lm import distributed, loop
 from lm.config import OptimConfig, RunConfig, Sections, check_fields, section_of, setting, with_defaults
 from lm.loop import StepLoss, Trainer, TrainError
+from lm.metrics import NATS_PER_TOKEN
 from lm.progress import perplexity
 from seq2seq.batching import make_batches
 from seq2seq.data import DataConfig, Pair, group_references, load_splits
@@ -237,6 +238,7 @@ class Translation:
 
     kind = CHECKPOINT_KIND
     monitor, maximize = "bleu", True
+    figures = NATS_PER_TOKEN  # the loss is the label-smoothed one; the logged figure the NLL per token
 
     def __init__(
         self,
