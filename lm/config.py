@@ -39,6 +39,12 @@ PARTITIONS = ("sequential", "random")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "noam", "plateau")
 RUN_SECTION = "run"
+DIST_TIMEOUT_S = 300.0
+"""Collective timeout of data-parallel training (lm.distributed): a rank that hangs (not one that dies:
+gloo sees a closed connection at once) fails the others after this long. Every rank validates itself,
+so no rank waits on another's validation."""
+DIST_FLAGS = ("nproc", "dist_timeout")
+"""argparse destinations of :func:`add_distributed_arguments`: not config settings."""
 
 _Config = TypeVar("_Config")
 
@@ -452,3 +458,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                     help=help_text,
                     metavar=f.name.upper() if not meta.get("choices") else None,
                 )
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--nproc`` and ``--dist-timeout`` of a family's ``train`` command (lm.distributed runs them)."""
+    group = parser.add_argument_group(
+        "distributed", "data-parallel training on torchrun (docs/distributed.md)"
+    )
+    group.add_argument(
+        "--nproc",
+        type=int,
+        help="train with N processes on this machine: runs this command under torchrun "
+        "(python -m torch.distributed.run --standalone --nproc-per-node N); default 1",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        help="seconds a collective waits for a silent rank before the run stops "
+        f"(default {DIST_TIMEOUT_S:g})",
+    )

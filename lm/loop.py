@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 from lm import distributed
 from lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lm.config import OptimConfig, Sections, build_config, given_settings, resumed_config
+from lm.config import DIST_FLAGS, OptimConfig, Sections, build_config, given_settings, resumed_config
 from lm.metrics import Figures, MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, perplexity
 from lm.rng import seed_everything
@@ -603,7 +603,7 @@ def fit_command(trainer: Trainer, resume_hint: str) -> tuple[FitResult, int]:
     return result, ExitCode.OK
 
 
-TRAIN_ONLY = ("out", "resume", "config", "command", "func", *distributed.CLI_ONLY)
+TRAIN_ONLY = ("out", "resume", "config", "command", "func", *DIST_FLAGS)
 """argparse destinations of a family's ``train`` command that are not config settings."""
 
 

@@ -19,7 +19,7 @@ from serving.errors import ExitCode, UsageError, UserError, run_command
 
 # --- train -------------------------------------------------------------------------------------------
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    from lm.config import add_config_arguments
+    from lm.config import add_config_arguments, add_distributed_arguments
     from seq2seq.train import TrainConfig
 
     parser = subparsers.add_parser(
@@ -39,9 +39,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
     )
     add_config_arguments(parser, TrainConfig)
-    from lm.distributed import add_arguments
-
-    add_arguments(parser)
+    add_distributed_arguments(parser)
     parser.set_defaults(func=cmd_train)
 
 

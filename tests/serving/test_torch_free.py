@@ -10,6 +10,8 @@ import json
 import numpy as np
 
 from serving.forecast_runtime import ForecastRuntime
+from serving.runtime import LMRuntime
+from serving.sampling import DEFAULT_SAMPLING, SamplingParams
 from tests.committed_bundles import FORECASTER, committed
 from tests.torch_free import TRAINING_ONLY, run_blocked, run_cli_blocked
 
@@ -74,3 +76,20 @@ def test_a_run_directory_without_torch_is_a_user_error_naming_the_training_insta
         assert out.returncode == 2, (argv, out.stderr)
         assert out.stderr.startswith("error: torch is not installed") and "rnnlab[train]" in out.stderr
         assert out.stderr.count("\n") == 1
+
+
+def test_rnnlab_lm_generates_from_a_bundle_and_lists_data_with_torch_blocked():
+    bundle = committed("tiny")
+    argv = ["generate", str(bundle), "--prompt", "The ", "--max-tokens", "40", "--seed", "7"]
+    out = run_cli_blocked("lm.cli", argv)
+    assert out.returncode == 0, out.stderr
+    params = SamplingParams(DEFAULT_SAMPLING.temperature, DEFAULT_SAMPLING.top_k, DEFAULT_SAMPLING.top_p, 7)
+    text = "".join(LMRuntime.load(bundle).generate("The ", 40, params))
+    assert out.stdout == text + "\n" and len(text) >= 40 and "bundle (onnxruntime)" in out.stderr
+    for argv, expected in (
+        (["--help"], "usage: rnnlab-lm"),
+        (["train", "--help"], "--nproc"),
+        (["data", "list"], "timemachine"),
+    ):
+        out = run_cli_blocked("lm.cli", argv)
+        assert out.returncode == 0 and expected in out.stdout, (argv, out.stderr)
