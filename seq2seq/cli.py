@@ -20,7 +20,7 @@ from serving.errors import ExitCode, UsageError, UserError, run_command
 # --- train -------------------------------------------------------------------------------------------
 def add_train(subparsers: argparse._SubParsersAction) -> None:
     from lm.config import add_config_arguments, add_distributed_arguments
-    from seq2seq.train import TrainConfig
+    from seq2seq.config import TrainConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -46,7 +46,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lm import distributed
     from lm.loop import train_command
-    from seq2seq.train import TrainConfig, resume_run, start_run
+    from seq2seq.config import TrainConfig
+    from seq2seq.train import resume_run, start_run
 
     def train() -> int:
         return train_command(args, TrainConfig, start_run, resume_run, "rnnlab-mt")

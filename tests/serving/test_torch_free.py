@@ -12,7 +12,9 @@ import numpy as np
 from serving.forecast_runtime import ForecastRuntime
 from serving.runtime import LMRuntime
 from serving.sampling import DEFAULT_SAMPLING, SamplingParams
-from tests.committed_bundles import FORECASTER, committed
+from serving.search import SearchParams
+from serving.translator import Seq2SeqRuntime
+from tests.committed_bundles import FORECASTER, TRANSLATOR, committed
 from tests.torch_free import TRAINING_ONLY, run_blocked, run_cli_blocked
 
 SERVING_IMPORTS = """
@@ -92,4 +94,26 @@ def test_rnnlab_lm_generates_from_a_bundle_and_lists_data_with_torch_blocked():
         (["data", "list"], "timemachine"),
     ):
         out = run_cli_blocked("lm.cli", argv)
+        assert out.returncode == 0 and expected in out.stdout, (argv, out.stderr)
+
+
+def test_rnnlab_mt_translates_with_a_bundle_with_torch_blocked(tmp_path):
+    lines = ["Hello.", "Where is the station?", "I like cats."]
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in lines))
+    bundle, output = committed(TRANSLATOR), tmp_path / "out.txt"
+    argv = [
+        "translate",
+        "--bundle",
+        str(bundle),
+        "--input",
+        str(tmp_path / "in.txt"),
+        "--output",
+        str(output),
+    ]
+    out = run_cli_blocked("seq2seq.cli", [*argv, "--beam", "2"])
+    assert out.returncode == 0, out.stderr
+    want = [t.text for t in Seq2SeqRuntime.load(bundle).translate(lines, SearchParams(beam=2))]
+    assert output.read_text().splitlines() == want and all(want)
+    for argv, expected in ((["--help"], "usage: rnnlab-mt"), (["train", "--help"], "--joint-spm")):
+        out = run_cli_blocked("seq2seq.cli", argv)
         assert out.returncode == 0 and expected in out.stdout, (argv, out.stderr)
