@@ -56,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bptt", type=int, default=128)
     parser.add_argument("--state-size", type=int, default=16, help="mamba")
     parser.add_argument("--expand", type=int, default=2, help="mamba, mingru")
     parser.add_argument("--heads", type=int, default=4, help="mamba")
+    parser.add_argument("--ff-mult", type=int, default=0, help="mamba, mingru: feed-forward width")
     parser.add_argument("--precision", default="fp32", help="mamba, mingru: fp32 or bf16 training matmuls")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default")
     parser.add_argument("--result", default="", help="result name (default lm_shakespeare[_<cell>])")
@@ -81,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         state_size=args.state_size,
         expand=args.expand,
         heads=args.heads,
+        ff_mult=args.ff_mult,
         precision=args.precision,
-        weight_decay=0.01,
+        weight_decay=args.weight_decay,
         clip=1.0,
         lr_schedule="cosine",
         warmup_steps=50,

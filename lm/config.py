@@ -271,6 +271,10 @@ class ModelConfig:
     expand: int = setting(2, "mamba, mingru: inner (recurrent) width = expand x hidden")
     conv_kernel: int = setting(4, "mamba: causal depthwise convolution width (>= 2)")
     heads: int = setting(4, "mamba: heads, each with its own decay (must divide expand x hidden)")
+    ff_mult: int = setting(
+        0,
+        "mamba, mingru: a residual feed-forward layer of ff_mult x hidden after each block (0: none)",
+    )
     precision: str = setting(
         "fp32",
         "mamba, mingru: training matmuls (bf16: autocast; scan, eval, export fp32)",
@@ -294,10 +298,14 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.cell in PARALLEL_CELLS:
             self._check_parallel()
+        elif self.ff_mult:
+            raise ValueError("--ff-mult is for mamba and mingru")
 
     def _check_parallel(self) -> None:
         if self.impl != "fused":
             raise ValueError(f"--impl scratch is for rnn/gru/lstm; {self.cell} has one implementation")
+        if self.ff_mult < 0:
+            raise ValueError(f"--ff-mult must be >= 0, not {self.ff_mult}")
         for name in ("state_size", "expand", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")

@@ -196,6 +196,7 @@ def _architecture(config: ModelConfig, trained_impl: str) -> dict:
             "expand": config.expand,
             "conv_kernel": config.conv_kernel,
             "heads": config.heads,
+            "ff_mult": config.ff_mult,
         }
     return arch
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lm.ssm import RMSNorm, pad_time, segsum
+from lm.ssm import LockedDropout, RMSNorm, pad_time, segsum
 
 
 def g(x: Tensor) -> Tensor:
@@ -177,12 +177,13 @@ def scan_chunked(gate: Tensor, candidate: Tensor, h0: Tensor, chunk: int) -> Ten
 class MinGRUBlock(nn.Module):
     """One residual minGRU layer of width d with expand·d recurrent channels."""
 
-    def __init__(self, d: int, expand: int, chunk: int = 16) -> None:
+    def __init__(self, d: int, expand: int, chunk: int = 16, dropout: float = 0.0) -> None:
         super().__init__()
         self.inner, self.chunk = expand * d, chunk
         self.norm = RMSNorm(d)
         self.in_proj = nn.Linear(d, 2 * self.inner)
         self.out_proj = nn.Linear(self.inner, d, bias=False)
+        self.drop = LockedDropout(dropout)  # on the residual branch, in training only
 
     def forward(self, u: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
         """u: (B, T, d), h0: (B, E) -> (u' (B, T, d), h_T (B, E))."""
@@ -193,7 +194,7 @@ class MinGRUBlock(nn.Module):
             h = scan_chunked(*projected.chunk(2, dim=-1), h0, self.chunk)
         else:
             h = scan_blocked(projected, h0.to(u.dtype))
-        return u + self.out_proj(h), h[:, -1]
+        return u + self.drop(self.out_proj(h)), h[:, -1]
 
     def state_shapes(self) -> tuple[tuple[int, ...]]:
         """Per-stream shape of h, without the batch axis."""

@@ -1,9 +1,10 @@
 """The recurrent language model: Embedding → RNN/GRU/LSTM × L → dropout → Linear (optionally tied).
 
 The parallel cells (``mamba``, ``mingru``: lm/ssm.py, lm/mingru.py) replace the RNN by L residual blocks
-and a final RMSNorm: Embedding → (Linear embed → hidden) → block × L → RMSNorm → dropout → Linear; their
-dropout is ``LockedDropout`` (one mask per sequence and channel) and ``--precision bf16`` runs their
-matrix products in bf16 while training.
+and a final RMSNorm: Embedding → (Linear embed → hidden) → (block → feed-forward if ``--ff-mult``) × L →
+RMSNorm → dropout → Linear; their dropout is ``LockedDropout`` (one mask per sequence and channel), on the
+embeddings, on every block's residual branch and before the output layer, and ``--precision bf16`` runs
+their matrix products in bf16 while training.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from lm.cells import ScratchRNN
 from lm.config import GATES, PARALLEL_CELLS, ModelConfig
 from lm.mingru import MinGRUBlock
-from lm.ssm import MambaBlock, RMSNorm
+from lm.ssm import FeedForward, LockedDropout, MambaBlock, RMSNorm
 
 State = tuple[Tensor, ...]
 """The recurrent state, a tuple of tensors each with the layers on axis 0 and the batch on axis 1:
@@ -38,8 +39,8 @@ def make_rnn(config: ModelConfig) -> nn.Module:
 def make_block(config: ModelConfig) -> nn.Module:
     c = config
     if c.cell == "mamba":
-        return MambaBlock(c.hidden, c.expand, c.heads, c.state_size, c.conv_kernel)
-    return MinGRUBlock(c.hidden, c.expand)
+        return MambaBlock(c.hidden, c.expand, c.heads, c.state_size, c.conv_kernel, dropout=c.dropout)
+    return MinGRUBlock(c.hidden, c.expand, dropout=c.dropout)
 
 
 class RNNLM(nn.Module):
@@ -51,6 +52,10 @@ class RNNLM(nn.Module):
         if self.parallel:
             self.proj_in = nn.Linear(config.embed, config.hidden) if config.embed != config.hidden else None
             self.blocks = nn.ModuleList(make_block(config) for _ in range(config.layers))
+            self.feed_forwards = nn.ModuleList(
+                FeedForward(config.hidden, config.ff_mult, config.dropout)
+                for _ in range(config.layers if config.ff_mult else 0)
+            )
             self.norm = RMSNorm(config.hidden)
         else:
             self.rnn = make_rnn(config)
@@ -130,6 +135,8 @@ class RNNLM(nn.Module):
             for k, block in enumerate(self.blocks):
                 layer_state = [s[k] for s in state]
                 x, *layer_state = block.step(x, *layer_state) if step else block(x, *layer_state)
+                if self.feed_forwards:
+                    x = self.feed_forwards[k](x)
                 layers.append(layer_state)
         if step:
             x = x.reshape(-1, 1, self.config.hidden)
@@ -138,25 +145,6 @@ class RNNLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-class LockedDropout(nn.Module):
-    """Dropout with one mask per sequence and channel, shared by every time step of the window (variational
-    dropout, Gal & Ghahramani 2016; AWD-LSTM's locked dropout). x: (B, T, D) -> (B, T, D).
-
-    Why for the parallel cells: ``nn.Dropout`` draws one random number per element, 20 ms per
-    (32, 128, 448) tensor on one core (measured), where the mask over (32, 1, 448) takes 0.6 ms.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = torch.empty(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
-        return x * keep.div_(1 - self.p)
 
 
 def detach_state(state: State) -> State:

@@ -73,6 +73,42 @@ class RMSNorm(nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
+class LockedDropout(nn.Module):
+    """Dropout with one mask per sequence and channel, shared by every time step of the window (variational
+    dropout, Gal & Ghahramani 2016; AWD-LSTM's locked dropout). x: (B, T, D) -> (B, T, D).
+
+    Why for the parallel cells: ``nn.Dropout`` draws one random number per element, 20 ms per
+    (32, 128, 448) tensor on one core (measured), where the mask over (32, 1, 448) takes 0.6 ms.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask_shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)  # (B, 1, D); (B, D) for a step
+        keep = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep.div_(1 - self.p)
+
+
+class FeedForward(nn.Module):
+    """x + dropout(W_2 GELU(W_1 RMSNorm(x))), W_1: d -> mult·d: the per-token channel mixing that the
+    language models of the minGRU paper (nanoGPT with attention replaced) keep after each recurrent layer.
+    Stateless, so the stream state is unchanged. x: (B, T, d) or (B, d) -> the same shape."""
+
+    def __init__(self, d: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.up = nn.Linear(d, mult * d)
+        self.down = nn.Linear(mult * d, d)
+        self.drop = LockedDropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop(self.down(F.gelu(self.up(self.norm(x)))))
+
+
 def segsum(a: Tensor) -> Tensor:
     """a: (..., Q) log decays -> (..., Q, Q): [t, s] = a[s+1] + ... + a[t] for s <= t, −inf above.
 
@@ -159,7 +195,14 @@ class MambaBlock(nn.Module):
     """One residual Mamba-2 style layer; see the module docstring for the equations."""
 
     def __init__(
-        self, d: int, expand: int, heads: int, state_size: int, conv_kernel: int, chunk: int = 64
+        self,
+        d: int,
+        expand: int,
+        heads: int,
+        state_size: int,
+        conv_kernel: int,
+        chunk: int = 64,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         inner = expand * d
@@ -180,6 +223,7 @@ class MambaBlock(nn.Module):
         self.skip = nn.Parameter(torch.ones(heads))
         self.out_norm = RMSNorm(inner)
         self.out_proj = nn.Linear(inner, d, bias=False)
+        self.drop = LockedDropout(dropout)  # on the residual branch, in training only
 
     def _project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (B, T, d) -> z (B, T, E), x̃BC before the convolution (B, T, E + 2N), Δ before softplus."""
@@ -187,10 +231,10 @@ class MambaBlock(nn.Module):
         projected = self.in_proj(self.norm(u)).to(u.dtype)
         return projected.split([self.inner, self.conv_dim, self.heads], dim=-1)
 
-    def _output(self, u: Tensor, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
-        """y, x: (..., H, P), z and u's width -> u + W_out RMSNorm((y + D x) ⊙ SiLU(z))."""
+    def _branch(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """y, x: (..., H, P), z: (..., E) -> the residual branch W_out RMSNorm((y + D x) ⊙ SiLU(z))."""
         y = (y + self.skip[:, None] * x).flatten(-2)
-        return u + self.out_proj(self.out_norm(y * F.silu(z)))
+        return self.out_proj(self.out_norm(y * F.silu(z)))
 
     def forward(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (B, T, d), conv_state: (B, k − 1, E + 2N), ssm_state: (B, H, P, N) -> (u', conv', ssm')."""
@@ -206,7 +250,7 @@ class MambaBlock(nn.Module):
         dt, a = F.softplus(delta + self.dt_bias), -torch.exp(self.a_log)
         with torch.autocast(u.device.type, enabled=False):  # the state hand-over in float32
             y, ssm_state = ssd(x, dt, a, b, c, ssm_state, chunk)
-        return self._output(u, y, x, z), window[:, 1 - self.kernel :], ssm_state
+        return u + self.drop(self._branch(y, x, z)), window[:, 1 - self.kernel :], ssm_state
 
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token. u: (B, d), conv_state: (B, k − 1, E + 2N), ssm_state: (B, H, P, N)."""
@@ -217,7 +261,7 @@ class MambaBlock(nn.Module):
         x = x.reshape(-1, self.heads, self.head_dim)
         dt, a = F.softplus(delta + self.dt_bias), -torch.exp(self.a_log)
         y, ssm_state = ssd_step(x, dt, a, b, c, ssm_state, (self.heads, self.head_dim, self.n))
-        return self._output(u, y, x, z), window[:, 1:], ssm_state
+        return u + self._branch(y, x, z), window[:, 1:], ssm_state
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-stream shapes of (conv, ssm), without the batch axis."""

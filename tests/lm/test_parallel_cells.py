@@ -99,8 +99,9 @@ def test_training_scan_stays_exact_under_strong_forgetting_over_a_long_window() 
     assert 1e-5 < drift < 1e-2
 
 
+@pytest.mark.parametrize("ff_mult", [0, 2])
 @pytest.mark.parametrize("cell", ["mamba", "mingru"])
-def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
+def test_model_window_in_pieces_equals_one_window_and_steps(cell: str, ff_mult: int) -> None:
     """The LM's state carried across calls (as truncated BPTT and generation carry it) changes nothing."""
     torch.manual_seed(0)
     config = ModelConfig(
@@ -114,8 +115,10 @@ def test_model_window_in_pieces_equals_one_window_and_steps(cell: str) -> None:
         state_size=4,
         expand=2,
         conv_kernel=3,
+        ff_mult=ff_mult,
     )
     model = RNNLM(config).double().eval()
+    assert len(model.feed_forwards) == (2 if ff_mult else 0)
     tokens = torch.randint(0, 13, (3, 21))
     whole, whole_state = model(tokens)
     first, state = model(tokens[:, :9])
@@ -141,10 +144,16 @@ def test_bad_settings_of_the_parallel_cells_are_refused_by_flag() -> None:
         TrainConfig.of(cell="mamba", state_size=0)
     with pytest.raises(ConfigError, match="--impl scratch is for rnn/gru/lstm"):
         TrainConfig.of(cell="mingru", impl="scratch")
+    with pytest.raises(ConfigError, match="--ff-mult is for mamba and mingru"):
+        TrainConfig.of(cell="gru", ff_mult=4)
+    with pytest.raises(ConfigError, match="--ff-mult must be >= 0"):
+        TrainConfig.of(cell="mingru", ff_mult=-1)
 
 
-@pytest.mark.parametrize("cell", ["mamba", "mingru"])
-def test_cli_trains_resumes_evaluates_exports_and_generates(cell: str, corpus_file, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("cell,extra", [("mamba", []), ("mingru", []), ("mingru", ["--ff-mult", "2"])])
+def test_cli_trains_resumes_evaluates_exports_and_generates(
+    cell: str, extra: list[str], corpus_file, tmp_path, capsys
+) -> None:
     """The whole command line with a parallel cell: the torch run and its bundle sample the same text."""
     run, bundle = tmp_path / "run", tmp_path / "bundle"
     flags = [
@@ -158,13 +167,15 @@ def test_cli_trains_resumes_evaluates_exports_and_generates(cell: str, corpus_fi
         "2",
         "--state-size",
         "4",
+        *extra,
         *TINY_FLAGS,
     ]
     assert main(["train", *flags, "--epochs", "1"]) == 0
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert main(["eval", str(run), "--json"]) == 0
     assert main(["export", str(run), "--out", str(bundle)]) == 0
-    assert json.loads((bundle / "manifest.json").read_text())["architecture"]["cell"] == cell
+    architecture = json.loads((bundle / "manifest.json").read_text())["architecture"]
+    assert architecture["cell"] == cell and architecture["ff_mult"] == (2 if extra else 0)
     capsys.readouterr()
     args = ["--prompt", "The Time", "--max-tokens", "40", "--temperature", "0.8", "--seed", "3"]
     assert main(["generate", str(bundle), *args]) == 0
@@ -224,6 +235,23 @@ def test_parallel_cells_drop_the_same_channels_at_every_step() -> None:
     assert 0 < (dropped == 0).float().mean() < 1
     torch.testing.assert_close(dropped[dropped != 0], torch.full_like(dropped[dropped != 0], 2.0))
     assert torch.equal(model.eval().drop(torch.ones(4, 9, 16)), torch.ones(4, 9, 16))
+
+
+@pytest.mark.parametrize("cell", ["mamba", "mingru"])
+def test_blocks_drop_their_residual_branch_in_training_only(cell: str) -> None:
+    """The branch is dropped, the skip path and the carried state are not; evaluation is the plain block."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=13, cell=cell, layers=2, embed=16, hidden=16, heads=2, dropout=0.5)
+    block = RNNLM(config).blocks[0]
+    u, state = torch.randn(3, 7, 16), _random_state(block, 3, torch.float32)
+    plain, *plain_state = block.eval()(u, *state)
+    dropped, *dropped_state = block.train()(u, *state)
+    branch, kept = plain - u, dropped - u
+    off = (kept == 0).all(dim=1)  # (B, d): a channel of the branch is off at every step or at none
+    assert 0 < off.float().mean() < 1 and ((kept == 0).any(dim=1) == off).all()
+    torch.testing.assert_close(kept[~off[:, None].expand_as(kept)], 2 * branch[~off[:, None].expand_as(kept)])
+    for got, want in zip(dropped_state, plain_state, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_rms_norm_autograd_node_equals_the_exported_spelling() -> None:
