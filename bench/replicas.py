@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle, described = choose_bundle(args.bundle, Path(tmp))
+        bundle, described = choose_bundle(args.bundle, None, Path(tmp))
         model = LMRuntime.load(bundle).manifest.name
         load_before = os.getloadavg()[0]
         replicas = [ServerProcess(bundle), ServerProcess(bundle)]

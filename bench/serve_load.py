@@ -47,30 +47,38 @@ DEFAULT_BUNDLE = ROOT / "bundles" / "lm-timemachine"
 PROMPT = "The Time Traveller "
 
 
-def random_bundle(out_dir: Path) -> Path:
-    """A 2-layer GRU, hidden 256, 80-symbol char vocabulary, random weights, exported as a bundle."""
+def random_bundle(out_dir: Path, cell: str | None = None) -> tuple[Path, str]:
+    """A random-weight bundle and its description: without ``cell`` a 2-layer GRU (hidden 256, 80-symbol
+    char vocabulary); with it, that cell at bench.lm_cells' 0.7 M size (the figures of docs/lm.md)."""
     import torch
 
+    from bench.lm_cells import VOCAB, model_for
     from lm.export import export_lm
     from lm.model import RNNLM, ModelConfig
     from serving.tokenizers import CharTokenizer
 
     torch.manual_seed(0)
-    symbols = "".join(chr(c) for c in range(32, 111))  # 79 printable characters + <unk> = 80
+    symbols = "".join(chr(c) for c in range(32, 32 + (VOCAB - 1 if cell else 79)))  # + <unk>
     tokenizer = CharTokenizer.train(symbols)
+    if cell:
+        model = model_for(cell, "0.7M").eval()
+        return export_lm(model, tokenizer, out_dir / f"bench-{cell}", name=f"bench-{cell}"), (
+            f"random {cell} of bench.lm_cells' 0.7M size, vocab {VOCAB}"
+        )
     model = RNNLM(
         ModelConfig(vocab_size=tokenizer.vocab_size, cell="gru", layers=2, embed=128, hidden=256, dropout=0.0)
     ).eval()
-    return export_lm(model, tokenizer, out_dir / "bench-gru", name="bench-gru")
+    bundle = export_lm(model, tokenizer, out_dir / "bench-gru", name="bench-gru")
+    return bundle, "random 2-layer GRU hidden 256, vocab 80"
 
 
-def choose_bundle(given: str | None, tmp: Path) -> tuple[Path, str]:
-    """``given``, else the default pipeline's bundle, else ``random_bundle`` made in ``tmp``; with how the
-    result file names it."""
-    if given or DEFAULT_BUNDLE.is_dir():
+def choose_bundle(given: str | None, cell: str | None, tmp: Path) -> tuple[Path, str]:
+    """``given``, else a ``random_bundle`` of ``cell``, else the default pipeline's bundle, else the random
+    GRU made in ``tmp``; with how the result file names it."""
+    if given or (not cell and DEFAULT_BUNDLE.is_dir()):
         bundle = Path(given or DEFAULT_BUNDLE)
         return bundle, repo_path(bundle)
-    return random_bundle(tmp), "random 2-layer GRU hidden 256, vocab 80"
+    return random_bundle(tmp, cell)
 
 
 def ceiling(runtime: LMRuntime, batch: int, steps: int) -> float:
@@ -216,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         help="LM bundle directory (default: bundles/lm-timemachine if it exists, "
         "else a random-weight 2x256 GRU)",
     )
+    parser.add_argument(
+        "--cell",
+        choices=("gru", "lstm", "mamba", "mingru"),
+        help="without --bundle: a random-weight bundle of this cell, bench.lm_cells' 0.7M size (torch)",
+    )
     parser.add_argument("--streams", default="1,8,64,256")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7, help="runs per figure (median reported)")
@@ -224,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        bundle, described = choose_bundle(args.bundle, Path(tmp))
+        bundle, described = choose_bundle(args.bundle, args.cell, Path(tmp))
         runtime = LMRuntime.load(bundle)
         model = runtime.manifest.name
         results: dict = {
