@@ -19,6 +19,7 @@ from lm.config import (
     setting,
     with_defaults,
 )
+from serving.transforms import TRANSFORMS
 
 MODELS = ("mlp", "rnn", "gru", "lstm")
 
@@ -80,6 +81,13 @@ class TSDataConfig:
     )
     interval_scale: float = setting(
         0.0, "fixed factor on sigma (0 = calibrated on the validation part at each validation)", minimum=0
+    )
+    transform: str = setting(
+        "none",
+        "variance-stabilising transform modelled instead of the values (boxcox: lambda fitted on the "
+        "training part; log and boxcox need positive values, sqrt non-negative); forecasts and intervals "
+        "are mapped back",
+        choices=TRANSFORMS,
     )
 
     def __post_init__(self) -> None:

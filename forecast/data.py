@@ -17,6 +17,7 @@ import numpy as np
 
 from lm.datasets import fetch
 from serving.errors import UserError
+from serving.transforms import Transform, boxcox_lambda
 
 MISSING = {"", "na", "nan", "null"}
 
@@ -199,3 +200,15 @@ class Scaler:
 
     def inverse(self, values: np.ndarray) -> np.ndarray:
         return values * np.array(self.std) + np.array(self.mean)
+
+
+def fit_transform(name: str, series: Series, train_end: int) -> Transform:
+    """The transform ``name`` for ``series``; Box-Cox's lambda (per column) is fitted on the training part
+    values[:train_end] only. Every value of the series must lie in the transform's domain: the first one
+    outside is refused naming its column, row and time."""
+    transform = Transform(name, (1.0,) * len(series.columns) if name == "boxcox" else ())
+    transform.check(series.values, series.columns, series.times, series.name)
+    if name != "boxcox":
+        return transform
+    train = series.values[:train_end]
+    return Transform(name, tuple(boxcox_lambda(train[:, d]) for d in range(train.shape[1])))

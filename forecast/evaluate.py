@@ -3,7 +3,9 @@
 Rolling origin: every test point o with o + H <= N is an origin; the model reads the W values before o
 (true values: the series is observed up to o) and forecasts o .. o+H-1. MAE, RMSE and MASE (MAE over the
 in-sample seasonal-naive MAE of the training part) and 90% interval coverage are taken over all (origin,
-step) pairs whose truth was observed, in the series' own units.
+step) pairs whose truth was observed, in the series' own units. With a transform (``--transform``), the
+model's mean and interval ends on the transformed scale are mapped back (the point forecast is then the
+median).
 
 ``coverage`` is that of the model's own intervals (sigma times the interval scale calibrated on the
 validation part, what ``forecast`` prints). ``coverage_rolling`` re-calibrates at each origin from the
@@ -27,6 +29,7 @@ from forecast.metrics import rolling_interval_scales, scores, seasonal_naive_sca
 from forecast.model import Z90, ForecastConfig, Forecaster
 from forecast.train import CHECKPOINT_KIND, Prepared, TrainConfig, prepare, read_series
 from lm.checkpoint import load_checkpoint
+from serving.transforms import Transform
 
 
 @dataclass
@@ -45,7 +48,8 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     mc = model.config
     preset = Preset(test=payload["test"], season=payload["season"], window=mc.window, batch_size=1)
     series = read_series(config.data, config.optim.seed)
-    return LoadedRun(model.eval(), config, prepare(series, preset, Scaler(**payload["scaler"])))
+    transform = Transform.from_dict(payload.get("transform"))  # runs from before the transform: none
+    return LoadedRun(model.eval(), config, prepare(series, preset, Scaler(**payload["scaler"]), transform))
 
 
 @torch.no_grad()
@@ -67,23 +71,27 @@ def recursive(model: Forecaster, windows: np.ndarray, steps: int) -> np.ndarray:
 
 
 def rolling_origin(run: LoadedRun) -> dict[str, Any]:
-    """Scores of the direct forecasts over every test origin (see the module doc), plus per-step MAE."""
+    """Scores of the direct forecasts over every test origin (see the module doc), plus per-step MAE.
+    Intervals are built on the model's (transformed, standardised) scale and their endpoints mapped to
+    the series' units; the rolling calibration works on that scale too."""
     p, mc = run.prepared, run.model.config
-    x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
+    x, y = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
     origins = np.arange(p.splits.test_start, p.splits.length - mc.horizon + 1)
     mean, sigma = predict(run.model, x)
-    std = np.array(p.scaler.std)
-    pred = p.scaler.inverse(mean)
+    pred = p.to_units(mean)
     truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
     mask = np.stack([p.series.observed[o : o + mc.horizon] for o in origins])
     scale = seasonal_naive_scale(p.series.values[: p.splits.valid_start], p.preset.season)
-    result = scores(pred, truth, pred - Z90 * sigma * std, pred + Z90 * sigma * std, scale, mask)
+
+    def scored(half: np.ndarray) -> dict[str, float]:
+        return scores(pred, truth, p.to_units(mean - half), p.to_units(mean + half), scale, mask)
+
+    result = scored(Z90 * sigma)
     err = np.abs(pred - truth)
     result["per_step_mae"] = [float(np.mean(err[:, h][mask[:, h]])) for h in range(mc.horizon)]
     prior = float(run.model.interval_scale)
-    rolling = rolling_interval_scales(err / (sigma * std / prior), mask, prior, Z90)[:, None, None]
-    half = Z90 * sigma * std / prior * rolling
-    result["coverage_rolling"] = scores(pred, truth, pred - half, pred + half, scale, mask)["coverage"]
+    rolling = rolling_interval_scales(np.abs(y - mean) / (sigma / prior), mask, prior, Z90)[:, None, None]
+    result["coverage_rolling"] = scored(Z90 * sigma / prior * rolling)["coverage"]
     result.update(origins=len(origins), horizon=mc.horizon, season=p.preset.season)
     return result
 
@@ -100,24 +108,22 @@ def forecast_next(run: LoadedRun, horizon: int, series: Series | None = None) ->
     """The next ``horizon`` values after the series' end (default: the run's own series) with 90% intervals;
     beyond the model's horizon the direct forecasts are extended recursively."""
     p, mc = run.prepared, run.model.config
-    values = p.series.values if series is None else series.values
+    history = p.series if series is None else series
+    values = history.values
     if len(values) < mc.window:
         raise ValueError(f"the history has {len(values)} points; the model reads {mc.window}")
-    window = p.scaler.transform(values[-mc.window :])[None]
+    start = len(values) - mc.window  # only the last W values are read
+    p.transform.check(values[start:], history.columns, history.times[start:], history.name, start + 1)
+    window = p.scaler.transform(p.transform.forward(values[-mc.window :]))[None]
     mean, sigma = predict(run.model, window)
     if horizon > mc.horizon:
         extra = recursive(run.model, window, horizon)[:, mc.horizon :]
         mean = np.concatenate([mean, extra], axis=1)
         sigma = np.concatenate([sigma, np.repeat(sigma[:, -1:], horizon - mc.horizon, axis=1)], axis=1)
-    std = np.array(p.scaler.std)
-    pred, half = p.scaler.inverse(mean[0, :horizon]), Z90 * sigma[0, :horizon] * std
+    mean, half = mean[0, :horizon], Z90 * sigma[0, :horizon]
+    pred, lower, upper = p.to_units(mean), p.to_units(mean - half), p.to_units(mean + half)
     return [
-        {
-            "step": h + 1,
-            "mean": pred[h].tolist(),
-            "lo90": (pred[h] - half[h]).tolist(),
-            "hi90": (pred[h] + half[h]).tolist(),
-        }
+        {"step": h + 1, "mean": pred[h].tolist(), "lo90": lower[h].tolist(), "hi90": upper[h].tolist()}
         for h in range(horizon)
     ]
 
@@ -128,7 +134,7 @@ def k_step_errors(run: LoadedRun, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     p, mc = run.prepared, run.model.config
     ks = tuple(k for k in ks if k < p.splits.length - p.splits.test_start)
     x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, 1)
-    rec = p.scaler.inverse(recursive(run.model, x, max(ks)))
+    rec = p.to_units(recursive(run.model, x, max(ks)))
     out = {}
     for k in ks:
         n = len(x) - k + 1  # origins whose k-th target exists
@@ -159,12 +165,13 @@ def plot_run(run: LoadedRun, out_dir: str | Path) -> list[Path]:
     p, mc, out = run.prepared, run.model.config, Path(out_dir)
     x, _ = p.windows(p.splits.test_start, p.splits.length, mc.window, mc.horizon)
     mean, sigma = predict(run.model, x)
-    pred, half = p.scaler.inverse(mean)[:, 0, 0], Z90 * sigma[:, 0, 0] * p.scaler.std[0]
+    pred = p.to_units(mean)[:, 0, 0]
+    lower, upper = p.to_units(mean - Z90 * sigma)[:, 0, 0], p.to_units(mean + Z90 * sigma)[:, 0, 0]
     origins = np.arange(p.splits.test_start, p.splits.test_start + len(pred))
     truth = np.stack([p.series.values[o : o + mc.horizon] for o in origins])
-    rec = p.scaler.inverse(recursive(run.model, x, mc.horizon))
+    rec = p.to_units(recursive(run.model, x, mc.horizon))
     steps = {
-        "direct": np.abs(p.scaler.inverse(mean) - truth).mean(axis=(0, 2)),
+        "direct": np.abs(p.to_units(mean) - truth).mean(axis=(0, 2)),
         "recursive": np.abs(rec - truth).mean(axis=(0, 2)),
     }
     title = f"{p.series.name} {mc.model}"
@@ -176,8 +183,8 @@ def plot_run(run: LoadedRun, out_dir: str | Path) -> list[Path]:
             values,
             p.splits.test_start,
             pred,
-            pred - half,
-            pred + half,
+            lower,
+            upper,
             steps,
             context=3 * mc.window,
         ),

@@ -9,7 +9,8 @@ returns the forecast read from the updated window:
 
 all float32 in standardised units (sigma is exp of the head's log sigma); window_out is the last W rows
 of window ++ values, so T observations cost one call whatever T is. The manifest's ``forecast`` object holds
-what the runtime needs around the graph: the columns, the standardisation fitted on the training part, W,
+what the runtime needs around the graph: the columns, the transform (when there is one) and the
+standardisation fitted on the training part, W,
 H, the interval (90%: mean ± z·sigma) and the last W observations of the training series (``history``),
 so that ``rnnlab-ts forecast BUNDLE`` forecasts after the series' end as ``rnnlab-ts forecast RUN`` does.
 The graph is checked against torch (lm.exporter.step_parity, 1e-4) before anything is published.
@@ -98,8 +99,12 @@ def check_parity(model: Forecaster, graph: Path, scaled: np.ndarray) -> ParityRe
 
 
 def _forecast_section(run: LoadedRun) -> dict:
+    """The manifest's forecast object; ``transform`` only when there is one (absent = none, as in the
+    bundles from before the transform, which load unchanged)."""
     p, c = run.prepared, run.model.config
+    transform = {} if p.transform.name == "none" else {"transform": p.transform.to_dict()}
     return {
+        **transform,
         "columns": list(p.series.columns),
         "scaler": {"mean": list(p.scaler.mean), "std": list(p.scaler.std)},
         "window": c.window,

@@ -11,7 +11,7 @@ metrics.jsonl, metrics.png.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,22 @@ import torch
 from torch import Tensor
 
 from forecast.config import TrainConfig, TSDataConfig
-from forecast.data import PRESETS, Preset, Scaler, Series, Splits, chronological_splits, load_series, read_csv
+from forecast.data import (
+    PRESETS,
+    Preset,
+    Scaler,
+    Series,
+    Splits,
+    chronological_splits,
+    fit_transform,
+    load_series,
+    read_csv,
+)
 from forecast.model import ForecastConfig, Forecaster, calibrated_scale, gaussian_nll
 from lm import loop
 from lm.loop import StepLoss, Trainer
 from lm.metrics import Figures
+from serving.transforms import Transform
 
 CHECKPOINT_KIND = "ts"
 # What the loop logs and plots (metrics.jsonl, metrics.png, the bar, the valid lines), by --loss: the
@@ -70,7 +81,13 @@ class Prepared:
     splits: Splits
     scaler: Scaler
     scaled: np.ndarray
-    """(N, D) float32 standardised values."""
+    """(N, D) float32 standardised values (of the transformed series)."""
+    transform: Transform = field(default_factory=Transform)
+
+    def to_units(self, standardised: np.ndarray) -> np.ndarray:
+        """(..., D) standardised (transformed) values -> the series' units (interval endpoints too: the
+        inverse transform is monotone)."""
+        return self.transform.inverse(self.scaler.inverse(standardised))
 
     def windows(self, start: int, stop: int, window: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """Every (x, y) whose target lies in [start, stop): x (n, W, D), y (n, H, D)."""
@@ -80,10 +97,22 @@ class Prepared:
         return x, y
 
 
-def prepare(series: Series, preset: Preset, scaler: Scaler | None = None) -> Prepared:
+def prepare(
+    series: Series,
+    preset: Preset,
+    scaler: Scaler | None = None,
+    transform: Transform | str = "none",
+) -> Prepared:
+    """The split, the transform (a name: fitted on the training part; a Transform: stored with a run) and
+    the scaler (fitted on the transformed training part unless given)."""
     splits = chronological_splits(len(series.values), preset.test, preset.window)
-    scaler = scaler or Scaler.fit(series.values[: splits.valid_start])
-    return Prepared(series, preset, splits, scaler, scaler.transform(series.values).astype(np.float32))
+    if isinstance(transform, str):
+        transform = fit_transform(transform, series, splits.valid_start)
+    else:
+        fit_transform(transform.name, series, splits.valid_start)  # the domain check: names the bad row
+    values = transform.forward(series.values)
+    scaler = scaler or Scaler.fit(values[: splits.valid_start])
+    return Prepared(series, preset, splits, scaler, scaler.transform(values).astype(np.float32), transform)
 
 
 class Forecasting:
@@ -175,6 +204,7 @@ class Forecasting:
         return {
             "model_config": self.model_config.to_dict(),
             "scaler": vars(p.scaler),
+            "transform": p.transform.to_dict(),
             "columns": p.series.columns,
             "season": p.preset.season,
             "test": p.preset.test,
@@ -218,7 +248,7 @@ def start_at_linear_ar(model: Forecaster, x: Tensor, y: Tensor, ridge: float = 1
 
 def _prepared(config: TrainConfig) -> Prepared:
     series = read_series(config.data, config.optim.seed)
-    return prepare(series, resolved_preset(config.data, len(series.values)))
+    return prepare(series, resolved_preset(config.data, len(series.values)), transform=config.data.transform)
 
 
 def start_run(config: TrainConfig, out: str | Path, **trainer_options: Any) -> Trainer:

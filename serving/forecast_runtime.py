@@ -7,7 +7,9 @@ stream's length. ``step`` is the batched primitive the server's batcher calls; `
 forecasts beyond the model's H steps, made recursively as forecast.evaluate does (the one-step mean fed
 back as the next observation; sigma beyond H repeats the H-th), and ``forecast_history`` is the
 single-series convenience behind ``rnnlab-ts forecast BUNDLE``. Values come in and go out in the series'
-own units; standardisation is float64 numpy with the scaler stored in the manifest, as in training.
+own units; standardisation is float64 numpy with the scaler stored in the manifest, as in training, after
+the manifest's ``transform`` (serving.transforms; absent in bundles from before it: none). Forecasts and
+both interval ends are mapped back through the transform's inverse, as forecast.evaluate does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from serving.bundle import BundleError, Manifest, load_manifest
 from serving.runtime import _check_session_tensor, _raw_run, open_session
+from serving.transforms import Transform, TransformError
 
 KIND = "forecast"
 
@@ -69,6 +72,12 @@ def _section(manifest: Manifest) -> dict:
     z = (spec.get("interval") or {}).get("z")
     if not isinstance(z, int | float) or not 0 < z < 10:
         raise BundleError(f"{where}: forecast.interval.z missing or invalid")
+    try:
+        transform = Transform.from_dict(spec.get("transform"))
+    except TransformError as e:
+        raise BundleError(f"{where}: forecast.transform: {e}") from None
+    if transform.lam and len(transform.lam) != len(columns):
+        raise BundleError(f"{where}: forecast.transform.lambda must hold one number per column")
     return spec
 
 
@@ -88,6 +97,7 @@ class ForecastRuntime:
         self.z = float(spec["interval"]["z"])
         self.mean = np.asarray(spec["scaler"]["mean"], dtype=np.float64)
         self.std = np.asarray(spec["scaler"]["std"], dtype=np.float64)
+        self.transform = Transform.from_dict(spec.get("transform"))  # bundles from before: none
         self.history = spec.get("history") or {}
         self.time_column = str(spec.get("time_column", "time"))
         self.model = str(manifest.architecture.get("model", ""))
@@ -122,8 +132,16 @@ class ForecastRuntime:
     # -- units ---------------------------------------------------------------------------------------
 
     def standardise(self, values: np.ndarray) -> np.ndarray:
-        """values: (..., D) in the series' units -> float32 standardised (float64 arithmetic)."""
-        return ((np.asarray(values, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+        """values: (N, D) in the series' units -> float32 transformed and standardised (float64
+        arithmetic); a value outside the transform's domain raises TransformError naming its row."""
+        values = np.asarray(values, dtype=np.float64)
+        self.transform.check(values, self.columns)
+        return ((self.transform.forward(values) - self.mean) / self.std).astype(np.float32)
+
+    def to_units(self, standardised: np.ndarray) -> np.ndarray:
+        """(..., D) standardised (transformed) values -> the series' units (monotone: interval endpoints
+        map to interval endpoints)."""
+        return self.transform.inverse(standardised.astype(np.float64) * self.std + self.mean)
 
     def init_state(self, batch: int) -> np.ndarray:
         """An empty window (B, W, D): a stream forecasts once it has read W observations."""
@@ -162,10 +180,12 @@ class ForecastRuntime:
         return updated, np.concatenate([mean, tail], axis=1), np.concatenate([sigma, extra], axis=1)
 
     def in_units(self, mean: np.ndarray, sigma: np.ndarray) -> Forecast:
-        """Standardised mean, sigma (B, h, D) -> the forecast in the series' units with its interval."""
-        centre = mean.astype(np.float64) * self.std + self.mean
-        scale = sigma.astype(np.float64) * self.std
-        return Forecast(centre, centre - self.z * scale, centre + self.z * scale, scale)
+        """Standardised mean, sigma (B, h, D) -> the forecast in the series' units with its interval: the
+        endpoints mean -+ z sigma mapped back; ``sigma`` of the result is the interval's half-width over z
+        (sigma times the scaler's std without a transform)."""
+        mean, half = mean.astype(np.float64), self.z * sigma.astype(np.float64)
+        lower, upper = self.to_units(mean - half), self.to_units(mean + half)
+        return Forecast(self.to_units(mean), lower, upper, (upper - lower) / (2 * self.z))
 
     # -- single-series convenience ---------------------------------------------------------------------
 
@@ -179,6 +199,8 @@ class ForecastRuntime:
             raise ValueError(f"the history has {len(history)} points; the model reads {self.window}")
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, not {horizon}")
-        values = self.standardise(history[-self.window :])[None]
+        start = len(history) - self.window  # only the last W are read; rows are named in the history
+        self.transform.check(history[start:], self.columns, first_row=start + 1)
+        values = self.standardise(history[start:])[None]
         _, mean, sigma = self.forecast(values, self.init_state(1), horizon)
         return self.in_units(mean, sigma)

@@ -75,8 +75,9 @@ def read_observations(
     runtime: ForecastRuntime, observations: Sequence[fpb.Observation], field: str, last_time: float | None
 ) -> tuple[np.ndarray, float | None]:
     """Checks every observation -> (values (N, D) float64, the last time stamp); INVALID_ARGUMENT naming
-    the first bad field with its index: a wrong width, a value that is not finite, a time stamp that is
-    not finite or does not come after the one before it (out of order, or a duplicate)."""
+    the first bad field with its index: a wrong width, a value that is not finite or outside the model's
+    transform's domain (log, Box-Cox: not positive), a time stamp that is not finite or does not come
+    after the one before it (out of order, or a duplicate)."""
     width = runtime.width
     for i, observation in enumerate(observations):
         if len(observation.values) != width:
@@ -101,6 +102,13 @@ def read_observations(
         i, j = (int(k) for k in np.argwhere(~np.isfinite(values))[0])
         where = f"{field}[{i}].values[{j}]"
         raise invalid(where, f"{where} is {values[i, j]}; values must be finite")
+    bad = runtime.transform.first_outside(values)
+    if bad is not None:
+        where = f"{field}[{bad[0]}].values[{bad[1]}]"
+        domain, name = runtime.transform.domain, runtime.transform.name
+        raise invalid(
+            where, f"{where} is {values[bad]:g}; the model's {name} transform needs {domain} values"
+        )
     return values, last_time
 
 

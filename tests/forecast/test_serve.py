@@ -20,6 +20,7 @@ import pytest
 
 from forecast.cli import main
 from forecast.evaluate import forecast_next, load_run, predict
+from forecast.model import Z90
 from serving.api.rnnlab.v1 import forecasting_pb2 as fpb
 from serving.bundle import load_manifest
 from serving.client import Client, observations
@@ -34,6 +35,7 @@ RUNS = {
     "gru": f"--dataset sunspots --model gru --hidden 12 {COMMON}",
     "lstm": f"--dataset sunspots --model lstm --hidden 8 --members 2 {COMMON}",
     "rnn": f"--dataset sunspots --model rnn --hidden 8 --layers 2 --no-relative --ar 0 {COMMON}",
+    "gru-sqrt": f"--dataset sunspots --model gru --hidden 12 --transform sqrt {COMMON}",
 }
 
 
@@ -94,18 +96,37 @@ def test_a_served_stream_equals_torch_on_every_window(exported, server, name):
     replies = list(server.forecast_stream(requests))
     windows = np.stack([p.scaled[o - window : o] for o in range(start + window, len(rows) + start + 1)])
     mean, sigma = predict(run.model, windows)
-    want = p.scaler.inverse(mean)
-    got = np.array([[s.mean for s in r.steps] for r in replies[window - 1 :]])
+    want = p.to_units(mean)
+    answers = replies[window - 1 :]
+    got = np.array([[s.mean for s in r.steps] for r in answers])
     assert got.shape == want.shape == (len(rows) - window + 1, 4, 1)
     assert np.abs(got - want).max() <= TOLERANCE
-    scale = np.array([[s.scale for s in r.steps] for r in replies[window - 1 :]])
-    assert np.abs(scale - sigma * np.array(p.scaler.std)).max() <= TOLERANCE
+    for key, sign in (("lower", -1), ("upper", 1)):
+        ends = np.array([[getattr(s, key) for s in r.steps] for r in answers])
+        assert np.abs(ends - p.to_units(mean + sign * Z90 * sigma)).max() <= TOLERANCE
+    scale = np.array([[s.scale for s in r.steps] for r in answers])
+    if p.transform.name == "none":
+        assert np.abs(scale - sigma * np.array(p.scaler.std)).max() <= TOLERANCE
 
 
-def test_forecast_from_the_bundle_equals_forecast_from_the_run(exported, capsys, tmp_path):
+def test_a_transformed_model_serves_skewed_intervals(exported, server):
+    """sqrt: the bundle records the transform; the served interval is wider above the median than below
+    and narrows with the level."""
+    spec = load_manifest(exported["gru-sqrt"][1]).data["forecast"]
+    assert spec["transform"] == {"name": "sqrt", "lambda": []}
+    assert "transform" not in load_manifest(exported["gru"][1]).data["forecast"]  # none: as before
+    values = load_run(exported["gru-sqrt"][0]).prepared.series.values
+    low, high = (server.forecast("sun-gru-sqrt", (values[-40:] * f).tolist(), 4) for f in (0.2, 1.5))
+    for steps in (low, high):
+        assert all(s.upper[0] - s.mean[0] > s.mean[0] - s.lower[0] > 0 for s in steps)
+    assert low[0].upper[0] - low[0].lower[0] < high[0].upper[0] - high[0].lower[0]
+
+
+@pytest.mark.parametrize("name", ["gru", "gru-sqrt"])
+def test_forecast_from_the_bundle_equals_forecast_from_the_run(exported, capsys, tmp_path, name):
     """``rnnlab-ts forecast BUNDLE`` runs with torch blocked (as on the serving install) and prints the
     forecast of ``rnnlab-ts forecast RUN`` (torch)."""
-    run, bundle = exported["gru"]
+    run, bundle = exported[name]
     csv = tmp_path / "h.csv"
     csv.write_text("YEAR,SUNACTIVITY\n" + "".join(f"{1900 + i},{(i * 7) % 90}\n" for i in range(30)))
     for extra in ([], ["--csv", str(csv)]):
@@ -122,12 +143,15 @@ def test_forecast_from_the_bundle_equals_forecast_from_the_run(exported, capsys,
 
 
 def test_a_multivariate_csv_run_is_served(tmp_path):
-    """Two columns: the bundle reads (W, 2) windows; a one-value observation is refused naming it."""
+    """Two positive columns under Box-Cox (one lambda each): the bundle reads (W, 2) windows; a one-value
+    observation and a non-positive value are refused naming them."""
     csv = tmp_path / "two.csv"
-    rows = [f"{t},{math.sin(0.3 * t):.5f},{math.cos(0.2 * t) + 0.01 * t:.5f}" for t in range(160)]
+    rows = [f"{t},{2 + math.sin(0.3 * t):.5f},{1.5 + math.cos(0.2 * t) + 0.01 * t:.5f}" for t in range(160)]
     csv.write_text("t,a,b\n" + "\n".join(rows) + "\n")
     run, bundle = tmp_path / "run", tmp_path / "models" / "two"
-    flags = f"--csv {csv} --time-column t --value-column a,b --model gru --hidden 8 {COMMON}"
+    flags = (
+        f"--csv {csv} --time-column t --value-column a,b --model gru --hidden 8 --transform boxcox {COMMON}"
+    )
     assert main(["train", *flags.split(), "--out", str(run)]) == 0
     assert main(["export", str(run), "--out", str(bundle)]) == 0
     loaded = load_run(run)
@@ -136,11 +160,24 @@ def test_a_multivariate_csv_run_is_served(tmp_path):
         steps = client.forecast("two", history.tolist(), 4)
         with pytest.raises(grpc.RpcError) as caught:
             client.forecast("two", [[1.0]] * 30, 4)
+        bad = history.tolist()
+        bad[3][1] = -0.5
+        with pytest.raises(grpc.RpcError) as negative:
+            client.forecast("two", bad, 4)
+        assert client.forecast("two", history.tolist(), 4)[0].mean == steps[0].mean  # still serving
     want = forecast_next(loaded, 4, _series(loaded, history))
-    got = np.array([s.mean for s in steps])
-    assert got.shape == (4, 2)
-    assert np.abs(got - np.array([row["mean"] for row in want])).max() <= TOLERANCE
+    assert len(set(loaded.prepared.transform.lam)) == 2
+    assert load_manifest(bundle).data["forecast"]["transform"] == loaded.prepared.transform.to_dict()
+    for key, field in (("mean", "mean"), ("lo90", "lower"), ("hi90", "upper")):
+        got = np.array([getattr(s, field) for s in steps])
+        assert got.shape == (4, 2)
+        assert np.abs(got - np.array([row[key] for row in want])).max() <= TOLERANCE
     assert "history[0].values has 1 values; the model reads 2 (a, b)" in caught.value.details()
+    assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "history[3].values[1] is -0.5; the model's boxcox transform needs positive"
+        in negative.value.details()
+    )
     shutil.rmtree(run)
 
 

@@ -28,6 +28,7 @@ from serving.client_cli import main as client_main
 from serving.config import ServerConfig
 from serving.forecast_runtime import ForecastRuntime
 from serving.harness import ServerThread
+from serving.transforms import TransformError
 from tests.committed_bundles import FORECASTER, committed
 from tests.serving.serve_helpers import STATE_KEY, config
 
@@ -95,6 +96,39 @@ def test_a_broken_forecast_manifest_is_refused_naming_it(tmp_path):
     write_manifest(bundle, {k: v for k, v in data.items() if k not in ("files", "file_sizes")})
     with pytest.raises(BundleError, match=r"manifest.json: forecast.scaler.std must be positive"):
         ForecastRuntime.load(bundle)
+
+
+def _with_forecast(tmp_path, **fields) -> ForecastRuntime:
+    """The committed bundle (no transform: made before it) with ``fields`` set in its forecast object."""
+    bundle = tmp_path / "t"
+    shutil.copytree(committed(MODEL), bundle)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["forecast"].update(fields)
+    write_manifest(bundle, {k: v for k, v in data.items() if k not in ("files", "file_sizes")})
+    return ForecastRuntime.load(bundle)
+
+
+def test_a_transform_in_the_manifest_is_applied_around_the_graph(runtime, tmp_path):
+    """log: the history goes in as log values, the mean and both interval ends come out through exp; a
+    bundle without a transform (the committed one) is the identity."""
+    assert "transform" not in runtime.manifest.data["forecast"] and runtime.transform.name == "none"
+    logged = _with_forecast(tmp_path, transform={"name": "log", "lambda": []})
+    history = np.exp(np.array(SERIES))
+    got, plain = logged.forecast_history(history, 5), runtime.forecast_history(np.array(SERIES), 5)
+    for ours, theirs in ((got.mean, plain.mean), (got.lower, plain.lower), (got.upper, plain.upper)):
+        np.testing.assert_allclose(ours, np.exp(theirs), rtol=1e-6)
+    np.testing.assert_allclose(got.sigma, (got.upper - got.lower) / (2 * logged.z))
+    with pytest.raises(TransformError, match=r"column 'x', row 58: -1 is not positive"):
+        logged.forecast_history(np.r_[history[:57], [[-1.0]], history[58:]], 5)
+
+
+def test_a_bad_transform_in_the_manifest_is_refused_naming_it(tmp_path):
+    for bad, message in (
+        ({"name": "cube"}, "unknown transform 'cube'"),
+        ({"name": "boxcox", "lambda": [0.5, 1.0]}, "one number per column"),
+    ):
+        with pytest.raises(BundleError, match=rf"manifest.json: forecast.transform.*{message}"):
+            _with_forecast(tmp_path / bad["name"], transform=bad)
 
 
 def test_list_forecasters(client):
