@@ -28,7 +28,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from forecast.train import TrainConfig, resume_run, start_run
+    from forecast.config import TrainConfig
+    from forecast.train import resume_run, start_run
     from lm.loop import train_command
 
     return train_command(args, TrainConfig, start_run, resume_run, "rnnlab-ts")
@@ -99,7 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from forecast.train import TrainConfig
+    from forecast.config import TrainConfig
     from lm.config import add_checkpoint_option, add_config_arguments
 
     parser = argparse.ArgumentParser(prog="rnnlab-ts", description=__doc__.splitlines()[0])

@@ -21,45 +21,15 @@ NLL-trained sigma of a small net is too narrow on unseen data).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lm.config import ConfigError, setting
+from forecast.config import ForecastConfig
 
-MODELS = ("mlp", "rnn", "gru", "lstm")
 Z90 = 1.6448536269514722
 """Two-sided 90% interval of a Gaussian: mean +- Z90 sigma."""
-
-
-@dataclass
-class ForecastConfig:
-    model: str = setting("gru", "network reading the window", choices=MODELS)
-    hidden: int = setting(32, "hidden units (002's MLP: 10)", minimum=1)
-    layers: int = setting(1, "recurrent layers (the MLP has one hidden layer)", minimum=1)
-    inputs: int = setting(1, "values per time step (columns)", minimum=1)
-    window: int = setting(4, "past values read per forecast", minimum=1)
-    horizon: int = setting(1, "steps forecast at once (direct multi-horizon)", minimum=1)
-    relative: bool = setting(
-        True,
-        "read the window relative to its last value and forecast the change "
-        "(a trending series leaves the training range)",
-    )
-    ar: int = setting(
-        0,
-        "lags a linear autoregressive skip reads beside the network (LSTNet's highway; 0 = off)",
-        minimum=0,
-    )
-    members: int = setting(1, "networks trained side by side and averaged (a seed ensemble)", minimum=1)
-
-    def __post_init__(self) -> None:
-        if self.ar > self.window:
-            raise ConfigError(f"--ar {self.ar} reads more values than the window of {self.window}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Member(nn.Module):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forecast.config import TrainConfig, TSDataConfig
 from forecast.data import (
     PRESETS,
     Preset,
@@ -30,116 +31,23 @@ from forecast.data import (
     load_series,
     read_csv,
 )
-from forecast.model import MODELS, ForecastConfig, Forecaster, calibrated_scale, gaussian_nll
+from forecast.model import ForecastConfig, Forecaster, calibrated_scale, gaussian_nll
 from lm import loop
-from lm.config import (
-    ConfigError,
-    OptimConfig,
-    RunConfig,
-    Sections,
-    check_fields,
-    section_of,
-    setting,
-    with_defaults,
-)
 from lm.loop import StepLoss, Trainer
-from serving.transforms import TRANSFORMS, Transform
+from lm.metrics import Figures
+from serving.transforms import Transform
 
 CHECKPOINT_KIND = "ts"
-
-
-@dataclass
-class TSDataConfig:
-    """The series, its split and its windows."""
-
-    dataset: str = setting("sine-d2l", "preset series; ignored with --csv", choices=tuple(PRESETS))
-    csv: str = setting("", "a CSV file with a header instead of a preset")
-    time_column: str = setting("time", "--csv: the time column (strictly increasing)")
-    value_column: str = setting("value", "--csv: value column(s), comma-separated (several = multivariate)")
-    test: int = setting(
-        0, "points at the end held out as the test horizon (0 = the preset's; --csv: 20%)", minimum=0
-    )
-    season: int = setting(0, "seasonal period of the MASE scale (0 = the preset's; --csv: 1)", minimum=0)
-    window: int = setting(0, "past values per forecast (0 = the preset's; --csv: 8)", minimum=0)
-    horizon: int = setting(1, "steps forecast at once", minimum=1)
-    ar: int = setting(
-        -1,
-        "lags of the linear autoregressive skip beside the network (-1 = the preset's; --csv: 0 = off)",
-        minimum=-1,
-    )
-    batch_size: int = setting(0, "windows per batch (0 = the preset's; --csv: 16)", minimum=0)
-    fit_valid: bool = setting(
-        False,
-        "also train on the validation part: a final refit after a first run chose the epochs "
-        "(pass its best epoch as --epochs, --patience 0, and its interval scale as --interval-scale)",
-    )
-    interval_scale: float = setting(
-        0.0, "fixed factor on sigma (0 = calibrated on the validation part at each validation)", minimum=0
-    )
-    transform: str = setting(
-        "none",
-        "variance-stabilising transform modelled instead of the values (boxcox: lambda fitted on the "
-        "training part; log and boxcox need positive values, sqrt non-negative); forecasts and intervals "
-        "are mapped back",
-        choices=TRANSFORMS,
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def series_time_column(self) -> str:
-        """The time column of the series' CSV (a preset's own, or --time-column)."""
-        source = PRESETS[self.dataset].source
-        return source[1] if source and not self.csv else self.time_column
-
-    def columns(self) -> list[str]:
-        return [c.strip() for c in self.value_column.split(",") if c.strip()]
-
-
-TSModelConfig = section_of(
-    ForecastConfig,
-    "TSModelConfig",
-    "The network (forecast.model.ForecastConfig).",
-    exclude=("inputs", "window", "horizon", "ar"),
-)
-LOSSES = ("nll", "mse")
-
-
-@dataclass
-class TSOptimConfig(OptimConfig):
-    """How the weights move (lm.config.OptimConfig) and the loss."""
-
-    lr: float = setting(1e-2, "peak learning rate", minimum=1e-12)
-    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", minimum=0)
-    loss: str = setting(
-        "nll",
-        "nll: Gaussian NLL of mean and sigma; mse: the notes' MSE on the mean (sigma learns from the "
-        "NLL of the detached mean)",
-        choices=LOSSES,
-    )
-
-
-# log_every 5: the loop logs train records within an epoch only, and sine-rnn has 9 batches an epoch
-# (with 10, its metrics.png had no train curve at all)
-TSRunConfig = with_defaults(RunConfig, "TSRunConfig", epochs=60, patience=8, log_every=5, max_minutes=5.0)
-
-
-@dataclass
-class TrainConfig(Sections):
-    """``rnnlab-ts train``: data, model, optim, run."""
-
-    data: TSDataConfig = field(default_factory=TSDataConfig)
-    model: Any = field(default_factory=TSModelConfig)
-    optim: Any = field(default_factory=TSOptimConfig)
-    run: Any = field(default_factory=TSRunConfig)
-
-    def __post_init__(self) -> None:
-        if self.model.model not in MODELS:
-            raise ConfigError(f"--model must be one of {', '.join(MODELS)}")
-
-    @classmethod
-    def of(cls, **flat: Any) -> TrainConfig:
-        return cls.from_dict(flat)
+# What the loop logs and plots (metrics.jsonl, metrics.png, the bar, the valid lines), by --loss: the
+# loss reported (Forecasting.loss) on the standardised scale, the valid MSE of the (ensemble) mean beside
+# it, no perplexity; the bar counts windows.
+_PANEL = ("mse", "valid MSE of the mean (standardised)")
+FIGURES = {
+    "nll": Figures(
+        "Gaussian NLL", "nats/value, standardised", perplexity=False, panel=_PANEL, rate="windows/s"
+    ),
+    "mse": Figures("MSE", "standardised units²", perplexity=False, panel=_PANEL, rate="windows/s"),
+}
 
 
 def resolved_preset(data: TSDataConfig, length: int) -> Preset:
@@ -233,6 +141,7 @@ class Forecasting:
         self.x, self.y = (torch.from_numpy(a) for a in prepared.windows(0, train_end, w, h))
         self.vx, self.vy = (torch.from_numpy(a) for a in prepared.windows(s.valid_start, s.test_start, w, h))
         self.title = f"{prepared.series.name} {config.model.model} h={config.data.horizon}"
+        self.figures = FIGURES[config.optim.loss]
         self.model: Forecaster | None = None
 
     def build_model(self) -> Forecaster:

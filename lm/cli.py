@@ -20,6 +20,7 @@ from lm.config import (
     TrainConfig,
     add_checkpoint_option,
     add_config_arguments,
+    add_distributed_arguments,
     build_config,
     given_settings,
 )
@@ -43,9 +44,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
     )
     add_config_arguments(p, TrainConfig)
-    from lm.distributed import add_arguments
-
-    add_arguments(p)
+    add_distributed_arguments(p)
 
 
 def build_parser() -> Parser:

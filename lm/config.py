@@ -28,18 +28,23 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from lm.model import ModelConfig
-from lm.schedule import LR_SCHEDULES
 from serving.errors import UserError
 
 TOKENIZERS = ("char", "word", "spm")
 PARTITIONS = ("sequential", "random")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "noam", "plateau")
 RUN_SECTION = "run"
+DIST_TIMEOUT_S = 300.0
+"""Collective timeout of data-parallel training (lm.distributed): a rank that hangs (not one that dies:
+gloo sees a closed connection at once) fails the others after this long. Every rank validates itself,
+so no rank waits on another's validation."""
+DIST_FLAGS = ("nproc", "dist_timeout")
+"""argparse destinations of :func:`add_distributed_arguments`: not config settings."""
 
 _Config = TypeVar("_Config")
 
@@ -235,6 +240,91 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
 
 
 # ----- the language model's config ---------------------------------------------------------------
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+"""Gates of each recurrent cell (its weight matrices stack that many blocks of ``hidden`` rows)."""
+PARALLEL_CELLS = ("mamba", "mingru")
+CELLS = (*GATES, *PARALLEL_CELLS)
+IMPLS = ("fused", "scratch")
+PRECISIONS = ("fp32", "bf16")
+STATE_NAMES = {"lstm": ("h", "c"), "mamba": ("conv", "ssm")}
+
+
+@dataclass
+class ModelConfig:
+    """The network of lm.model.RNNLM. Its defaults are the ``rnnlab-lm train`` recipe (the model section
+    below); it lives here, not beside the torch modules, so that the flags build without torch."""
+
+    vocab_size: int
+    cell: str = setting("gru", "recurrent cell", choices=CELLS)
+    layers: int = setting(2, "stacked recurrent layers")
+    embed: int = setting(64, "embedding size")
+    hidden: int = setting(256, "hidden state size")
+    dropout: float = setting(0.2, "dropout on embeddings, between layers and before the output layer")
+    tie: bool = setting(False, "tie output to embedding weights (needs embed == hidden)")
+    impl: str = setting("fused", "fused torch modules or the from-scratch cells", choices=IMPLS)
+    forget_bias: float = setting(1.0, "LSTM forget-gate bias at init (0 = off)")
+    orthogonal: bool = setting(
+        True, "orthogonal recurrent weights at init (--no-orthogonal: torch's uniform)"
+    )
+    # mamba and mingru only (lm/ssm.py, lm/mingru.py)
+    state_size: int = setting(16, "mamba: SSM state size N per head")
+    expand: int = setting(2, "mamba, mingru: inner (recurrent) width = expand x hidden")
+    conv_kernel: int = setting(4, "mamba: causal depthwise convolution width (>= 2)")
+    heads: int = setting(4, "mamba: heads, each with its own decay (must divide expand x hidden)")
+    ff_mult: int = setting(
+        0,
+        "mamba, mingru: a residual feed-forward layer of ff_mult x hidden after each block (0: none)",
+    )
+    precision: str = setting(
+        "fp32",
+        "mamba, mingru: training matmuls (bf16: autocast; scan, eval, export fp32)",
+        choices=PRECISIONS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, not {self.impl!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision != "fp32" and self.cell not in PARALLEL_CELLS:
+            raise ValueError(f"--precision {self.precision} is for mamba and mingru")
+        if self.tie and self.embed != self.hidden:
+            raise ValueError(f"--tie needs embed == hidden (got embed {self.embed}, hidden {self.hidden})")
+        if self.layers < 1 or self.hidden < 1 or self.embed < 1 or self.vocab_size < 1:
+            raise ValueError("layers, embed, hidden and vocab_size must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.cell in PARALLEL_CELLS:
+            self._check_parallel()
+        elif self.ff_mult:
+            raise ValueError("--ff-mult is for mamba and mingru")
+
+    def _check_parallel(self) -> None:
+        if self.impl != "fused":
+            raise ValueError(f"--impl scratch is for rnn/gru/lstm; {self.cell} has one implementation")
+        if self.ff_mult < 0:
+            raise ValueError(f"--ff-mult must be >= 0, not {self.ff_mult}")
+        for name in ("state_size", "expand", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+        if self.conv_kernel < 2:
+            raise ValueError(f"--conv-kernel must be >= 2, not {self.conv_kernel}")
+        if self.cell == "mamba" and (self.expand * self.hidden) % self.heads:
+            raise ValueError(
+                f"--heads ({self.heads}) must divide expand x hidden "
+                f"({self.expand} x {self.hidden} = {self.expand * self.hidden})"
+            )
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return STATE_NAMES.get(self.cell, ("h",))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class LMDataConfig:
     """The corpus, its tokenizer and how it is cut into batches."""
@@ -258,13 +348,13 @@ class LMDataConfig:
 
 
 LMModelConfig = section_of(
-    ModelConfig, "LMModelConfig", "The network (lm.model.ModelConfig).", exclude=("vocab_size",)
+    ModelConfig, "LMModelConfig", "The network (ModelConfig).", exclude=("vocab_size",)
 )
 
 
 @dataclass
 class TrainConfig(Sections):
-    """``rnnlab-lm train``: data, model (lm.model.ModelConfig without the vocabulary size), optim, run."""
+    """``rnnlab-lm train``: data, model (ModelConfig without the vocabulary size), optim, run."""
 
     data: LMDataConfig = field(default_factory=LMDataConfig)
     model: Any = field(default_factory=LMModelConfig)
@@ -376,3 +466,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                     help=help_text,
                     metavar=f.name.upper() if not meta.get("choices") else None,
                 )
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--nproc`` and ``--dist-timeout`` of a family's ``train`` command (lm.distributed runs them)."""
+    group = parser.add_argument_group(
+        "distributed", "data-parallel training on torchrun (docs/distributed.md)"
+    )
+    group.add_argument(
+        "--nproc",
+        type=int,
+        help="train with N processes on this machine: runs this command under torchrun "
+        "(python -m torch.distributed.run --standalone --nproc-per-node N); default 1",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        help="seconds a collective waits for a silent rank before the run stops "
+        f"(default {DIST_TIMEOUT_S:g})",
+    )

@@ -42,16 +42,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lm.config import flag
+from lm.config import DIST_TIMEOUT_S, flag
 from lm.rng import capture_rng_state, restore_rng_state, seed_everything
 from serving.errors import ExitCode, Interrupted, UsageError, UserError
 from serving.tokenizers import Tokenizer, tokenizer_from_dict
-
-DEFAULT_TIMEOUT_S = 300.0
-"""Collective timeout: a rank that hangs (not one that dies: gloo sees a closed connection at once) fails
-the others after this long. Every rank validates itself, so no rank waits on another's validation."""
-CLI_ONLY = ("nproc", "dist_timeout")
-"""argparse destinations of :func:`add_arguments`: not config settings."""
 
 T = TypeVar("T")
 
@@ -299,7 +293,7 @@ def default_threads(local_world: int) -> int:
 
 
 @contextlib.contextmanager
-def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Group]:
+def session(timeout_s: float = DIST_TIMEOUT_S) -> Iterator[Group]:
     """Joins torchrun's process group for the duration of a training command (alone: no-op).
 
     A collective that fails (a rank killed, or silent for ``timeout_s``) becomes DistributedError.
@@ -335,25 +329,6 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Group]:
 
 
 # ----- the command line ------------------------------------------------------------------------------
-def add_arguments(parser: Any) -> None:
-    """``--nproc`` and ``--dist-timeout`` of a family's ``train`` command."""
-    group = parser.add_argument_group(
-        "distributed", "data-parallel training on torchrun (docs/distributed.md)"
-    )
-    group.add_argument(
-        "--nproc",
-        type=int,
-        help="train with N processes on this machine: runs this command under torchrun "
-        "(python -m torch.distributed.run --standalone --nproc-per-node N); default 1",
-    )
-    group.add_argument(
-        "--dist-timeout",
-        type=float,
-        help="seconds a collective waits for a silent rank before the run stops "
-        f"(default {DEFAULT_TIMEOUT_S:g})",
-    )
-
-
 def train_command(args: Any, module: str, train: Callable[[], int]) -> int:
     """Runs a family's ``train`` command: under ``--nproc N`` through torchrun, else in this process
     (as one rank of torchrun's group when started by torchrun)."""
@@ -362,7 +337,7 @@ def train_command(args: Any, module: str, train: Callable[[], int]) -> int:
         raise UsageError(f"--nproc must be >= 1, not {nproc}")
     if nproc > 1 and "RANK" not in os.environ:
         return launch(module, relaunch_flags(args), nproc)
-    with session(getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)):
+    with session(getattr(args, "dist_timeout", DIST_TIMEOUT_S)):
         return train()
 
 

@@ -23,7 +23,9 @@ batch, a validation); the loop owns everything else:
   writes the run directory, checkpoints gather what every rank carries, so a run resumes with another N;
 - **logging**: every ``run.log_every`` steps one ``metrics.jsonl`` record ``{split: "train", step, epoch,
   loss, ppl, grad_norm (the global norm before clipping, mean over the window), lr, tokens_per_s,
-  elapsed_s}``; valid records carry the family's metrics; a tqdm bar shows loss, tokens/s and the ETA.
+  elapsed_s}`` (``ppl`` only when the family's loss is nats/token); valid records carry the family's
+  metrics; a tqdm bar shows loss, tokens/s and the ETA; ``metrics.png`` draws the loss and a second
+  figure. The family's ``figures`` (lm.metrics.Figures) name them all, once.
 
 The API a family implements (``F`` = the family object, built before the loop by the family's own
 ``start_run``/``resume_run`` wrappers, which read the data and tokenizers)::
@@ -31,6 +33,8 @@ The API a family implements (``F`` = the family object, built before the loop by
     F.kind: str                        checkpoint kind ("lm", "mt", ...; lm.checkpoint.KINDS)
     F.title: str                       the plot's title
     F.monitor: str, F.maximize: bool   the valid metric that picks best.pt and drives early stopping
+    F.figures: Figures                 names and units of the loss, the plot's second panel, the rate
+                                       (lm.metrics.NATS_PER_TOKEN: loss in nats/token and perplexity)
     F.build_model() -> nn.Module       called right after seeding, so the init is a function of the seed
     F.model                            the module step_loss runs; a distributed run sets it to the DDP
                                        wrapper of build_model()'s module (other attributes pass through)
@@ -39,7 +43,7 @@ The API a family implements (``F`` = the family object, built before the loop by
     F.batches(epoch, start) -> Iterable[batch]   the epoch's batches from ``start`` on
     F.step_loss(batch) -> StepLoss     forward + loss; the loop does backward, clipping, the step. In a
                                        distributed run: this rank's share of the global batch's loss
-    F.validate() -> dict[str, float]   at least {"loss": mean NLL}; the loop adds "ppl"
+    F.validate() -> dict[str, float]   at least {"loss": ...}; the loop adds "ppl" (figures.perplexity)
     F.payload() -> dict                plain data stored in every checkpoint (tokenizers, model config, ...)
     F.restore(payload)                 reads back what ``payload`` stored that evolves (a carried state)
     F.run_files() -> dict[str, Any]    JSON documents written into the run directory
@@ -76,8 +80,8 @@ from tqdm import tqdm
 
 from lm import distributed
 from lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lm.config import OptimConfig, Sections, build_config, given_settings, resumed_config
-from lm.metrics import MetricsLog, plot_metrics, read_metrics
+from lm.config import DIST_FLAGS, OptimConfig, Sections, build_config, given_settings, resumed_config
+from lm.metrics import Figures, MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, perplexity
 from lm.rng import seed_everything
 from lm.schedule import EarlyStopping, LRSchedule, TimeBudget, make_lr_scheduler
@@ -138,6 +142,7 @@ class Family(Protocol):
     title: str
     monitor: str
     maximize: bool
+    figures: Figures
 
     def build_model(self) -> nn.Module: ...
     def epoch_length(self, epoch: int) -> int: ...
@@ -322,7 +327,12 @@ class Trainer:
             if self._board:
                 self._board.close()
         if self.dist.writes:
-            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png", title=self.family.title)
+            plot_metrics(
+                self.out / "metrics.jsonl",
+                self.out / "metrics.png",
+                title=self.family.title,
+                figures=self.family.figures,
+            )
         return FitResult(
             reason,
             self.position.epoch,
@@ -382,6 +392,7 @@ class Trainer:
             desc=f"epoch {pos.epoch + 1}/{run.epochs}",
             initial=pos.batch,
             disable=None if run.progress and self.dist.writes else True,
+            figures=self.family.figures,
         )
         try:
             for batch in batches:
@@ -462,7 +473,9 @@ class Trainer:
         pos = self.position
         epoch = pos.epoch + pos.batch / max(self.steps_per_epoch, 1)
         record = {"split": values.pop("split"), "step": pos.step, "epoch": round(epoch, 4), **values}
-        record["ppl"] = perplexity(record["loss"])
+        figures = self.family.figures
+        if figures.perplexity:
+            record["ppl"] = perplexity(record["loss"])
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["elapsed_s"] = round(self.elapsed_s, 3)
         self.history.append(record)
@@ -473,11 +486,12 @@ class Trainer:
                 if key not in ("split", "step", "epoch") and isinstance(value, int | float):
                     self._board.add_scalar(f"{record['split']}/{key}", value, pos.step)
         if record["split"] == "valid" and self.dist.writes:
-            shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "ppl")
-            tqdm.write(
-                f"step {pos.step} epoch {record['epoch']:.2f}: valid {shown} ppl {record['ppl']:.3f}",
-                file=sys.stderr,
+            shown = " ".join(
+                f"{figures.loss if k == 'loss' else k} {v:.4f}" for k, v in values.items() if k != "ppl"
             )
+            if figures.perplexity:
+                shown += f" ppl {record['ppl']:.3f}"
+            tqdm.write(f"step {pos.step} epoch {record['epoch']:.2f}: valid {shown}", file=sys.stderr)
 
 
 # ----- run directories ---------------------------------------------------------------------------
@@ -589,7 +603,7 @@ def fit_command(trainer: Trainer, resume_hint: str) -> tuple[FitResult, int]:
     return result, ExitCode.OK
 
 
-TRAIN_ONLY = ("out", "resume", "config", "command", "func", *distributed.CLI_ONLY)
+TRAIN_ONLY = ("out", "resume", "config", "command", "func", *DIST_FLAGS)
 """argparse destinations of a family's ``train`` command that are not config settings."""
 
 

@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per record, and a PNG of loss and perplexity against step."""
+"""Training metrics: one JSON line per record, and a PNG of the loss and a second figure against step
+(perplexity for the language models and the translator; a family names its figures in ``Figures``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,34 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a training family's logged figures are, named once (``Family.figures``, lm/loop.py): the
+    plot's axes, the progress bar and the valid lines on stderr use these names."""
+
+    loss: str = "loss"
+    """The loss's name (records keep the key ``loss``)."""
+    unit: str = "nats/token"
+    perplexity: bool = True
+    """The loss is a mean NLL per token, so exp(loss) is a perplexity: records carry ``ppl``, the bar and
+    the valid lines show it."""
+    panel: tuple[str, str] = ("ppl", "perplexity")
+    """(record key, y label) of the plot's second panel (log scale for ``ppl``)."""
+    rate: str = "tok/s"
+    """Throughput on the bar: what ``StepLoss.tokens`` counts, per second."""
+
+    @property
+    def loss_label(self) -> str:
+        return f"{self.loss} ({self.unit})"
+
+
+NATS_PER_TOKEN = Figures()
+"""The language models' and the translator's figures: loss in nats/token and its perplexity."""
 
 
 class MetricsLog:
@@ -55,8 +82,11 @@ def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[f
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_metrics(jsonl_path: str | Path, png_path: str | Path, title: str = "") -> Path:
-    """Draws loss and perplexity (log scale) of the train and valid splits against step into a PNG.
+def plot_metrics(
+    jsonl_path: str | Path, png_path: str | Path, title: str = "", figures: Figures = NATS_PER_TOKEN
+) -> Path:
+    """Draws the loss and ``figures.panel`` (perplexity: log scale) of the train and valid splits against
+    step into a PNG, whose ``Description`` text chunk holds the two y labels ("left | right").
 
     Uses the Agg canvas directly, so no display and no global matplotlib backend switch are needed.
     The PNG is written atomically.
@@ -67,7 +97,8 @@ def plot_metrics(jsonl_path: str | Path, png_path: str | Path, title: str = "") 
     records = read_metrics(jsonl_path)
     figure = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(figure)
-    for column, (key, label) in enumerate([("loss", "loss (nats/token)"), ("ppl", "perplexity")]):
+    panels = [("loss", figures.loss_label), figures.panel]
+    for column, (key, label) in enumerate(panels):
         axes = figure.add_subplot(1, 2, column + 1)
         for split, style in (("train", "-"), ("valid", "o-")):
             steps, values = _series(records, split, key)
@@ -87,7 +118,8 @@ def plot_metrics(jsonl_path: str | Path, png_path: str | Path, title: str = "") 
     fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
+            labels = " | ".join(label for _, label in panels)
+            figure.savefig(handle, format="png", metadata={"Title": title, "Description": labels})
         os.replace(tmp, png_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,13 +9,11 @@ their matrix products in bf16 while training.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from lm.cells import GATES, ScratchRNN
+from lm.cells import ScratchRNN
+from lm.config import GATES, PARALLEL_CELLS, ModelConfig
 from lm.mingru import MinGRUBlock
 from lm.ssm import FeedForward, LockedDropout, MambaBlock, RMSNorm
 
@@ -24,87 +22,6 @@ State = tuple[Tensor, ...]
 ``(h,)`` for rnn_tanh, rnn_relu and gru, ``(h, c)`` for lstm, each (L, B, H); ``(conv, ssm)`` for mamba,
 (L, B, k − 1, E + 2N) and (L, B, heads, E / heads, N) with E = expand · hidden; ``(h,)`` (L, B, E) for
 mingru."""
-
-PARALLEL_CELLS = ("mamba", "mingru")
-CELLS = (*GATES, *PARALLEL_CELLS)
-IMPLS = ("fused", "scratch")
-PRECISIONS = ("fp32", "bf16")
-STATE_NAMES = {"lstm": ("h", "c"), "mamba": ("conv", "ssm")}
-
-
-def _model(default: object, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class ModelConfig:
-    """The network. Its defaults are the ``rnnlab-lm train`` recipe (the model section of lm.config)."""
-
-    vocab_size: int
-    cell: str = _model("gru", "recurrent cell", CELLS)
-    layers: int = _model(2, "stacked recurrent layers")
-    embed: int = _model(64, "embedding size")
-    hidden: int = _model(256, "hidden state size")
-    dropout: float = _model(0.2, "dropout on embeddings, between layers and before the output layer")
-    tie: bool = _model(False, "tie output to embedding weights (needs embed == hidden)")
-    impl: str = _model("fused", "fused torch modules or the from-scratch cells", IMPLS)
-    forget_bias: float = _model(1.0, "LSTM forget-gate bias at init (0 = off)")
-    orthogonal: bool = _model(True, "orthogonal recurrent weights at init (--no-orthogonal: torch's uniform)")
-    # mamba and mingru only (lm/ssm.py, lm/mingru.py)
-    state_size: int = _model(16, "mamba: SSM state size N per head")
-    expand: int = _model(2, "mamba, mingru: inner (recurrent) width = expand x hidden")
-    conv_kernel: int = _model(4, "mamba: causal depthwise convolution width (>= 2)")
-    heads: int = _model(4, "mamba: heads, each with its own decay (must divide expand x hidden)")
-    ff_mult: int = _model(
-        0,
-        "mamba, mingru: a residual feed-forward layer of ff_mult x hidden after each block (0: none)",
-    )
-    precision: str = _model(
-        "fp32", "mamba, mingru: training matmuls (bf16: autocast; scan, eval, export fp32)", PRECISIONS
-    )
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, not {self.impl!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.precision != "fp32" and self.cell not in PARALLEL_CELLS:
-            raise ValueError(f"--precision {self.precision} is for mamba and mingru")
-        if self.tie and self.embed != self.hidden:
-            raise ValueError(f"--tie needs embed == hidden (got embed {self.embed}, hidden {self.hidden})")
-        if self.layers < 1 or self.hidden < 1 or self.embed < 1 or self.vocab_size < 1:
-            raise ValueError("layers, embed, hidden and vocab_size must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.cell in PARALLEL_CELLS:
-            self._check_parallel()
-        elif self.ff_mult:
-            raise ValueError("--ff-mult is for mamba and mingru")
-
-    def _check_parallel(self) -> None:
-        if self.impl != "fused":
-            raise ValueError(f"--impl scratch is for rnn/gru/lstm; {self.cell} has one implementation")
-        if self.ff_mult < 0:
-            raise ValueError(f"--ff-mult must be >= 0, not {self.ff_mult}")
-        for name in ("state_size", "expand", "heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
-        if self.conv_kernel < 2:
-            raise ValueError(f"--conv-kernel must be >= 2, not {self.conv_kernel}")
-        if self.cell == "mamba" and (self.expand * self.hidden) % self.heads:
-            raise ValueError(
-                f"--heads ({self.heads}) must divide expand x hidden "
-                f"({self.expand} x {self.hidden} = {self.expand * self.hidden})"
-            )
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return STATE_NAMES.get(self.cell, ("h",))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_rnn(config: ModelConfig) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-LR_SCHEDULES = ("constant", "cosine", "noam", "plateau")
+from lm.config import LR_SCHEDULES
 
 
 class EarlyStopping:

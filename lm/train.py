@@ -30,6 +30,7 @@ from lm.corpus import load_splits
 from lm.datasets import REGISTRY
 from lm.evaluate import stream_nll
 from lm.loop import FitResult, Position, StepLoss, Trainer, TrainError, remove_run_files
+from lm.metrics import NATS_PER_TOKEN
 from lm.model import RNNLM, State, detach_state
 from lm.partition import (
     Batch,
@@ -135,6 +136,7 @@ class LanguageModelling:
 
     kind = "lm"
     monitor, maximize = "loss", False
+    figures = NATS_PER_TOKEN
 
     def __init__(self, config: TrainConfig, corpus: Corpus) -> None:
         self.config, self.corpus = config, corpus

@@ -19,8 +19,8 @@ from serving.errors import ExitCode, UsageError, UserError, run_command
 
 # --- train -------------------------------------------------------------------------------------------
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    from lm.config import add_config_arguments
-    from seq2seq.train import TrainConfig
+    from lm.config import add_config_arguments, add_distributed_arguments
+    from seq2seq.config import TrainConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -39,16 +39,15 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         help="TOML file of settings: [data] [model] [optim] [run] tables or flat keys (flags override it)",
     )
     add_config_arguments(parser, TrainConfig)
-    from lm.distributed import add_arguments
-
-    add_arguments(parser)
+    add_distributed_arguments(parser)
     parser.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lm import distributed
     from lm.loop import train_command
-    from seq2seq.train import TrainConfig, resume_run, start_run
+    from seq2seq.config import TrainConfig
+    from seq2seq.train import resume_run, start_run
 
     def train() -> int:
         return train_command(args, TrainConfig, start_run, resume_run, "rnnlab-mt")

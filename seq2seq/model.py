@@ -18,66 +18,11 @@ read-out is batched over time.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-ATTENTIONS = ("additive", "none")
-
-
-def _model(default: object, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class Seq2SeqConfig:
-    src_vocab: int
-    tgt_vocab: int
-    embed: int = _model(256, "embedding size (both sides)")
-    enc_hidden: int = _model(256, "encoder state size per direction (a bidirectional encoder has twice)")
-    dec_hidden: int = _model(256, "decoder state size")
-    layers: int = _model(1, "GRU layers of encoder and decoder")
-    bidirectional: bool = _model(True, "bidirectional encoder")
-    attention: str = _model("additive", "additive (Bahdanau), or none (classic)", ATTENTIONS)
-    attn_dim: int = _model(256, "attention key/query size")
-    dropout: float = _model(0.2, "dropout on embeddings and outputs")
-    tie: bool = _model(True, "tie the decoder's input embedding to its output projection (read-out: embed)")
-    pad_id: int = 0
-
-    def __post_init__(self) -> None:
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
-        if (
-            min(
-                self.src_vocab,
-                self.tgt_vocab,
-                self.embed,
-                self.enc_hidden,
-                self.dec_hidden,
-                self.layers,
-                self.attn_dim,
-            )
-            < 1
-        ):
-            raise ValueError("vocabulary sizes, embed, hidden sizes, layers and attn_dim must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
-
-    @property
-    def memory_features(self) -> int:
-        """C: features of one encoder output."""
-        return self.enc_hidden * (2 if self.bidirectional else 1)
-
-    @property
-    def enc_out_features(self) -> int:
-        """E': features of one ``enc_out`` slot (memory, plus the attention key with attention)."""
-        return self.memory_features + (self.attn_dim if self.attention == "additive" else 0)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from seq2seq.config import Seq2SeqConfig
 
 
 class AdditiveAttention(nn.Module):

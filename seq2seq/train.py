@@ -21,7 +21,7 @@ metrics.png (tensorboard/).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,15 @@ import torch
 from torch.nn import functional as F
 
 from lm import distributed, loop
-from lm.config import OptimConfig, RunConfig, Sections, check_fields, section_of, setting, with_defaults
 from lm.loop import StepLoss, Trainer, TrainError
+from lm.metrics import NATS_PER_TOKEN
 from lm.progress import perplexity
 from seq2seq.batching import make_batches
-from seq2seq.data import DataConfig, Pair, group_references, load_splits
+from seq2seq.config import MTDataConfig, TrainConfig
+from seq2seq.data import Pair, group_references, load_splits
 from seq2seq.decode import BOS, EOS, pad_batch, search
 from seq2seq.loss import masked_cross_entropy, token_nll
-from seq2seq.model import Seq2Seq, Seq2SeqConfig
+from seq2seq.model import Seq2Seq
 from serving.bleu import corpus_scores
 from serving.search import SearchParams
 from serving.tokenizers import SentencePieceTokenizer, tokenizer_from_dict
@@ -48,91 +49,6 @@ CHECKPOINT_KIND = "mt"
 SRC_TOKENIZER, TGT_TOKENIZER = "src_tokenizer.json", "tgt_tokenizer.json"
 GREEDY = SearchParams(beam=1)
 """Validation BLEU is greedy: cheap, and it ranks checkpoints as beam search does."""
-
-
-@dataclass
-class MTDataConfig(DataConfig):
-    """The pairs (seq2seq.data.DataConfig), their sentencepiece models, and the batches."""
-
-    spm_vocab: int = setting(
-        4000, "sentencepiece pieces per side (with --joint-spm: of the shared model)", minimum=8
-    )
-    spm_type: str = setting("unigram", "sentencepiece model type", choices=("unigram", "bpe"))
-    joint_spm: bool = setting(False, "one sentencepiece model for both languages")
-    max_len: int = setting(
-        64, "training pairs with more tokens than this on either side are skipped", minimum=1
-    )
-    batch_tokens: int = setting(4000, "budget per batch: sentences x longest padded length", minimum=1)
-    batch_sentences: int = setting(0, "> 0: also at most this many sentences per batch", minimum=0)
-    valid_bleu_sentences: int = setting(
-        500, "valid sources scored by greedy BLEU at each validation", minimum=1
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fields(self)
-
-
-MTModelConfig = section_of(
-    Seq2SeqConfig,
-    "MTModelConfig",
-    "The network (seq2seq.model.Seq2SeqConfig).",
-    exclude=("src_vocab", "tgt_vocab", "pad_id"),
-)
-
-
-@dataclass
-class MTOptimConfig(
-    with_defaults(
-        OptimConfig,
-        "_MTOptim",
-        lr=2e-3,
-        lr_schedule="noam",  # type: ignore[misc]
-        warmup_steps=200,
-        seed=1,
-    )
-):
-    """How the weights move (the translator's recipe: AdamW, noam schedule); fixed on resume."""
-
-    label_smoothing: float = setting(
-        0.1, "label smoothing of the training loss (the logged loss has none)", minimum=0
-    )
-
-
-MTRunConfig = with_defaults(RunConfig, "MTRunConfig", max_minutes=55.0, log_every=50)
-
-
-@dataclass
-class TrainConfig(Sections):
-    """``rnnlab-mt train``: data, model, optim, run."""
-
-    data: MTDataConfig = field(default_factory=MTDataConfig)
-    model: Any = field(default_factory=MTModelConfig)
-    optim: MTOptimConfig = field(default_factory=MTOptimConfig)
-    run: Any = field(default_factory=MTRunConfig)
-
-    def __post_init__(self) -> None:
-        self.model_config(1, 1)
-
-    def model_config(self, src_vocab: int, tgt_vocab: int) -> Seq2SeqConfig:
-        values = {f: getattr(self.model, f) for f in self.model.__dataclass_fields__}
-        return Seq2SeqConfig(src_vocab=src_vocab, tgt_vocab=tgt_vocab, **values)
-
-    def data_config(self) -> DataConfig:
-        return self.data
-
-    @property
-    def src(self) -> str:
-        return self.data.src
-
-    @property
-    def tgt(self) -> str:
-        return self.data.tgt
-
-    @classmethod
-    def of(cls, **flat: Any) -> TrainConfig:
-        """A config from flat keyword arguments (``TrainConfig.of(embed=32, max_steps=100)``)."""
-        return cls.from_dict(flat)
 
 
 @dataclass
@@ -237,6 +153,7 @@ class Translation:
 
     kind = CHECKPOINT_KIND
     monitor, maximize = "bleu", True
+    figures = NATS_PER_TOKEN  # the loss is the label-smoothed one; the logged figure the NLL per token
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from the table below, the same for ``rnnlab-lm``, ``rnnlab-mt``, ``rnnlab-serve`
 |------|---------|
 | 0    | success |
 | 1    | some inputs failed (a batch job's sentences, a refused RPC); the rest was done |
-| 2    | usage or user error: bad flags or config, a missing, corrupt or foreign file |
+| 2    | usage or user error: bad flags or config, a missing, corrupt or foreign file; torch missing |
 | 3    | interrupted (Ctrl-C, SIGTERM); a training run or batch job resumes with ``--resume`` |
 | 70   | internal error (a bug): the message names the exception; ``RNNLAB_DEBUG=1`` shows the traceback |
 
@@ -22,6 +22,10 @@ import os
 import sys
 from collections.abc import Callable
 from enum import IntEnum
+
+TRAINING_ONLY = ("torch", "onnx", "onnxscript", "matplotlib", "tensorboard")
+"""Packages of the ``train`` extra that the serving install (``pip install 'rnnlab[serve]'``) lacks: a
+command that reads a run directory (a checkpoint) imports them, a command on a bundle does not."""
 
 
 class ExitCode(IntEnum):
@@ -60,12 +64,24 @@ def run_command(command: Callable[[], int]) -> int:
         return fail(str(exc) or "interrupted", ExitCode.INTERRUPTED)
     except KeyboardInterrupt:
         return fail("interrupted", ExitCode.INTERRUPTED)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in TRAINING_ONLY:
+            return fail(
+                f"{exc.name} is not installed: this command needs the training install "
+                "(pip install 'rnnlab[train]'); exported bundles need the serving install only",
+                ExitCode.USER_ERROR,
+            )
+        return _internal(exc)
     except OSError as exc:  # a file the user named cannot be read or written
         return fail(str(exc), ExitCode.USER_ERROR)
     except Exception as exc:
-        if os.environ.get("RNNLAB_DEBUG"):
-            raise
-        return fail(f"internal error ({type(exc).__name__}): {exc}", ExitCode.INTERNAL)
+        return _internal(exc)
+
+
+def _internal(exc: Exception) -> int:
+    if os.environ.get("RNNLAB_DEBUG"):
+        raise exc
+    return fail(f"internal error ({type(exc).__name__}): {exc}", ExitCode.INTERNAL)
 
 
 QUOTE_CHARS = 80  # a 1 MB model name echoed whole once overflowed gRPC's 8 KB status-metadata limit

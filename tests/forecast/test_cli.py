@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from forecast.cli import main
 from lm.checkpoint import load_checkpoint
+from lm.metrics import read_metrics
+from tests.tiny_forecasters import TINY_TS_TRAIN
 
 TRAIN = [
     "train",
@@ -42,6 +45,32 @@ def test_run_directory(run_dir):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["test"] == 30 and config["season"] == 11 and len(config["scaler"]["mean"]) == 1
+
+
+def _plot_labels(png) -> str:
+    """The y labels that lm.metrics.plot_metrics wrote into the PNG ("left | right")."""
+    with Image.open(png) as image:
+        return image.text["Description"]
+
+
+def test_the_loss_curve_shows_the_forecasters_figures_not_perplexity(run_dir):
+    assert _plot_labels(run_dir / "metrics.png") == (
+        "Gaussian NLL (nats/value, standardised) | valid MSE of the mean (standardised)"
+    )
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert {"train", "valid"} == {r["split"] for r in records}
+    assert not [r for r in records if "ppl" in r]
+    assert all(r["mse"] > 0 for r in records if r["split"] == "valid")
+
+
+def test_an_mse_run_names_its_loss_mse_in_the_plot_and_the_valid_lines(tmp_path, capsys):
+    out = tmp_path / "mse"
+    assert (
+        main(["train", *TINY_TS_TRAIN.split(), "--max-steps", "20", "--loss", "mse", "--out", str(out)]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "valid MSE " in err and "ppl" not in err and "valid loss" not in err
+    assert _plot_labels(out / "metrics.png").startswith("MSE (standardised units²) | valid MSE")
 
 
 def test_eval_json_keys(run_dir, capsys):

@@ -28,6 +28,7 @@ from serving.client import Client, observations
 from serving.conformal import ALPHA
 from serving.harness import ServerThread
 from tests.serving.serve_helpers import STATE_KEY, config
+from tests.torch_free import run_cli_blocked
 
 TOLERANCE = 1e-4
 COMMON = "--max-steps 40 --no-progress --seed 1 --threads 1 --horizon 4"
@@ -154,15 +155,17 @@ def test_a_transformed_model_serves_skewed_intervals(exported, server):
 
 @pytest.mark.parametrize("name", ["gru", "gru-sqrt"])
 def test_forecast_from_the_bundle_equals_forecast_from_the_run(exported, capsys, tmp_path, name):
+    """``rnnlab-ts forecast BUNDLE`` runs with torch blocked (as on the serving install) and prints the
+    forecast of ``rnnlab-ts forecast RUN`` (torch)."""
     run, bundle = exported[name]
     csv = tmp_path / "h.csv"
     csv.write_text("YEAR,SUNACTIVITY\n" + "".join(f"{1900 + i},{(i * 7) % 90}\n" for i in range(30)))
     for extra in ([], ["--csv", str(csv)]):
-        outputs = []
-        for source in (run, bundle):
-            assert main(["forecast", str(source), "--horizon", "7", *extra]) == 0
-            outputs.append(json.loads(capsys.readouterr().out))
-        ours, theirs = outputs[1], outputs[0]
+        assert main(["forecast", str(run), "--horizon", "7", *extra]) == 0
+        theirs = json.loads(capsys.readouterr().out)
+        out = run_cli_blocked("forecast.cli", ["forecast", str(bundle), "--horizon", "7", *extra])
+        assert out.returncode == 0, out.stderr
+        ours = json.loads(out.stdout)
         assert ours["columns"] == theirs["columns"] and ours["horizon"] == 7
         for a, b in zip(ours["forecast"], theirs["forecast"], strict=True):
             assert a["step"] == b["step"]

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from lm.metrics import MetricsLog, plot_metrics, read_metrics
+from lm.metrics import Figures, MetricsLog, plot_metrics, read_metrics
 from lm.progress import Progress, format_postfix, perplexity
 
 
@@ -42,6 +42,8 @@ def test_plot_metrics_writes_a_png(tmp_path: Path) -> None:
 def test_postfix_shows_loss_perplexity_and_throughput() -> None:
     assert format_postfix(math.log(4.0), 12_345.0) == "loss 1.386 ppl 4.00 tok/s 12.3k"
     assert format_postfix(None, 850.0) == "tok/s 850"
+    forecaster = Figures("MSE", "standardised units²", perplexity=False, rate="windows/s")
+    assert format_postfix(0.25, 850.0, forecaster) == "MSE 0.250 windows/s 850"
     assert perplexity(1e6) == math.inf
 
 
