@@ -120,13 +120,16 @@ def read_observations(
 
 
 def stream_rule(
-    runtime: ForecastRuntime, state: list[np.ndarray], extra: dict[str, float]
+    runtime: ForecastRuntime, state: list[np.ndarray], extra: dict[str, float], check: bool = True
 ) -> AdaptiveIntervals:
     """A stream's adaptive interval rule from its session state (window, steps, lo, hi) and ``extra``;
-    StateError or KeyError when they do not hold one of this model."""
+    StateError or KeyError when they do not hold one of this model (``check=False``: the session's own
+    arrays, which the service wrote)."""
     if len(state) != 4:
         raise StateError(f"{len(state)} arrays; a stream holds 4")
-    return AdaptiveIntervals.from_arrays(extra[ALPHA_T], state[1:], runtime.width, runtime.horizon)
+    return AdaptiveIntervals.from_arrays(
+        extra[ALPHA_T], state[1:], runtime.width, runtime.horizon, check=check
+    )
 
 
 def add_steps(into, forecast: Steps) -> None:
@@ -262,7 +265,8 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         values, last_time = read_observations(
             runtime, request.observations, "observations", session.extra.get(TIME)
         )
-        rule = stream_rule(runtime, session.state, session.extra)  # a copy: the session is not touched yet
+        # a copy: the session is not touched yet
+        rule = stream_rule(runtime, session.state, session.extra, check=False)
         for value in runtime.standardise(values):
             rule.observe(value)
         fresh = runtime.standardise(values[-runtime.window :])
