@@ -112,7 +112,8 @@ def adaptive_intervals(
     for i, o in enumerate(origins):
         if i:
             rule.observe(p.scaled[o - 1], p.series.observed[o - 1])
-        lo[i], hi[i] = mean[i] - rule.factor * half[i], mean[i] + rule.factor * half[i]
+        width = rule.factor * half[i]
+        lo[i], hi[i] = mean[i] - width, mean[i] + width
         rule.serve(lo[i].astype(np.float32), hi[i].astype(np.float32))  # as the service keeps them
     return p.to_units(lo), p.to_units(hi)
 

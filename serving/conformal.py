@@ -141,8 +141,8 @@ class AdaptiveIntervals:
         check: bool = True,
     ) -> AdaptiveIntervals:
         """The inverse of ``arrays``; StateError unless they are consistent with (max_steps, width).
-        ``check=False`` for arrays this module wrote itself (a session's, each message: 4 µs against 12 µs
-        with the checks, 7 pending intervals, measured), never for a client's."""
+        ``check=False`` for arrays this module wrote itself (a session's, each message: 0.4 µs against
+        13 µs with the checks, 7 pending intervals, measured), never for a client's."""
         steps, lo, hi = arrays
         if check:
             _check_arrays(alpha_t, arrays, width, max_steps)

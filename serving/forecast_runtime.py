@@ -132,10 +132,10 @@ class ForecastRuntime:
     # -- units ---------------------------------------------------------------------------------------
 
     def standardise(self, values: np.ndarray) -> np.ndarray:
-        """values: (N, D) in the series' units -> float32 transformed and standardised (float64
-        arithmetic); a value outside the transform's domain raises TransformError naming its row."""
+        """values: (N, D) in the series' units, inside the transform's domain (callers check it once,
+        naming the row: ``forecast_history`` here, the service's ``read_observations``) -> float32
+        transformed and standardised (float64 arithmetic)."""
         values = np.asarray(values, dtype=np.float64)
-        self.transform.check(values, self.columns)
         return ((self.transform.forward(values) - self.mean) / self.std).astype(np.float32)
 
     def to_units(self, standardised: np.ndarray) -> np.ndarray:

@@ -267,9 +267,10 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         )
         # a copy: the session is not touched yet
         rule = stream_rule(runtime, session.state, session.extra, check=False)
-        for value in runtime.standardise(values):
+        standardised = runtime.standardise(values)
+        for value in standardised:
             rule.observe(value)
-        fresh = runtime.standardise(values[-runtime.window :])
+        fresh = standardised[-runtime.window :]
         window, forecast, bounds = await forecaster.batcher.submit(
             fresh, session.state[0], horizon, rule.factor
         )
