@@ -108,13 +108,14 @@ def adaptive_intervals(
     Before origin o the stream observes the value at o - 1, which resolves the forecasts that targeted it;
     the rule compares on the model's scale (the standardised transformed values), as the service does.
     """
-    rule, lo, hi = AdaptiveIntervals(gamma=gamma), np.empty_like(mean), np.empty_like(mean)
+    rule = AdaptiveIntervals(gamma=gamma, width=mean.shape[-1])
+    lo, hi = np.empty_like(mean), np.empty_like(mean)
     for i, o in enumerate(origins):
         if i:
             rule.observe(p.scaled[o - 1], p.series.observed[o - 1])
-        width = rule.factor * half[i]
-        lo[i], hi[i] = mean[i] - width, mean[i] + width
-        rule.serve(lo[i].astype(np.float32), hi[i].astype(np.float32))  # as the service keeps them
+        served = rule.factor
+        lo[i], hi[i] = mean[i] - served * half[i], mean[i] + served * half[i]
+        rule.serve(mean[i], half[i], served)  # kept as float32, as the service keeps them
     return p.to_units(lo), p.to_units(hi)
 
 

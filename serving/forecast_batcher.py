@@ -8,9 +8,10 @@ onnxruntime call (plus one call per recursive step); while that runs, new items 
 next batch, so the batch grows with the load without a waiting period (continuous batching, as the
 language models' engine does). The item's future gets its new window (1, W, D), its forecast in the
 series' units as lists (``Steps``), converted for the whole group at once in the worker thread, and the
-interval's bounds on the model's scale over the model's horizon (what a stream's adaptive interval rule
-keeps, serving.conformal). An item's ``factor`` multiplies its calibrated interval half-width (1: the
-calibrated interval; a stream: the rule's factor).
+forecast's centres and calibrated half-widths on the model's scale over the model's horizon (what a
+stream's adaptive interval rule keeps, serving.conformal). An item's ``factor`` (a number, or one per
+column) multiplies its calibrated interval half-width (1: the calibrated interval; a stream: the rule's
+factor).
 Items are validated by the service before they are queued: a bad one cannot fail the batch.
 """
 
@@ -29,8 +30,8 @@ from serving.metrics import ForecastMetrics
 log = logging.getLogger("rnnlab.serve.forecast")
 
 Steps = tuple[list, list, list, list]  # mean, lower, upper, scale: each [h][D] floats in the series' units
-Bounds = tuple[np.ndarray, np.ndarray]  # lo, hi (min(horizon, H), D) float32 on the model's scale
-Result = tuple[np.ndarray, Steps, Bounds]  # the new window (1, W, D) float32 standardised, the forecast
+Spread = tuple[np.ndarray, np.ndarray]  # centre, calibrated half-width (min(horizon, H), D) float32
+Result = tuple[np.ndarray, Steps, Spread]  # the new window (1, W, D) float32 standardised, the forecast
 
 
 @dataclass
@@ -38,7 +39,7 @@ class _Item:
     values: np.ndarray  # (T, D) float32 standardised
     window: np.ndarray  # (1, W, D) float32
     horizon: int
-    factor: float
+    factor: float | np.ndarray  # or (D,)
     future: asyncio.Future
 
 
@@ -62,10 +63,10 @@ class ForecastBatcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def submit(
-        self, values: np.ndarray, window: np.ndarray, horizon: int, factor: float = 1.0
+        self, values: np.ndarray, window: np.ndarray, horizon: int, factor: float | np.ndarray = 1.0
     ) -> asyncio.Future:
         """Queues one step: values (T, D) and window (1, W, D) float32 standardised, ``horizon`` steps,
-        the calibrated interval times ``factor``."""
+        the calibrated interval times ``factor`` (a number or (D,))."""
         loop = asyncio.get_running_loop()
         item = _Item(values, window, horizon, factor, loop.create_future())
         self.pending.append(item)
@@ -103,17 +104,18 @@ class ForecastBatcher:
             values = np.stack([batch[i].values for i in rows])
             windows = np.concatenate([batch[i].window for i in rows])
             updated, mean, sigma = self.runtime.forecast(values, windows, steps)
-            sigma = sigma * np.array([batch[i].factor for i in rows])[:, None, None]
-            forecast = self.runtime.in_units(mean, sigma)
-            half = self.runtime.z * sigma[:, : self.runtime.horizon].astype(np.float64)
-            model_mean = mean[:, : self.runtime.horizon].astype(np.float64)
-            lo, hi = (model_mean - half).astype(np.float32), (model_mean + half).astype(np.float32)
+            factors = np.empty((len(rows), 1, mean.shape[-1]), np.float32)
+            for row, i in enumerate(rows):  # a number or (D,): ~0.3 µs an item (np.broadcast_to: ~4)
+                factors[row] = batch[i].factor
+            forecast = self.runtime.in_units(mean, sigma * factors)
+            centre = mean[:, : self.runtime.horizon].astype(np.float32)
+            half = (self.runtime.z * sigma[:, : self.runtime.horizon]).astype(np.float32)
             # Lists for the whole group at once: ~1 µs a row, against ~15 µs for numpy rows per message.
             parts = [a.tolist() for a in (forecast.mean, forecast.lower, forecast.upper, forecast.sigma)]
             for row, i in enumerate(rows):
                 h = batch[i].horizon
-                bounds = (lo[row, :h], hi[row, :h])
-                results[i] = (updated[row : row + 1], tuple(part[row][:h] for part in parts), bounds)
+                spread = (centre[row, :h], half[row, :h])
+                results[i] = (updated[row : row + 1], tuple(part[row][:h] for part in parts), spread)
             self._batch.observe(len(rows))
             self._observations.inc(values.shape[0] * values.shape[1])
         return results  # type: ignore[return-value]

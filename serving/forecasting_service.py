@@ -5,11 +5,11 @@ state lives in a session of the service's own ``SessionStore`` (bounded by count
 language models' sessions; a separate store, so that a forecast session id can never reach an LM session
 call): the window (1, W, D) float32, the observation count, the last time stamp (exact, in
 ``Session.extra``) and the stream's adaptive interval rule (serving.conformal): its level ``alpha_t``
-(exact, in ``Session.extra``) and the intervals it served whose targets are not all observed yet (three
-float32 arrays after the window). Each message's observations first resolve those intervals, then the
-stream answers with the calibrated interval times the rule's factor; a one-shot ``Forecast`` serves the
-calibrated interval (docs/forecast.md says why). ``export`` signs it into a state token
-(serving.state_token) that any server with the same key resumes. Every message is checked in full before
+(exact, in ``Session.extra``), the forecasts it served whose targets are not all observed yet and its
+recent scores (five float32 arrays after the window). Each message's observations first resolve those
+forecasts, then the stream answers with the calibrated interval times the rule's factor; a one-shot
+``Forecast`` serves the calibrated interval (docs/forecast.md says why). ``export`` signs it into a state
+token (serving.state_token) that any server with the same key resumes. Every message is checked in full before
 anything is queued: a bad observation, width, time stamp or horizon raises INVALID_ARGUMENT naming the
 field and its index through the server's one interceptor and status table, and leaves the session as the
 previous message left it.
@@ -51,6 +51,7 @@ class ServerHooks(Protocol):
 
 TIME = "time"  # Session.extra key of the last time stamp
 ALPHA_T = "alpha_t"  # Session.extra key of the adaptive interval rule's level
+STREAM_ARRAYS = 6  # a stream's session state: the window, then the rule's five arrays
 
 
 @dataclass
@@ -122,11 +123,11 @@ def read_observations(
 def stream_rule(
     runtime: ForecastRuntime, state: list[np.ndarray], extra: dict[str, float], check: bool = True
 ) -> AdaptiveIntervals:
-    """A stream's adaptive interval rule from its session state (window, steps, lo, hi) and ``extra``;
-    StateError or KeyError when they do not hold one of this model (``check=False``: the session's own
-    arrays, which the service wrote)."""
-    if len(state) != 4:
-        raise StateError(f"{len(state)} arrays; a stream holds 4")
+    """A stream's adaptive interval rule from its session state (the window, then the rule's arrays) and
+    ``extra``; StateError or KeyError when they do not hold one of this model (``check=False``: the
+    session's own arrays, which the service wrote)."""
+    if len(state) != STREAM_ARRAYS:
+        raise StateError(f"{len(state)} arrays; a stream holds {STREAM_ARRAYS}")
     return AdaptiveIntervals.from_arrays(
         extra[ALPHA_T], state[1:], runtime.width, runtime.horizon, check=check
     )
@@ -219,7 +220,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         if start == "model":
             forecaster = self._forecaster(request.model)
             runtime = forecaster.runtime
-            state, count = [runtime.init_state(1), *AdaptiveIntervals().arrays(runtime.width)], 0
+            state, count = [runtime.init_state(1), *AdaptiveIntervals(width=runtime.width).arrays()], 0
             extra = {ALPHA_T: ALPHA}
         elif start == "state_token":
             forecaster, state, count, extra = self._resume(request.state_token)
@@ -244,8 +245,9 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         try:
             if not shapes or shapes[0] != want or snapshot.logits is not None or set(extra) - {TIME, ALPHA_T}:
                 raise StateError(f"arrays {shapes}, the model's window {want}")
-            if len(state) == 1:  # a token from before the adaptive rule: the rule starts afresh
-                state, extra = [*state, *AdaptiveIntervals().arrays(runtime.width)], {**extra, ALPHA_T: ALPHA}
+            if len(state) in (1, 4):  # a token from before the rule or its recent scores: it starts afresh
+                fresh = AdaptiveIntervals(width=runtime.width).arrays()
+                state, extra = [state[0], *fresh], {**extra, ALPHA_T: ALPHA}
             stream_rule(runtime, state, extra)
         except (StateError, KeyError) as exc:
             raise Refusal(
@@ -271,14 +273,13 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         for value in standardised:
             rule.observe(value)
         fresh = standardised[-runtime.window :]
-        window, forecast, bounds = await forecaster.batcher.submit(
-            fresh, session.state[0], horizon, rule.factor
-        )
+        served = rule.factor
+        window, forecast, spread = await forecaster.batcher.submit(fresh, session.state[0], horizon, served)
         answered = session.tokens + len(values) >= runtime.window
         if answered and len(values):  # a message without observations repeats the last answer
-            rule.serve(*bounds)
+            rule.serve(*spread, served)
         # nothing above changed the session: a refused message leaves it as it was
-        session.state = [window, *rule.arrays(runtime.width)]
+        session.state = [window, *rule.arrays()]
         session.extra[ALPHA_T] = rule.alpha_t
         session.tokens += len(values)
         if last_time is not None:

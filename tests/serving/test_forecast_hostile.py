@@ -123,7 +123,7 @@ def test_a_bad_stream_message_is_refused_naming_its_field_and_changes_nothing(cl
     after = exported(client, session)
     assert after.tokens == before.tokens + good and after.extra["time"] == (6.0 if good else 5.0)
     if not good:  # the window, the adaptive interval rule's level and its pending intervals: as before
-        assert after.extra == before.extra and len(after.state) == len(before.state) == 4
+        assert after.extra == before.extra and len(after.state) == len(before.state) == 6
         for got, want in zip(after.state, before.state, strict=True):
             np.testing.assert_array_equal(got, want)
     assert_still_serving(client)
@@ -185,18 +185,27 @@ def test_bad_starts_are_refused(client):
         error = _first(client, state_token=state_token.encode(good, KEY))
         assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
     good = state_token.decode(token, KEY)
-    window, steps, lo, hi = good.state
+    window, steps, factors, mean, half, scores = good.state
     assert steps.tolist() == [3.0] and good.extra["alpha_t"] == 0.1  # one forecast of 3 steps pending
-    for state in ([window, steps + 1, lo, hi], [window, steps, hi + 1, hi], [window, steps, lo, hi[:2]]):
-        good.state = state  # the adaptive rule's intervals do not fit the model (H = 3)
+    for state in (
+        [window, steps + 1, factors, mean, half, scores],
+        [window, steps, factors, mean, -half, scores],
+        [window, steps, factors, mean, half[:2], scores],
+        [window, steps, factors, mean, half, np.ones((51, 1), np.float32)],
+    ):
+        good.state = state  # the adaptive rule's arrays do not fit the model (H = 3) or the rule
         error = _first(client, state_token=state_token.encode(good, KEY))
         assert (error.code(), error_details(error).reason) == (Code.INVALID_ARGUMENT, "TOKEN_MALFORMED")
-    good.state, good.extra = [window], {"time": 5.0}  # a token from before the rule: it starts afresh
-    old = fpb.ForecastStreamRequest(
-        state_token=state_token.encode(good, KEY), observations=[obs(1.0, time=6)]
-    )
-    [reply] = client.forecast_stream([old])
-    assert reply.observations == 7 and len(reply.steps) == 3
+    lo, hi = mean - half, mean + half  # the rule's arrays before it kept recent scores
+    for old_state in ([window], [window, steps, lo, hi]):  # tokens from before the rule, before its scores
+        good.state, good.extra = old_state, {"time": 5.0, "alpha_t": 0.3}
+        old = fpb.ForecastStreamRequest(
+            state_token=state_token.encode(good, KEY), observations=[obs(1.0, time=6)], export=True
+        )
+        [reply] = client.forecast_stream([old])
+        assert reply.observations == 7 and len(reply.steps) == 3
+        resumed = state_token.decode(reply.state_token, KEY)  # the rule started afresh
+        assert resumed.extra["alpha_t"] == 0.1 and len(resumed.state) == 6
     assert_still_serving(client)
 
 

@@ -26,6 +26,7 @@ from serving.bundle import BundleError, write_manifest
 from serving.client import Client, error_details, observations
 from serving.client_cli import main as client_main
 from serving.config import ServerConfig
+from serving.conformal import ALPHA, factor
 from serving.forecast_runtime import ForecastRuntime
 from serving.harness import ServerThread
 from serving.transforms import TransformError
@@ -35,6 +36,7 @@ from tests.serving.serve_helpers import STATE_KEY, config
 MODEL = FORECASTER
 # 003's series: sin(t) + noise at t = 0, 0.1, ...; here without noise, a little beyond the training range.
 SERIES = [[math.sin(0.1 * t) + 0.05 * math.cos(0.7 * t)] for t in range(60)]
+FRESH = float(factor(ALPHA, np.zeros((0, 1), np.float32))[0])  # a fresh stream's interval factor
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +142,10 @@ def test_list_forecasters(client):
         5,
         3,
     )
-    # the window (5 x 1 float32) and at most 3 pending intervals of 3, 2 and 1 steps (counts, lo, hi)
-    assert (
-        info.max_horizon == 256 and info.state_bytes == 4 * (5 + 3 + 2 * 6) and len(info.bundle_digest) == 64
-    )
+    # the window (5 x 1 float32), at most 3 pending forecasts of 3, 2 and 1 steps (counts, factors, means,
+    # half-widths) and 50 recent scores
+    assert info.max_horizon == 256 and len(info.bundle_digest) == 64
+    assert info.state_bytes == 4 * (5 + 3 + 3 + 2 * 6 + 50)
     assert "rolling_origin.mase" in info.evaluation
 
 
@@ -169,7 +171,8 @@ def test_a_stream_forecasts_as_forecast_on_its_history(client):
         ratio = (got[:, 2] - got[:, 1]) / (want[:, 2] - want[:, 1])
         np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-4)
         factors.append(ratio[0, 0])
-    assert factors[0] == pytest.approx(1.0, abs=1e-5) and len(set(np.round(factors, 4))) > 1  # it adapts
+    # a fresh stream's set is the calibrated stand-ins: their conformal quantile, 1.0307; then it adapts
+    assert factors[0] == pytest.approx(FRESH, abs=1e-5) and len(set(np.round(factors, 4))) > 1
 
 
 def test_several_observations_per_message_equal_one_at_a_time(client):
@@ -178,8 +181,11 @@ def test_several_observations_per_message_equal_one_at_a_time(client):
     [together] = client.forecast_stream([request])
     assert together.observations == 9
     np.testing.assert_allclose(means(together.steps)[:, 0], means(one_by_one[-1].steps)[:, 0], atol=1e-5)
-    # one message served nothing before it: its interval is the calibrated one, as Forecast's
-    np.testing.assert_allclose(means(together.steps), means(client.forecast(MODEL, SERIES[:9], 0)), atol=1e-5)
+    # one message served nothing before it: Forecast's means, and its calibrated interval times a fresh
+    # stream's factor
+    got, want = means(together.steps), means(client.forecast(MODEL, SERIES[:9], 0))
+    np.testing.assert_allclose(got[:, 0], want[:, 0], atol=1e-5)
+    np.testing.assert_allclose(got[:, 2] - got[:, 1], FRESH * (want[:, 2] - want[:, 1]), rtol=1e-5)
 
 
 def _series(k: int) -> list[list[float]]:
