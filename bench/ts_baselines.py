@@ -52,11 +52,15 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "co2": {
         "mlp": {"model": "mlp", "hidden": 32},
         "gru": {"model": "gru", "hidden": 16},
+        "mamba": {"model": "mamba", "hidden": 16},
+        "mingru": {"model": "mingru", "hidden": 16},
     },
     "sunspots": {
         "mlp": {"model": "mlp", "hidden": 16},
         "gru": {"model": "gru", "hidden": 16},
         "lstm": {"model": "lstm", "hidden": 16},
+        "mamba": {"model": "mamba", "hidden": 16},
+        "mingru": {"model": "mingru", "hidden": 16},
         "mlp-sqrt": {"model": "mlp", "hidden": 16, "transform": "sqrt"},
         "gru-sqrt": {"model": "gru", "hidden": 16, "transform": "sqrt"},
         "lstm-sqrt": {"model": "lstm", "hidden": 16, "transform": "sqrt"},

@@ -5,12 +5,14 @@ torch, so that ``rnnlab-ts forecast BUNDLE`` runs on the serving install (``pip 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from forecast.data import PRESETS
 from lm.config import (
+    PARALLEL_CELLS,
     ConfigError,
+    ModelConfig,
     OptimConfig,
     RunConfig,
     Sections,
@@ -21,7 +23,13 @@ from lm.config import (
 )
 from serving.transforms import TRANSFORMS
 
-MODELS = ("mlp", "rnn", "gru", "lstm")
+MODELS = ("mlp", "rnn", "gru", "lstm", *PARALLEL_CELLS)
+
+
+def _as_lm(name: str) -> Any:
+    """The language model's setting ``name`` (lm.config.ModelConfig: its default and help, held once)."""
+    lm = next(f for f in fields(ModelConfig) if f.name == name)
+    return field(default=lm.default, metadata=lm.metadata)
 
 
 @dataclass
@@ -45,10 +53,24 @@ class ForecastConfig:
         minimum=0,
     )
     members: int = setting(1, "networks trained side by side and averaged (a seed ensemble)", minimum=1)
+    # mamba and mingru only (lm/ssm.py, lm/mingru.py), as rnnlab-lm train's
+    state_size: int = _as_lm("state_size")
+    expand: int = _as_lm("expand")
+    conv_kernel: int = _as_lm("conv_kernel")
+    heads: int = _as_lm("heads")
 
     def __post_init__(self) -> None:
         if self.ar > self.window:
             raise ConfigError(f"--ar {self.ar} reads more values than the window of {self.window}")
+        if self.model in PARALLEL_CELLS:
+            try:  # the language model's checks of the same settings
+                ModelConfig(1, self.model, self.layers, self.hidden, self.hidden, 0.0, **self.cell_settings())
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def cell_settings(self) -> dict[str, int]:
+        """The parallel cells' settings (state_size, expand, conv_kernel, heads) by name."""
+        return {k: getattr(self, k) for k in ("state_size", "expand", "conv_kernel", "heads")}
 
     def to_dict(self) -> dict:
         return asdict(self)

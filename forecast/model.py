@@ -1,4 +1,5 @@
-"""Forecasters: the notes' MLP on tau lags and RNN/GRU/LSTM regressors, each with a Gaussian head.
+"""Forecasters: the notes' MLP on tau lags and RNN, GRU, LSTM, mamba and minGRU regressors, each with
+a Gaussian head.
 
 Every model maps a window of standardised values to ``horizon`` steps ahead (direct multi-horizon); the
 head gives a mean and a log standard deviation per step and column, so every forecast has an interval.
@@ -27,9 +28,36 @@ import torch
 from torch import Tensor, nn
 
 from forecast.config import ForecastConfig
+from lm.mingru import MinGRUBlock
+from lm.ssm import MambaBlock, RMSNorm
 
 Z90 = 1.6448536269514722
 """Two-sided 90% interval of a Gaussian: mean +- Z90 sigma."""
+
+
+class ParallelStack(nn.Module):
+    """The parallel cells as a regressor (the language models' blocks, lm/ssm.py, lm/mingru.py): x (B, W, D)
+    -> (B, W, hidden), an input projection, ``layers`` residual blocks from a zero state, RMSNorm. The
+    window is read in the cells' parallel form, in training and in the exported graph alike."""
+
+    def __init__(self, c: ForecastConfig) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(c.inputs, c.hidden)
+        if c.model == "mamba":
+            blocks = (
+                MambaBlock(c.hidden, c.expand, c.heads, c.state_size, c.conv_kernel) for _ in range(c.layers)
+            )
+        else:
+            blocks = (MinGRUBlock(c.hidden, c.expand) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(c.hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.proj_in(x)
+        for block in self.blocks:
+            state = [u.new_zeros((x.shape[0], *shape)) for shape in block.state_shapes()]
+            u = block(u, *state)[0]
+        return self.norm(u)
 
 
 class Member(nn.Module):
@@ -42,6 +70,8 @@ class Member(nn.Module):
             self.body: nn.Module = nn.Sequential(
                 nn.Flatten(), nn.Linear(c.window * c.inputs, c.hidden), nn.ReLU()
             )
+        elif c.model in ("mamba", "mingru"):
+            self.body = ParallelStack(c)
         else:
             cell = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[c.model]
             self.body = cell(c.inputs, c.hidden, num_layers=c.layers, batch_first=True)
@@ -52,6 +82,8 @@ class Member(nn.Module):
         """x: (B, W, D) -> (B, hidden): the MLP's hidden layer or the recurrent net's last output."""
         if self.config.model == "mlp":
             return self.body(x)
+        if isinstance(self.body, ParallelStack):
+            return self.body(x)[:, -1]
         outputs, _ = self.body(x)
         return outputs[:, -1]
 

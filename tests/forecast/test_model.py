@@ -1,5 +1,6 @@
 """The forecaster's parts: the least-squares AR skip, the seed ensemble, the interval calibration, loading
-checkpoints of the single-network layout, and ONNX parity of the window -> (mean, log sigma) graph."""
+checkpoints of the single-network layout, the parallel cells against their step-by-step recurrence, and
+ONNX parity of the window -> (mean, log sigma) graph."""
 
 from __future__ import annotations
 
@@ -93,10 +94,37 @@ def test_a_single_network_checkpoint_still_loads():
         ForecastConfig(window=4, ar=5)
 
 
-@pytest.mark.parametrize("name", ["mlp", "gru"])
+@pytest.mark.parametrize("model", ["mamba", "mingru"])
+def test_a_parallel_cell_reads_the_window_as_its_step_by_step_recurrence(model):
+    """The stack's parallel form (what training and the exported graph run) against the blocks' own
+    one-step form fed the window value by value from a zero state, in float64."""
+    torch.manual_seed(4)
+    config = ForecastConfig(model=model, hidden=8, layers=2, window=21, horizon=3, heads=2, state_size=4)
+    member = Member(config).double().eval()
+    x = torch.randn(3, 21, 1, dtype=torch.float64)
+    stack = member.body
+    u = stack.proj_in(x)
+    for block in stack.blocks:
+        state = [u.new_zeros((3, *shape)) for shape in block.state_shapes()]
+        steps = []
+        for t in range(21):
+            out, *state = block.step(u[:, t], *state)
+            steps.append(out)
+        u = torch.stack(steps, dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(member.features(x), stack.norm(u)[:, -1], atol=1e-10, rtol=0)
+
+
+def test_the_parallel_cells_settings_are_checked_as_the_language_models():
+    with pytest.raises(ConfigError, match="--heads"):
+        ForecastConfig(model="mamba", hidden=6, expand=1, heads=4)
+    assert ForecastConfig(model="gru", hidden=6, expand=1, heads=4).heads == 4  # unused by the others
+
+
+@pytest.mark.parametrize("name", ["mlp", "gru", "mamba", "mingru"])
 def test_the_window_graph_exports_with_parity(tmp_path, name):
     torch.manual_seed(3)
-    config = ForecastConfig(model=name, hidden=6, window=8, horizon=3, ar=4, members=2)
+    config = ForecastConfig(model=name, hidden=6, window=8, horizon=3, ar=4, members=2, heads=2)
     model = Forecaster(config).eval()
     model.interval_scale.fill_(1.3)
     signature = Signature(

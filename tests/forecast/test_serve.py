@@ -1,5 +1,6 @@
 """Export and serving against torch: runs trained by ``rnnlab-ts train`` on sunspots (MLP, GRU, a
-two-member LSTM ensemble, a two-layer RNN without the AR skip, read in absolute terms) and a GRU on a
+two-member LSTM ensemble, a two-layer RNN without the AR skip, read in absolute terms, mamba, a two-layer
+minGRU) and a GRU on a
 two-column CSV, exported by ``rnnlab-ts export``, served by a real server on 127.0.0.1 with real
 onnxruntime. Served forecasts equal torch's forecasts of the same run within 1e-4 (the parity
 tolerance): Forecast against forecast.evaluate.forecast_next, ForecastStream one observation at a time
@@ -38,6 +39,8 @@ RUNS = {
     "lstm": f"--dataset sunspots --model lstm --hidden 8 --members 2 {COMMON}",
     "rnn": f"--dataset sunspots --model rnn --hidden 8 --layers 2 --no-relative --ar 0 {COMMON}",
     "gru-sqrt": f"--dataset sunspots --model gru --hidden 12 --transform sqrt {COMMON}",
+    "mamba": f"--dataset sunspots --model mamba --hidden 8 --heads 2 --state-size 4 {COMMON}",
+    "mingru": f"--dataset sunspots --model mingru --hidden 8 --layers 2 {COMMON}",
 }
 
 
