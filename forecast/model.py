@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from forecast.config import ForecastConfig
+from lm.config import PARALLEL_CELLS
 from lm.mingru import MinGRUBlock
 from lm.ssm import MambaBlock, RMSNorm
 
@@ -70,7 +71,7 @@ class Member(nn.Module):
             self.body: nn.Module = nn.Sequential(
                 nn.Flatten(), nn.Linear(c.window * c.inputs, c.hidden), nn.ReLU()
             )
-        elif c.model in ("mamba", "mingru"):
+        elif c.model in PARALLEL_CELLS:
             self.body = ParallelStack(c)
         else:
             cell = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[c.model]

@@ -115,7 +115,10 @@ def test_a_parallel_cell_reads_the_window_as_its_step_by_step_recurrence(model):
         torch.testing.assert_close(member.features(x), stack.norm(u)[:, -1], atol=1e-10, rtol=0)
 
 
-def test_the_parallel_cells_settings_are_checked_as_the_language_models():
+def test_the_parallel_cells_settings_reach_the_network_and_are_checked_as_the_language_models():
+    fam = family(model="mamba", layers=2, heads=2, state_size=4, expand=1, conv_kernel=3)
+    block = fam.model.members[0].body.blocks[1]
+    assert (block.heads, block.n, block.inner, block.kernel) == (2, 4, 8, 3)
     with pytest.raises(ConfigError, match="--heads"):
         ForecastConfig(model="mamba", hidden=6, expand=1, heads=4)
     assert ForecastConfig(model="gru", hidden=6, expand=1, heads=4).heads == 4  # unused by the others
