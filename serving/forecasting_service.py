@@ -7,9 +7,10 @@ call): the window (1, W, D) float32, the observation count, the last time stamp 
 ``Session.extra``) and the stream's adaptive interval rule (serving.conformal): its level ``alpha_t``
 (exact, in ``Session.extra``), the forecasts it served whose targets are not all observed yet and its
 recent scores (five float32 arrays after the window). Each message's observations first resolve those
-forecasts, then the stream answers with the calibrated interval times the rule's factor; a one-shot
-``Forecast`` serves the calibrated interval (docs/forecast.md says why). ``export`` signs it into a state
-token (serving.state_token) that any server with the same key resumes. Every message is checked in full before
+forecasts, then the stream answers with the calibrated interval times the rule's factor (the batcher runs
+the rules of a model's streams stacked, beside their ORT call); a one-shot ``Forecast`` serves the
+calibrated interval (docs/forecast.md says why). ``export`` signs it into a state token
+(serving.state_token) that any server with the same key resumes. Every message is checked in full before
 anything is queued: a bad observation, width, time stamp or horizon raises INVALID_ARGUMENT naming the
 field and its index through the server's one interceptor and status table, and leaves the session as the
 previous message left it.
@@ -32,7 +33,7 @@ from serving.api.rnnlab.v1 import forecasting_pb2_grpc as fpb_grpc
 from serving.config import ServerConfig
 from serving.conformal import ALPHA, AdaptiveIntervals, StateError, max_state_bytes
 from serving.errors import quote
-from serving.forecast_batcher import ForecastBatcher, Steps
+from serving.forecast_batcher import ForecastBatcher, Rule, Steps
 from serving.forecast_runtime import ForecastRuntime
 from serving.metrics import ForecastMetrics
 from serving.registry import LoadedBundle
@@ -120,17 +121,12 @@ def read_observations(
     return values, last_time
 
 
-def stream_rule(
-    runtime: ForecastRuntime, state: list[np.ndarray], extra: dict[str, float], check: bool = True
-) -> AdaptiveIntervals:
-    """A stream's adaptive interval rule from its session state (the window, then the rule's arrays) and
-    ``extra``; StateError or KeyError when they do not hold one of this model (``check=False``: the
-    session's own arrays, which the service wrote)."""
+def check_stream_state(runtime: ForecastRuntime, state: list[np.ndarray], extra: dict[str, float]) -> None:
+    """StateError or KeyError unless a state token's arrays (the window, then the adaptive interval rule's)
+    and ``extra`` hold a stream of this model."""
     if len(state) != STREAM_ARRAYS:
         raise StateError(f"{len(state)} arrays; a stream holds {STREAM_ARRAYS}")
-    return AdaptiveIntervals.from_arrays(
-        extra[ALPHA_T], state[1:], runtime.width, runtime.horizon, check=check
-    )
+    AdaptiveIntervals.from_arrays(extra[ALPHA_T], state[1:], runtime.width, runtime.horizon)
 
 
 def add_steps(into, forecast: Steps) -> None:
@@ -248,7 +244,7 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
             if len(state) in (1, 4):  # a token from before the rule or its recent scores: it starts afresh
                 fresh = AdaptiveIntervals(width=runtime.width).arrays()
                 state, extra = [state[0], *fresh], {**extra, ALPHA_T: ALPHA}
-            stream_rule(runtime, state, extra)
+            check_stream_state(runtime, state, extra)
         except (StateError, KeyError) as exc:
             raise Refusal(
                 Code.INVALID_ARGUMENT,
@@ -267,20 +263,16 @@ class ForecastingService(fpb_grpc.ForecastingServicer):
         values, last_time = read_observations(
             runtime, request.observations, "observations", session.extra.get(TIME)
         )
-        # a copy: the session is not touched yet
-        rule = stream_rule(runtime, session.state, session.extra, check=False)
         standardised = runtime.standardise(values)
-        for value in standardised:
-            rule.observe(value)
-        fresh = standardised[-runtime.window :]
-        served = rule.factor
-        window, forecast, spread = await forecaster.batcher.submit(fresh, session.state[0], horizon, served)
         answered = session.tokens + len(values) >= runtime.window
-        if answered and len(values):  # a message without observations repeats the last answer
-            rule.serve(*spread, served)
+        # a message without observations repeats the last answer, and is not remembered again
+        rule = Rule(session.extra[ALPHA_T], session.state[1:], standardised, answered and len(values) > 0)
+        window, forecast, (alpha_t, arrays) = await forecaster.batcher.submit(
+            standardised[-runtime.window :], session.state[0], horizon, rule
+        )
         # nothing above changed the session: a refused message leaves it as it was
-        session.state = [window, *rule.arrays()]
-        session.extra[ALPHA_T] = rule.alpha_t
+        session.state = [window, *arrays]
+        session.extra[ALPHA_T] = alpha_t
         session.tokens += len(values)
         if last_time is not None:
             session.extra[TIME] = last_time

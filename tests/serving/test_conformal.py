@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.conformal import ALPHA, WINDOW, AdaptiveIntervals, StateError, factor
+from serving.conformal import ALPHA, WINDOW, AdaptiveIntervals, StateError, StreamRules, factor
 
 Z90 = 1.6449
 
@@ -106,3 +106,25 @@ def test_state_arrays_round_trip_keeps_the_level_the_pending_forecasts_and_the_s
     ):
         with pytest.raises(StateError):
             AdaptiveIntervals.from_arrays(0.1, bad, width=2, max_steps=3)
+
+
+def test_stacked_rules_equal_each_stream_alone():
+    """StreamRules over K streams of one layout (the server's batch) against each stream's rule alone."""
+    rng = np.random.default_rng(7)
+    alone = [AdaptiveIntervals(gamma=0.05, width=2) for _ in range(5)]
+    for t in range(12):  # the same layout for every stream: one observation, one forecast of 3 steps
+        values = rng.normal(size=(5, 2)).astype(np.float32) * (1 + t % 4)
+        mean = rng.normal(size=(5, 3, 2)).astype(np.float32)
+        half = rng.uniform(0.5, 2.0, size=(5, 3, 2)).astype(np.float32)
+        stack = StreamRules.stack([r.alpha_t for r in alone], [r.arrays() for r in alone], gamma=0.05)
+        stack.observe(values)
+        served = stack.factor()
+        stack.serve(mean, half, served)
+        for k, rule in enumerate(alone):
+            rule.observe(values[k])
+            assert np.array_equal(rule.factor, served[k])
+            rule.serve(mean[k], half[k], rule.factor)
+            alpha_t, arrays = stack.stream(k)
+            assert alpha_t == rule.alpha_t
+            assert all(np.array_equal(a, b) for a, b in zip(arrays, rule.arrays(), strict=True))
+    assert len({r.alpha_t for r in alone}) >= 3 and len(alone[0].scores) == 30  # they did diverge
