@@ -164,7 +164,3 @@ class TrainConfig(Sections):
     def __post_init__(self) -> None:
         if self.model.model not in MODELS:
             raise ConfigError(f"--model must be one of {', '.join(MODELS)}")
-
-    @classmethod
-    def of(cls, **flat: Any) -> TrainConfig:
-        return cls.from_dict(flat)

@@ -11,7 +11,7 @@ metrics.jsonl, metrics.png.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,7 @@ class Forecasting:
         self.config, self.prepared = config, prepared
         p, s = prepared.preset, prepared.splits
         self.model_config = ForecastConfig(
-            **asdict(config.model),  # every setting of the model section; the data decides the rest
+            **config.section("model"),  # every setting of the model section; the data decides the rest
             inputs=prepared.scaled.shape[1],
             window=p.window,
             horizon=config.data.horizon,

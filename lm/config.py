@@ -176,12 +176,20 @@ class Sections:
             f.name: getattr(getattr(self, s), f.name) for s in self.SECTIONS for f in fields(getattr(self, s))
         }
 
+    def section(self, name: str) -> dict[str, Any]:
+        """One section's {field: value} (the model section is its family's network config, less what the
+        data decides)."""
+        part = getattr(self, name)
+        return {f.name: getattr(part, f.name) for f in fields(part)}
+
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """The TOML form: {section: {field: value}}."""
-        return {
-            s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))}
-            for s in self.SECTIONS
-        }
+        return {s: self.section(s) for s in self.SECTIONS}
+
+    @classmethod
+    def of(cls, **flat: Any) -> Any:
+        """A config from flat keyword arguments (``TrainConfig.of(hidden=32, epochs=2)``)."""
+        return cls.from_dict(flat)
 
     @classmethod
     def section_classes(cls) -> dict[str, type]:
@@ -368,14 +376,7 @@ class TrainConfig(Sections):
             raise ConfigError(str(exc)) from None
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size, **{f.name: getattr(self.model, f.name) for f in fields(self.model)}
-        )
-
-    @classmethod
-    def of(cls, **flat: Any) -> TrainConfig:
-        """A config from flat keyword arguments (``TrainConfig.of(hidden=32, epochs=2)``)."""
-        return cls.from_dict(flat)
+        return ModelConfig(vocab_size=vocab_size, **self.section("model"))
 
 
 # ----- files and flags ---------------------------------------------------------------------------

@@ -129,8 +129,7 @@ class TrainConfig(Sections):
         self.model_config(1, 1)
 
     def model_config(self, src_vocab: int, tgt_vocab: int) -> Seq2SeqConfig:
-        values = {f: getattr(self.model, f) for f in self.model.__dataclass_fields__}
-        return Seq2SeqConfig(src_vocab=src_vocab, tgt_vocab=tgt_vocab, **values)
+        return Seq2SeqConfig(src_vocab=src_vocab, tgt_vocab=tgt_vocab, **self.section("model"))
 
     def data_config(self) -> DataConfig:
         return self.data
@@ -142,8 +141,3 @@ class TrainConfig(Sections):
     @property
     def tgt(self) -> str:
         return self.data.tgt
-
-    @classmethod
-    def of(cls, **flat: Any) -> TrainConfig:
-        """A config from flat keyword arguments (``TrainConfig.of(embed=32, max_steps=100)``)."""
-        return cls.from_dict(flat)
