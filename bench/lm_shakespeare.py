@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    parser.add_argument("--weight-decay-on", default="all", help="all, or matrices only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bptt", type=int, default=128)
     parser.add_argument("--state-size", type=int, default=16, help="mamba")
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ff_mult=args.ff_mult,
         precision=args.precision,
         weight_decay=args.weight_decay,
+        weight_decay_on=args.weight_decay_on,
         clip=1.0,
         lr_schedule="cosine",
         warmup_steps=50,

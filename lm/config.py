@@ -37,6 +37,7 @@ from serving.errors import UserError
 TOKENIZERS = ("char", "word", "spm")
 PARTITIONS = ("sequential", "random")
 OPTIMIZERS = ("adamw", "sgd")
+DECAYED = ("all", "matrices")
 LR_SCHEDULES = ("constant", "cosine", "noam", "plateau")
 RUN_SECTION = "run"
 DIST_TIMEOUT_S = 300.0
@@ -116,6 +117,11 @@ class OptimConfig:
     optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float = setting(3e-3, "peak learning rate", minimum=1e-12)
     weight_decay: float = setting(0.01, "decoupled weight decay (AdamW) or L2 (SGD)", minimum=0)
+    weight_decay_on: str = setting(
+        "all",
+        "which weights decay: all, or matrices only (not biases, norm gains, mamba's A_log, Δ bias, D)",
+        choices=DECAYED,
+    )
     momentum: float = setting(0.0, "sgd only", minimum=0)
     clip: float = setting(
         1.0, "max global gradient norm (0 = off); the norm before clipping is logged", minimum=0

@@ -156,11 +156,24 @@ class Family(Protocol):
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    groups = decay_groups(model, optim)
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-        )
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+    return torch.optim.AdamW(groups, lr=optim.lr)
+
+
+def decay_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """The parameters in optimizer groups with their weight decay: one group for ``weight_decay_on all``;
+    for ``matrices`` a second group without decay for every parameter of fewer than two axes — biases,
+    norm gains, and mamba's A_log, Δ bias and D, which decay would pull towards A = −1 and Δ ≈ 0.69
+    rather than towards zero (Mamba's and nanoGPT's practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim.weight_decay_on == "all":
+        return [{"params": params, "weight_decay": optim.weight_decay}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 class StopRequest:

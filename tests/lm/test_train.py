@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from lm.checkpoint import load_checkpoint
 from lm.cli import main
 from lm.config import TrainConfig, build_config
+from lm.loop import make_optimizer
 from lm.metrics import read_metrics
 from lm.model import RNNLM
 from lm.rng import seed_everything
@@ -83,6 +84,25 @@ def test_trainer_equals_a_hand_written_truncated_bptt_loop(
     assert trainer.position.step == steps
     for name, value in model.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("decayed", ["all", "matrices"])
+def test_weight_decay_on_matrices_spares_vectors(decayed: str) -> None:
+    """With zero gradients an AdamW step is the decay alone: every matrix shrinks by lr x wd; with
+    ``matrices`` the vectors (biases, norm gains, mamba's A_log, Δ bias, D) keep their values."""
+    config = TrainConfig.of(cell="mamba", hidden=8, embed=8, heads=2, lr=0.1, weight_decay=0.5)
+    config = TrainConfig.of(**{**config.to_dict(), "weight_decay_on": decayed})
+    model = RNNLM(config.model_config(vocab_size=5))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = make_optimizer(model, config.optim)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    vectors = [name for name, p in model.named_parameters() if p.dim() < 2]
+    assert any(name.endswith("a_log") for name in vectors) and any("norm" in name for name in vectors)
+    for name, p in model.named_parameters():
+        spared = decayed == "matrices" and name in vectors
+        torch.testing.assert_close(p.detach(), before[name] * (1.0 if spared else 0.95), msg=name)
 
 
 def test_resume_after_a_mid_epoch_stop_is_exact(corpus_file: Path, tmp_path: Path) -> None:
