@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from bench import repo_path
 from bench.lm_common import write_result
-from lm.config import TrainConfig
+from lm.config import DECAYED, TrainConfig
 from lm.corpus import load_split
 from lm.evaluate import evaluate_text
 from lm.model import RNNLM
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
-    parser.add_argument("--weight-decay-on", default="all", help="all, or matrices only")
+    parser.add_argument("--weight-decay-on", default="all", choices=DECAYED, help="all, or matrices only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bptt", type=int, default=128)
     parser.add_argument("--state-size", type=int, default=16, help="mamba")
