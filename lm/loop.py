@@ -167,7 +167,9 @@ def decay_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     for ``matrices`` a second group without decay for every parameter of fewer than two axes — biases,
     norm gains, and mamba's A_log, Δ bias and D, which decay would pull towards A = −1 and Δ ≈ 0.69
     rather than towards zero (Mamba's and nanoGPT's practice)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Every parameter, frozen ones too (the forecaster's fitted highway): the groups then list the same
+    # tensors in the same order as the checkpoints written before the option existed, which resume.
+    params = list(model.parameters())
     if optim.weight_decay_on == "all":
         return [{"params": params, "weight_decay": optim.weight_decay}]
     return [

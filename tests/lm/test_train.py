@@ -90,8 +90,9 @@ def test_trainer_equals_a_hand_written_truncated_bptt_loop(
 def test_weight_decay_on_matrices_spares_vectors(decayed: str) -> None:
     """With zero gradients an AdamW step is the decay alone: every matrix shrinks by lr x wd; with
     ``matrices`` the vectors (biases, norm gains, mamba's A_log, Δ bias, D) keep their values."""
-    config = TrainConfig.of(cell="mamba", hidden=8, embed=8, heads=2, lr=0.1, weight_decay=0.5)
-    config = TrainConfig.of(**{**config.to_dict(), "weight_decay_on": decayed})
+    config = TrainConfig.of(
+        cell="mamba", hidden=8, embed=8, heads=2, lr=0.1, weight_decay=0.5, weight_decay_on=decayed
+    )
     model = RNNLM(config.model_config(vocab_size=5))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = make_optimizer(model, config.optim)
