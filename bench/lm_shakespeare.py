@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         progress=False,
     )
-    step_s = 0.0 if args.schedule_steps else seconds_per_step(config)
+    step_s = None if args.schedule_steps else seconds_per_step(config)  # None: --schedule-steps given
     # Leave ~8% of the budget for the validations along the way (each reads 111k characters).
-    planned = args.schedule_steps or max(100, int(args.minutes * 60 * 0.92 / step_s))
+    planned = args.schedule_steps if step_s is None else max(100, int(args.minutes * 60 * 0.92 / step_s))
     config = TrainConfig.of(
         **{**config.to_dict(), "schedule_steps": planned, "eval_every": max(1, planned // 4)}
     )
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "budget_minutes": args.minutes,
             "config": config.to_dict(),
-            "estimated_step_s": round(step_s, 3) if step_s else None,  # None: --schedule-steps given
+            "estimated_step_s": None if step_s is None else round(step_s, 3),
             "planned_steps": planned,
             "steps": result.step,
             "epochs": result.epoch,
